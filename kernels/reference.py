@@ -1,0 +1,157 @@
+"""The NumPy reference ops: the truth every fast kernel is tested against.
+
+Every backend (this one, Numba CPU, numba.cuda) exposes these same functions with the
+same signatures. Activations are 2-D float32 arrays ``(T, features)``, one row per
+token; heads are laid out contiguously inside a row (``(T, n_heads * head_dim)``).
+Weights are ``QTensor``s of shape ``(out_features, in_features)``, as in PyTorch.
+The KV cache of one layer is a pair of float32 arrays ``(n_kv_heads, n_ctx, head_dim)``.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .quant import QTensor, dequantize
+
+name = "numpy"
+
+
+# -- weights and buffers --------------------------------------------------------------
+
+def prepare(w):
+    """Make a loaded tensor (QTensor or 1-D float32 array) ready for this backend."""
+    return w
+
+
+def to_numpy(x) -> np.ndarray:
+    return np.asarray(x)
+
+
+def from_numpy(x: np.ndarray):
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def new_kv_cache(n_layers: int, n_kv_heads: int, n_ctx: int, head_dim: int):
+    """Preallocated caches, written by position: a list of (k, v) per layer."""
+    shape = (n_kv_heads, n_ctx, head_dim)
+    return [(np.zeros(shape, np.float32), np.zeros(shape, np.float32)) for _ in range(n_layers)]
+
+
+# -- matrix products ------------------------------------------------------------------
+
+def embedding(table: QTensor, tokens: np.ndarray) -> np.ndarray:
+    """(T,) token ids -> (T, D) rows of the embedding table."""
+    return table.dequantize_rows(np.asarray(tokens, dtype=np.int64))
+
+
+def matmul(x: np.ndarray, w: QTensor, bias: np.ndarray | None = None) -> np.ndarray:
+    """(T, K) @ W(N, K)^T (+ bias) -> (T, N)."""
+    y = x @ dequantize(w).T
+    return y + bias if bias is not None else y
+
+
+# -- elementwise and normalization ---------------------------------------------------
+
+def add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return a + b
+
+
+def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """x / sqrt(mean(x^2) + eps) * weight (Zhang & Sennrich, 2019)."""
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * weight
+
+
+def layernorm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, eps: float) -> np.ndarray:
+    """(x - mean) / sqrt(var + eps) * weight + bias (Ba et al., 2016)."""
+    mu = x.mean(axis=-1, keepdims=True)
+    var = ((x - mu) ** 2).mean(axis=-1, keepdims=True)
+    y = (x - mu) / np.sqrt(var + eps) * weight
+    return y + bias if bias is not None else y
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return x / (1.0 + np.exp(-x))
+
+
+def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """SiLU(gate) * up, the LLaMA MLP's gating (Shazeer, 2020)."""
+    return silu(gate) * up
+
+
+def gelu(x: np.ndarray, approximate: bool = False) -> np.ndarray:
+    """Exact erf GELU, or the tanh approximation GPT-J uses."""
+    if approximate:
+        return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+    erf = np.vectorize(math.erf, otypes=[np.float64])
+    return (0.5 * x * (1.0 + erf(x / math.sqrt(2.0)))).astype(x.dtype)
+
+
+def clip(x: np.ndarray, limit: float) -> np.ndarray:
+    return np.clip(x, -limit, limit)
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+# -- position -------------------------------------------------------------------------
+
+def rope(x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray, n_heads: int) -> np.ndarray:
+    """Rotary embedding (Su et al., 2021), rotate-half convention, on the first
+    ``rotary_dim = 2 * len(inv_freq)`` dims of each head; the rest pass through.
+
+    x: (T, n_heads * head_dim); positions: (T,) absolute positions; inv_freq: (rotary_dim/2,).
+    The converter permutes checkpoints with other pairings (GPT-J's adjacent pairs,
+    Meta/GGUF LLaMA) into this one.
+    """
+    T = x.shape[0]
+    half = inv_freq.shape[0]
+    heads = x.reshape(T, n_heads, -1).copy()
+    angles = positions.astype(np.float64)[:, None] * inv_freq.astype(np.float64)[None, :]  # (T, half)
+    cos = np.cos(angles).astype(np.float32)[:, None, :]
+    sin = np.sin(angles).astype(np.float32)[:, None, :]
+    x1 = heads[:, :, :half].copy()
+    x2 = heads[:, :, half:2 * half].copy()
+    heads[:, :, :half] = x1 * cos - x2 * sin
+    heads[:, :, half:2 * half] = x2 * cos + x1 * sin
+    return heads.reshape(T, -1)
+
+
+# -- attention ------------------------------------------------------------------------
+
+def kv_write(cache, k: np.ndarray, v: np.ndarray, start_pos: int) -> None:
+    """Store (T, n_kv * head_dim) keys/values at positions start_pos .. start_pos+T-1."""
+    k_cache, v_cache = cache
+    n_kv, _, hd = k_cache.shape
+    T = k.shape[0]
+    k_cache[:, start_pos:start_pos + T] = k.reshape(T, n_kv, hd).transpose(1, 0, 2)
+    v_cache[:, start_pos:start_pos + T] = v.reshape(T, n_kv, hd).transpose(1, 0, 2)
+
+
+def attention(q: np.ndarray, cache, start_pos: int, n_heads: int, scale: float,
+              alibi_slopes: np.ndarray | None = None) -> np.ndarray:
+    """Causal scaled dot-product attention of T new queries over the cache.
+
+    q: (T, n_heads * head_dim), query t at absolute position start_pos + t, which sees
+    keys 0 .. start_pos + t. Grouped-query: query head h reads kv head h // (n_heads / n_kv).
+    ALiBi (Press et al., 2021) adds slope_h * (j - i) to the scores.
+    Returns (T, n_heads * head_dim).
+    """
+    k_cache, v_cache = cache
+    n_kv, _, hd = k_cache.shape
+    T = q.shape[0]
+    S = start_pos + T
+    group = n_heads // n_kv
+    qh = q.reshape(T, n_kv, group, hd).transpose(1, 2, 0, 3)          # (n_kv, group, T, hd)
+    k = k_cache[:, None, :S]                                          # (n_kv, 1, S, hd)
+    v = v_cache[:, None, :S]
+    scores = (qh @ k.transpose(0, 1, 3, 2)) * scale                   # (n_kv, group, T, S)
+    i = start_pos + np.arange(T)[:, None]
+    j = np.arange(S)[None, :]
+    if alibi_slopes is not None:
+        scores = scores + alibi_slopes.reshape(n_kv, group, 1, 1) * (j - i).astype(np.float32)
+    scores = np.where(j <= i, scores, -np.inf)
+    out = softmax(scores) @ v                                         # (n_kv, group, T, hd)
+    return np.ascontiguousarray(out.transpose(2, 0, 1, 3)).reshape(T, n_heads * hd).astype(np.float32)
