@@ -1,0 +1,48 @@
+"""Architectures: one short module each, registered here by name.
+
+An architecture module provides
+    ARCH            its name in the .q4 header ("llama", ...)
+    Config          a dataclass built by ``Config.from_hf(config_dict)``, fields named as
+                    in the checkpoint's config.json; unsupported options are refused there
+    forward(cfg, w, ops, cache, tokens, start_pos) -> logits (T, vocab)
+    describe(cfg)   architecture-specific lines for `tinyllm info`
+"""
+from __future__ import annotations
+
+import importlib
+
+from ..errors import UnsupportedError
+
+# architecture name -> module; model_type/architectures in config.json -> architecture name
+ARCHITECTURES = {"llama": "llama", "gptj": "gptj", "mpt": "mpt", "falcon": "falcon"}
+HF_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "GPTJForCausalLM": "gptj",
+    "MptForCausalLM": "mpt",
+    "MPTForCausalLM": "mpt",
+    "FalconForCausalLM": "falcon",
+    "RWForCausalLM": "falcon",
+}
+
+
+def get_arch(name: str):
+    """The module implementing architecture ``name``."""
+    if name not in ARCHITECTURES:
+        raise UnsupportedError(f"unknown architecture {name!r}; tinyllm supports {', '.join(ARCHITECTURES)}")
+    try:
+        return importlib.import_module(f"{__name__}.{ARCHITECTURES[name]}")
+    except ModuleNotFoundError as e:
+        raise UnsupportedError(f"architecture {name!r} is not available in this build ({e})") from None
+
+
+def arch_from_hf_config(config: dict) -> str:
+    """Pick the architecture for a Hugging Face config.json."""
+    for cls in config.get("architectures") or []:
+        if cls in HF_ARCHITECTURES:
+            return HF_ARCHITECTURES[cls]
+    model_type = config.get("model_type")
+    if model_type in ARCHITECTURES:
+        return model_type
+    names = config.get("architectures") or model_type
+    raise UnsupportedError(f"unsupported architecture {names!r}; tinyllm supports "
+                           f"{', '.join(sorted(HF_ARCHITECTURES))}")

@@ -1,0 +1,96 @@
+"""Hugging Face directory -> one .q4 file, streamed tensor by tensor.
+
+The architecture's converter table (converters/<arch>.py) names every tensor and any
+reshaping; this driver validates the config, quantizes each tensor as it is read, and
+writes through ModelWriter (temporary file, renamed only on success).
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import re
+from pathlib import Path
+
+import numpy as np
+
+from ..arch import arch_from_hf_config, get_arch
+from ..errors import TinyLLMError
+from ..fileformat import ModelWriter
+from ..kernels.quant import FORMATS, QTensor, quantize
+from .hf import Checkpoint, generation_defaults, read_json
+from .hf_tokenizer import chat_template_from_hf_dir, tokenizer_spec_from_hf_dir
+
+# With 4-bit weights, the embedding table and output head keep 8 bits: they are read
+# one row per token (embedding) or dominate the logits' accuracy (output).
+EDGE_TENSORS = ("tok_embeddings", "output")
+_ROW_CHUNK = 4096  # rows quantized at a time, bounding temporaries for big matrices
+
+
+def tensor_format(name: str, ndim: int, quant: str) -> str:
+    """Which format a tensor is stored in for a requested --quant."""
+    if ndim != 2:
+        return "f32"  # norms, biases
+    if quant in ("q4_0", "q4_1") and name in EDGE_TENSORS:
+        return "q8_0"
+    return quant
+
+
+def quantize_chunked(w: np.ndarray, fmt: str) -> QTensor:
+    """quantize() by row chunks: same bytes, bounded temporary memory."""
+    if fmt in ("f32", "f16") or w.shape[0] <= _ROW_CHUNK:
+        return quantize(w, fmt)
+    chunks = [quantize(w[r:r + _ROW_CHUNK], fmt) for r in range(0, w.shape[0], _ROW_CHUNK)]
+    parts = {k: np.concatenate([c.parts[k] for c in chunks]) for k in chunks[0].parts}
+    return QTensor(fmt, tuple(w.shape), parts)
+
+
+def config_dict(cfg) -> dict:
+    """The dataclass's init fields, as stored in the .q4 header."""
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.init}
+
+
+def convert_hf(src, out, quant: str = "q4_0", progress=None) -> Path:
+    """Convert the checkpoint directory ``src`` into ``out``. ``progress(name)`` is called
+    once per tensor written. Returns the output path."""
+    src, out = Path(src), Path(out)
+    if quant not in FORMATS:
+        raise TinyLLMError(f"unknown quant format {quant!r}; choose one of {', '.join(FORMATS)}")
+    if not src.is_dir():
+        raise TinyLLMError(f"{str(src)!r} is not a Hugging Face checkpoint directory")
+    if not out.parent.is_dir():
+        raise TinyLLMError(f"output directory {str(out.parent)!r} does not exist")
+    hf_config = read_json(src / "config.json")
+    arch_name = arch_from_hf_config(hf_config)
+    arch = get_arch(arch_name)
+    table = importlib.import_module(f"{__package__}.{arch_name}")
+    cfg = arch.Config.from_hf(hf_config)
+    tokenizer = tokenizer_spec_from_hf_dir(src, hf_config)
+    ckpt = Checkpoint(src)
+    plan = table.tensor_plan(cfg)
+
+    used = {hf for _, hf, _ in plan}
+    ignored = [re.compile(p) for p in table.IGNORED]
+    unexpected = [n for n in ckpt.names() if n not in used and not any(p.search(n) for p in ignored)
+                  and not (n == "lm_head.weight" and getattr(cfg, "tie_word_embeddings", False))]
+    if unexpected:
+        raise TinyLLMError(f"checkpoint has tensors tinyllm's {arch_name} does not use "
+                           f"(an unsupported variant?): {', '.join(unexpected[:8])}")
+
+    metadata = {
+        "architecture": arch_name,
+        "config": config_dict(cfg),
+        "tokenizer": tokenizer,
+        "chat_template": chat_template_from_hf_dir(src),
+        "generation": generation_defaults(src),
+        "quant": quant,
+        "source": {"format": "huggingface", "name": hf_config.get("_name_or_path") or src.name},
+    }
+    with ModelWriter(out, metadata) as writer:
+        for name, hf_name, transform in plan:
+            w = ckpt.get(hf_name)
+            if transform is not None:
+                w = transform(w)
+            writer.add(name, quantize_chunked(w, tensor_format(name, w.ndim, quant)))
+            if progress:
+                progress(name)
+    return out

@@ -1,0 +1,100 @@
+"""What every architecture shares: config validation, RoPE frequencies, the layer walk."""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from ..errors import UnsupportedError
+
+# config.json keys that describe the checkpoint or training, never the forward pass.
+METADATA_KEYS = {
+    "architectures", "model_type", "torch_dtype", "dtype", "transformers_version", "_name_or_path",
+    "bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id", "decoder_start_token_id",
+    "initializer_range", "use_cache", "tie_word_embeddings", "auto_map", "id2label", "label2id",
+    "output_attentions", "output_hidden_states", "return_dict", "is_decoder", "is_encoder_decoder",
+    "pretraining_tp", "attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop",
+    "attn_pdrop", "emb_pdrop", "summary_type", "summary_use_proj", "summary_activation",
+    "summary_proj_to_labels", "summary_first_dropout", "gradient_checkpointing", "quantization_config",
+    "task_specific_params", "torchscript", "use_return_dict", "chunk_size_feed_forward",
+    "problem_type", "tokenizer_class", "prefix", "finetuning_task", "max_length", "min_length",
+    "num_beams", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "typical_p",
+    "bad_words_ids", "num_return_sequences", "remove_invalid_values", "early_stopping",
+    "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "diversity_penalty",
+    "num_beam_groups", "output_scores", "return_dict_in_generate", "forced_bos_token_id",
+    "forced_eos_token_id", "exponential_decay_length_penalty", "suppress_tokens",
+    "begin_suppress_tokens", "tf_legacy_loss", "pruned_heads", "cross_attention_hidden_size",
+    "add_cross_attention", "is_composition", "use_bfloat16", "max_batch_size", "max_seq_len",
+    "layer_types",
+}
+
+
+def config_from_hf(cls, config: dict, known: dict, must_equal: dict | None = None):
+    """Build dataclass ``cls`` from a config.json dict.
+
+    known:      config key -> dataclass field (or None: understood, validated by ``cls``)
+    must_equal: config key -> the only value(s) tinyllm implements; anything else is refused.
+    Keys in neither table nor METADATA_KEYS are refused by name: a silently ignored
+    option would mean silently wrong output.
+    """
+    must_equal = must_equal or {}
+    unknown = sorted(k for k in config if k not in known and k not in must_equal and k not in METADATA_KEYS)
+    if unknown:
+        raise UnsupportedError(f"unsupported config option(s) {', '.join(unknown)}: tinyllm does not implement them")
+    for key, allowed in must_equal.items():
+        if key in config and config[key] not in (allowed if isinstance(allowed, tuple) else (allowed,)):
+            raise UnsupportedError(f"unsupported config option {key}={config[key]!r} "
+                                   f"(tinyllm implements {key}={allowed!r})")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {field: config[key] for key, field in known.items()
+              if field is not None and key in config and config[key] is not None and field in fields}
+    return cls(**kwargs)
+
+
+def rope_inv_freq(rotary_dim: int, theta: float, scaling: dict | None = None) -> np.ndarray:
+    """Per-pair rotation frequencies theta^(-2i/d), (rotary_dim/2,) float32, with the
+    context-extension schemes folded in (they only rescale frequencies)."""
+    inv = 1.0 / theta ** (np.arange(0, rotary_dim, 2, dtype=np.float64) / rotary_dim)
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if kind == "default":
+        pass
+    elif kind == "linear":  # positions / factor
+        inv = inv / scaling["factor"]
+    elif kind == "llama3":  # Llama 3.1: long wavelengths slowed down, short ones kept, smooth between
+        factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_ctx = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        smooth = (old_ctx / wavelen - lo) / (hi - lo)
+        mid = (1 - smooth) * inv / factor + smooth * inv
+        inv = np.where(wavelen > old_ctx / lo, inv / factor, np.where(wavelen < old_ctx / hi, inv, mid))
+    else:
+        raise UnsupportedError(f"unsupported rope scaling type {kind!r} (tinyllm implements linear and llama3)")
+    return inv.astype(np.float32)
+
+
+def rope_settings(config: dict) -> tuple[float, dict | None]:
+    """(rope_theta, rope_scaling) from either the old top-level keys or the newer
+    ``rope_parameters`` dict of transformers 5."""
+    params = config.get("rope_parameters")
+    if params:
+        theta = params.get("rope_theta", config.get("rope_theta", 10000.0))
+        scaling = None if params.get("rope_type", "default") == "default" else params
+        return float(theta), scaling
+    return float(config.get("rope_theta", 10000.0)), config.get("rope_scaling")
+
+
+def alibi_slopes(n_heads: int, bias_max: float = 8.0) -> np.ndarray:
+    """ALiBi head slopes (Press et al., 2021): a geometric sequence for the next power of
+    two, interleaving the odd ones of the doubled sequence when n_heads is not a power of two."""
+    n = 2 ** math.ceil(math.log2(n_heads))
+    m = np.arange(1, n + 1, dtype=np.float64) * (bias_max / n)
+    slopes = 1.0 / np.power(2.0, m)
+    if n != n_heads:
+        slopes = np.concatenate([slopes[1::2], slopes[::2]])[:n_heads]
+    return slopes.astype(np.float32)
+
+
+def lm_head(cfg, w, ops, x):
+    """Final projection to vocabulary logits: (T, D) -> (T, vocab)."""
+    return ops.matmul(x, w["output"], w.get("output_bias"))

@@ -1,0 +1,30 @@
+"""`tinyllm convert`: a Hugging Face checkpoint directory -> one .q4 file."""
+from __future__ import annotations
+
+import click
+
+from . import main
+
+
+@main.command()
+@click.argument("source", type=click.Path())
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The .q4 file to write.")
+@click.option("--quant", type=click.Choice(["q4_0", "q4_1", "q8_0", "f16", "f32"]), default="q4_0",
+              show_default=True, help="Format of the weight matrices (norms and biases stay f32).")
+def convert(source, output, quant):
+    """Convert SOURCE (a Hugging Face model directory) into a tinyllm .q4 file."""
+    from ..converters.convert import convert_hf
+    from ..converters.hf import read_json
+    from pathlib import Path
+
+    from ..errors import TinyLLMError
+
+    src = Path(source)
+    if not src.exists():
+        raise TinyLLMError(f"{source!r} does not exist")
+    n_layers = (read_json(src / "config.json", required=False) or {}).get("num_hidden_layers") or 0
+    with click.progressbar(length=max(1, 9 * n_layers + 3), label=f"converting to {quant}",
+                           file=click.get_text_stream("stderr")) as bar:
+        path = convert_hf(src, output, quant=quant, progress=lambda name: bar.update(1))
+    size = path.stat().st_size
+    click.echo(f"wrote {path} ({size / 2**20:.1f} MiB)")

@@ -1,0 +1,25 @@
+"""`tinyllm generate`: continue a prompt, streaming the text."""
+from __future__ import annotations
+
+import click
+
+from . import main
+from .options import load_model, model_argument, runtime_options, sampling_options
+
+
+@main.command()
+@model_argument
+@click.option("-p", "--prompt", default="", help="Text to continue (default: start from BOS).")
+@click.option("-n", "--max-tokens", "max_tokens", type=int, default=256, show_default=True, help="Tokens to generate.")
+@click.option("--stop", multiple=True, help="Stop when this string appears (repeatable).")
+@sampling_options
+@runtime_options
+def generate(model, prompt, max_tokens, stop, temperature, top_k, top_p, min_p, repeat_penalty, seed,
+             backend, threads, n_ctx, device):
+    """Generate a continuation of --prompt with MODEL (default: the bundled model)."""
+    m = load_model(model, backend, threads, n_ctx, device)
+    click.echo(prompt, nl=False)
+    for piece in m.generate(prompt, max_new_tokens=max_tokens, temperature=temperature, top_k=top_k,
+                            top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed, stop=list(stop)):
+        click.echo(piece, nl=False)
+    click.echo()

@@ -1,0 +1,147 @@
+"""A loaded model: weights on a backend, a KV cache, a tokenizer, and the ways to run it."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .arch import get_arch
+from .errors import TinyLLMError
+from .fileformat import ModelFile
+from .kernels import get_backend
+from .sampling import Sampler, SamplingParams
+from .tokenizer import Tokenizer
+
+DEFAULT_MAX_CTX = 4096  # KV cache positions allocated unless n_ctx asks for more
+
+
+def _runtime_tensor(t):
+    """1-D tensors (norm weights, biases) run as plain float32 arrays; matrices as QTensors."""
+    return np.asarray(t.parts["w"], dtype=np.float32) if len(t.shape) == 1 else t
+
+
+class Model:
+    """``tinyllm.load(path)`` returns one of these.
+
+    The KV cache remembers the tokens it holds (``self.tokens``); ``eval`` reuses the
+    longest common prefix, so a chat that extends its history only computes the new turn.
+    """
+
+    def __init__(self, source, backend: str | None = None, threads: int | None = None,
+                 n_ctx: int | None = None, device: str | None = None):
+        self.path = Path(source.path)
+        self.metadata = source.metadata
+        self.arch = get_arch(self.metadata["architecture"])
+        self.config = self.arch.Config(**self.metadata["config"])
+        self.tokenizer = Tokenizer.from_spec(self.metadata["tokenizer"])
+        self.chat_template = self.metadata.get("chat_template")
+        self.generation_defaults = dict(self.metadata.get("generation") or {})
+        if device == "cuda":
+            backend = "cuda"
+        self.ops = get_backend(backend)
+        if threads and hasattr(self.ops, "set_threads"):
+            self.ops.set_threads(threads)
+        self.file_tensors = source.tensors
+        self.weights = {name: self.ops.prepare(_runtime_tensor(t)) for name, t in source.tensors.items()}
+        if "output" not in self.weights:  # tied embeddings
+            self.weights["output"] = self.weights["tok_embeddings"]
+        context = self.config.context_length
+        self.n_ctx = min(n_ctx or min(context, DEFAULT_MAX_CTX), context)
+        self.cache = self.ops.new_kv_cache(self.config.num_hidden_layers, self.config.n_kv_heads,
+                                           self.n_ctx, self.config.head_dim)
+        self.tokens: list[int] = []  # what the KV cache holds, position by position
+
+    @classmethod
+    def load(cls, path, backend=None, threads=None, n_ctx=None, device=None, verify=True) -> "Model":
+        path = Path(path)
+        if device not in (None, "cpu", "cuda"):
+            raise TinyLLMError(f"unknown device {device!r}; choose cpu or cuda")
+        if device == "cuda":
+            from .device import check_cuda
+            check_cuda()
+        if path.suffix.lower() == ".gguf":
+            from .converters.gguf import open_gguf
+            source = open_gguf(path)
+        else:
+            source = ModelFile(path, verify=verify)
+        return cls(source, backend=backend, threads=threads, n_ctx=n_ctx, device=device)
+
+    @property
+    def name(self) -> str:
+        return self.path.stem
+
+    # -- running the network -----------------------------------------------------------
+
+    def _forward(self, tokens, start_pos: int, last_only: bool) -> np.ndarray:
+        if start_pos + len(tokens) > self.n_ctx:
+            raise TinyLLMError(f"{start_pos + len(tokens)} tokens exceed the context length ({self.n_ctx})")
+        ids = np.asarray(tokens, dtype=np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
+            raise TinyLLMError(f"token id out of range 0..{self.config.vocab_size - 1}")
+        out = self.arch.forward(self.config, self.weights, self.ops, self.cache, ids, start_pos, last_only)
+        return self.ops.to_numpy(out)
+
+    def eval(self, tokens: list[int]) -> np.ndarray:
+        """Make the cache hold ``tokens``; return the next-token logits (vocab,).
+        Only tokens after the longest prefix already in the cache are computed."""
+        tokens = list(tokens)
+        if not tokens:
+            raise TinyLLMError("cannot evaluate an empty token sequence")
+        if len(tokens) > self.n_ctx:
+            raise TinyLLMError(f"prompt of {len(tokens)} tokens exceeds the context length ({self.n_ctx})")
+        keep = 0
+        for a, b in zip(self.tokens, tokens[:-1]):
+            if a != b:
+                break
+            keep += 1
+        logits = self._forward(tokens[keep:], keep, last_only=True)[-1]
+        self.tokens = tokens
+        return logits
+
+    def logits(self, tokens) -> np.ndarray:
+        """Logits for every position of ``tokens`` from an empty context: (T, vocab)."""
+        tokens = [int(t) for t in tokens]
+        out = self._forward(tokens, 0, last_only=False)
+        self.tokens = tokens
+        return out
+
+    def reset(self) -> None:
+        self.tokens = []
+
+    # -- text ------------------------------------------------------------------------
+
+    def tokenize(self, text: str, add_bos: bool | None = None) -> list[int]:
+        return self.tokenizer.encode(text, add_bos=add_bos)
+
+    def detokenize(self, ids) -> str:
+        return self.tokenizer.decode(ids)
+
+    def sampling_params(self, **overrides) -> SamplingParams:
+        """Sampling settings: the model's generation defaults, then explicit overrides."""
+        d = self.generation_defaults
+        params = {}
+        if "temperature" in d:
+            params["temperature"] = 0.0 if d.get("do_sample") is False else float(d["temperature"])
+        for ours, theirs in (("top_k", "top_k"), ("top_p", "top_p"), ("min_p", "min_p"),
+                             ("repeat_penalty", "repetition_penalty")):
+            if theirs in d:
+                params[ours] = d[theirs]
+        params.update({k: v for k, v in overrides.items() if v is not None})
+        return SamplingParams(**params)
+
+    def generate(self, prompt, max_new_tokens: int = 256, temperature: float | None = None,
+                 top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
+                 repeat_penalty: float | None = None, seed: int | None = None, stop=None,
+                 stream: bool = True, add_bos: bool | None = None):
+        """Continue ``prompt`` (text, or a list of token ids). With ``stream=True`` returns an
+        iterator of text pieces as they are decoded; otherwise the whole text."""
+        from .generate import generate_ids, stream_text
+
+        ids = self.tokenize(prompt, add_bos=add_bos) if isinstance(prompt, str) else list(prompt)
+        if len(ids) >= self.n_ctx:
+            raise TinyLLMError(f"prompt of {len(ids)} tokens does not fit the context length ({self.n_ctx})")
+        sampler = Sampler(self.sampling_params(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                               repeat_penalty=repeat_penalty, seed=seed))
+        pieces: Iterator[str] = stream_text(self, generate_ids(self, ids, max_new_tokens, sampler), stop)
+        return pieces if stream else "".join(pieces)
