@@ -1,0 +1,174 @@
+"""Falcon (TII, 2023): LayerNorm decoder with a GELU MLP, rotary positions (or ALiBi) and
+multi-query / grouped-query attention, in three families:
+
+    7B-style  (multi_query, parallel_attn)    h = LN(x);  x = x + Attn(h) + MLP(h)
+    40B/180B  (new_decoder_architecture)      x = x + Attn(LN_attn(x)) + MLP(LN_mlp(x))
+    sequential (parallel_attn=False)          x = x + Attn(LN(x));  x = x + MLP(LN'(x))
+    logits = Wout · LN(x)
+
+The converter splits each family's fused query_key_value layout into Wq, Wk, Wv, so the
+forward pass does not know which family it runs.
+
+ALiBi (alibi=True, e.g. Falcon-RW) adds slope_h * j to the *unscaled* scores before the
+1/sqrt(head_dim) scaling: that is folded into the slopes here, as are transformers' bfloat16
+slopes. (transformers also rounds each product slope * j to bfloat16; that rounding is exact
+when the slopes are powers of two, i.e. for 1-8 heads and up to 15 heads that are no power
+of two, and below bfloat16 precision otherwise.)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import UnsupportedError
+from .common import alibi_slopes, config_from_hf, lm_head, rope_inv_freq, rope_settings
+
+ARCH = "falcon"
+# activation -> use the tanh approximation of GELU?
+ACTIVATIONS = {"gelu": False, "gelu_new": True, "gelu_pytorch_tanh": True}
+
+
+def bfloat16_round(x: np.ndarray) -> np.ndarray:
+    """float32 -> nearest bfloat16 (ties to even), returned as float32."""
+    bits = np.asarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.astype(np.uint32).view(np.float32)
+
+
+@dataclass
+class Config:
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    vocab_size: int
+    num_kv_heads: int | None = None            # used by new_decoder_architecture (and plain MHA)
+    multi_query: bool = True
+    new_decoder_architecture: bool = False
+    parallel_attn: bool = True
+    num_ln_in_parallel_attn: int | None = None  # None: 2 with new_decoder_architecture, else 1
+    alibi: bool = False
+    bias: bool = False
+    ffn_hidden_size: int | None = None         # None: 4 * hidden_size
+    activation: str = "gelu"
+    layer_norm_epsilon: float = 1e-5
+    max_position_embeddings: int = 2048
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    tie_word_embeddings: bool = True
+    inv_freq: np.ndarray = field(init=False, repr=False, compare=False)
+    alibi_slopes: np.ndarray | None = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        self.num_kv_heads = self.num_kv_heads or self.num_attention_heads
+        self.ffn_hidden_size = self.ffn_hidden_size or 4 * self.hidden_size
+        if self.num_ln_in_parallel_attn is None:
+            self.num_ln_in_parallel_attn = 2 if self.new_decoder_architecture else 1
+        self.inv_freq = rope_inv_freq(self.head_dim, self.rope_theta, self.rope_scaling)
+        self.alibi_slopes = (bfloat16_round(alibi_slopes(self.num_attention_heads)) * self.head_dim ** -0.5
+                             if self.alibi else None)
+
+    @classmethod
+    def from_hf(cls, config: dict) -> "Config":
+        theta, scaling = rope_settings(config)
+        config = dict(config, rope_theta=theta, rope_scaling=scaling)
+        config.pop("rope_parameters", None)
+        if "n_embed" in config:  # the old name transformers still accepts
+            config["hidden_size"] = config.pop("n_embed")
+        known = {k: k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+                                "num_kv_heads", "multi_query", "new_decoder_architecture", "parallel_attn",
+                                "num_ln_in_parallel_attn", "alibi", "bias", "ffn_hidden_size", "activation",
+                                "layer_norm_epsilon", "max_position_embeddings", "rope_theta", "rope_scaling",
+                                "tie_word_embeddings")}
+        cfg = config_from_hf(cls, config, known, must_equal={
+            "activation": tuple(ACTIVATIONS), "apply_residual_connection_post_layernorm": False,
+            "num_ln_in_parallel_attn": (None, 1, 2)})
+        H, Hkv = cfg.num_attention_heads, cfg.num_kv_heads
+        if cfg.new_decoder_architecture:
+            if not cfg.parallel_attn:  # transformers builds layers it then cannot run
+                raise UnsupportedError("unsupported config option parallel_attn=False with "
+                                       "new_decoder_architecture=True")
+            if H % Hkv:
+                raise UnsupportedError(f"unsupported config option num_kv_heads={Hkv} "
+                                       f"(must divide num_attention_heads={H})")
+        else:
+            if cfg.num_ln_in_parallel_attn == 2:
+                raise UnsupportedError("unsupported config option num_ln_in_parallel_attn=2 "
+                                       "without new_decoder_architecture")
+            if not cfg.multi_query and Hkv != H:  # the per-head (q, k, v) layout has one kv per head
+                raise UnsupportedError(f"unsupported config option num_kv_heads={Hkv} with multi_query=False "
+                                       "and new_decoder_architecture=False")
+        return cfg
+
+    @property
+    def n_kv_heads(self) -> int:
+        """kv heads the attention actually has (multi_query means one)."""
+        return 1 if self.multi_query and not self.new_decoder_architecture else self.num_kv_heads
+
+    @property
+    def norms_per_layer(self) -> int:
+        """2: separate LayerNorms before attention and MLP; 1: one shared by both."""
+        return 2 if (self.new_decoder_architecture and self.num_ln_in_parallel_attn == 2) or not self.parallel else 1
+
+    @property
+    def parallel(self) -> bool:
+        return self.new_decoder_architecture or self.parallel_attn
+
+    head_dim = property(lambda self: self.hidden_size // self.num_attention_heads)
+    context_length = property(lambda self: self.max_position_embeddings)
+
+
+def forward(cfg: Config, w: dict, ops, cache, tokens: np.ndarray, start_pos: int, last_only: bool = False):
+    """tokens (T,) at positions start_pos.. -> logits (T, vocab) (or (1, vocab) if last_only)."""
+    T = len(tokens)
+    positions = np.arange(start_pos, start_pos + T)
+    eps, H, Hkv = cfg.layer_norm_epsilon, cfg.num_attention_heads, cfg.n_kv_heads
+    approximate = ACTIVATIONS[cfg.activation]
+
+    def linear(x, name):
+        return ops.matmul(x, w[name], w.get(name + "_bias"))
+
+    def norm(x, name):
+        return ops.layernorm(x, w[name], w[name + "_bias"], eps)
+
+    x = ops.embedding(w["tok_embeddings"], tokens)                                  # (T, D)
+    for i in range(cfg.num_hidden_layers):
+        p = f"layers.{i}."
+        h = norm(x, p + "attention_norm")
+        q, k = linear(h, p + "attention.wq"), linear(h, p + "attention.wk")         # (T, H*hd), (T, Hkv*hd)
+        if not cfg.alibi:
+            q, k = ops.rope(q, positions, cfg.inv_freq, H), ops.rope(k, positions, cfg.inv_freq, Hkv)
+        ops.kv_write(cache[i], k, linear(h, p + "attention.wv"), start_pos)
+        a = ops.attention(q, cache[i], start_pos, H, cfg.head_dim ** -0.5, cfg.alibi_slopes)
+        attn = linear(a, p + "attention.wo")                                         # (T, D)
+        if not cfg.parallel:
+            x = ops.add(x, attn)
+        if cfg.norms_per_layer == 2:
+            h = norm(x, p + "ffn_norm")
+        mlp = linear(ops.gelu(linear(h, p + "feed_forward.w1"), approximate), p + "feed_forward.w2")
+        x = ops.add(x, ops.add(attn, mlp) if cfg.parallel else mlp)                 # (T, D)
+    if last_only:
+        x = x[T - 1:]
+    return lm_head(cfg, w, ops, norm(x, "norm"))                                     # (T, vocab)
+
+
+def describe(cfg: Config) -> dict:
+    H, Hkv = cfg.num_attention_heads, cfg.n_kv_heads
+    attention = ("multi-head" if Hkv == H else "multi-query" if Hkv == 1
+                 else f"grouped-query ({H} query heads, {Hkv} kv heads)")
+    if cfg.new_decoder_architecture:
+        layout = "new decoder architecture (40B/180B)"
+    elif cfg.multi_query:
+        layout = "multi-query (7B)"
+    else:
+        layout = "multi-head"
+    residual = "parallel" if cfg.parallel else "sequential"
+    residual += ", separate attention and MLP LayerNorms" if cfg.norms_per_layer == 2 and cfg.parallel else ""
+    return {"attention": f"{attention}, {layout} fused QKV layout",
+            "position": "ALiBi" if cfg.alibi else f"RoPE theta={cfg.rope_theta:g}"
+                        + (f", scaling {cfg.rope_scaling}" if cfg.rope_scaling else ""),
+            "residual": residual,
+            "norm": f"LayerNorm eps={cfg.layer_norm_epsilon:g}",
+            "mlp": f"GELU{' (tanh approximation)' if ACTIVATIONS[cfg.activation] else ''}, {cfg.ffn_hidden_size} hidden"
+                   + (", with bias" if cfg.bias else ""),
+            "embeddings": "tied" if cfg.tie_word_embeddings else "untied"}
