@@ -1,0 +1,206 @@
+"""GGUF files (llama.cpp's format, the one GPT4All and llama.cpp users hold) -> tinyllm.
+
+``open_gguf(path)`` reads a GGUF file into what ``Model`` takes from a .q4 file: ``metadata``
+(architecture, config, tokenizer, chat template, generation defaults) and ``tensors``
+(tinyllm name -> QTensor). ``tinyllm chat model.gguf`` uses it directly: the file is
+converted in memory at load time, nothing is written to disk. ``convert_gguf(src, out)``
+writes the same tensors as a .q4 file (memory-mapped at load, no conversion work).
+
+Tensor types (GGUF -> tinyllm), decided per tensor by ``target_format``:
+
+    F32, F16, Q4_0, Q4_1, Q8_0   the same format, without loss: ggml's interleaved blocks
+                                 are regrouped into tinyllm's plane-major parts, bit for bit
+    BF16                         f32 (exact)
+    Q2_K, Q3_K, Q4_K             dequantized with gguf.quants, requantized to q4_1
+    Q5_0, Q5_1, Q5_K, Q6_K       dequantized with gguf.quants, requantized to q8_0
+    anything else                refused, naming the type and the tensor
+
+Why those targets: tinyllm has no 256-weight super-block formats. Q4_K's blocks carry a
+scale and a minimum, like q4_1, so q4_1 keeps the file's size class (5.0 vs 4.5 bits) with
+the closest grid; the 5- and 6-bit types would lose half their precision in a 4-bit grid, so
+they go to q8_0, whose rounding error is ~4x (Q6_K) to ~8x (Q5_K) below theirs. Which
+re-encodings happened is printed once per load. ``quant=`` (``tinyllm convert --quant``)
+instead requantizes every matrix to one format, with the HF converter's policy (8-bit
+embedding and output head under a 4-bit quant).
+"""
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from ..arch import get_arch
+from ..errors import FormatError, TinyLLMError, UnsupportedError
+from ..fileformat import ModelWriter
+from ..kernels.quant import FORMATS, QTensor, from_ggml_blocks, quantize
+from .convert import _ROW_CHUNK, config_dict, tensor_format
+from .gguf_arch import GGUF_ARCHITECTURES
+from .gguf_tokenizer import tokenizer_spec_from_gguf
+
+GGUF_MAGIC = b"GGUF"
+LOSSLESS = {"F32": "f32", "F16": "f16", "Q4_0": "q4_0", "Q4_1": "q4_1", "Q8_0": "q8_0"}
+REQUANT = {"BF16": "f32", "Q2_K": "q4_1", "Q3_K": "q4_1", "Q4_K": "q4_1",
+           "Q5_0": "q8_0", "Q5_1": "q8_0", "Q5_K": "q8_0", "Q6_K": "q8_0"}
+# general.sampling.* (the file author's recommended sampling) -> generation_config.json keys
+SAMPLING_KEYS = {"temp": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
+                 "penalty_repeat": "repetition_penalty"}
+_REQUIRED = object()
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+class GGUFTensor:
+    """One tensor of a GGUF file: its type, its numpy-order shape, and import to a QTensor."""
+
+    def __init__(self, reader_tensor, path: Path):
+        self._t = reader_tensor
+        self.name = reader_tensor.name
+        self.type = reader_tensor.tensor_type.name  # "Q4_1", "F32", ...
+        # ggml lists dimensions fastest first (ne0 = columns): numpy order is the reverse
+        self.shape = tuple(int(n) for n in reversed(reader_tensor.shape.tolist()))
+        if len(self.shape) > 2:
+            raise UnsupportedError(f"{path}: tensor {self.name} has {len(self.shape)} dimensions (tinyllm reads 1 and 2)")
+        if self.type not in LOSSLESS and self.type not in REQUANT:
+            raise UnsupportedError(f"{path}: tensor {self.name} has GGUF type {self.type}, which tinyllm cannot read "
+                                   f"(supported: {', '.join([*LOSSLESS, *REQUANT])})")
+
+    def default_format(self) -> str:
+        """Where this tensor goes when no --quant is asked for (see the module docstring)."""
+        if len(self.shape) == 1:
+            return "f32"
+        return LOSSLESS.get(self.type) or REQUANT[self.type]
+
+    def load(self, fmt: str) -> QTensor:
+        """The tensor in tinyllm format ``fmt``: a lossless regrouping when fmt is this
+        tensor's own format, otherwise decoded (row chunks, bounded memory) and re-encoded."""
+        data = self._t.data
+        if len(self.shape) == 1 or fmt in ("f32", "f16"):
+            if LOSSLESS.get(self.type) == fmt:
+                return QTensor(fmt, self.shape, {"w": np.asarray(data).reshape(self.shape)})
+            return quantize(self._decode(data).reshape(self.shape), fmt)
+        if LOSSLESS.get(self.type) == fmt:
+            return from_ggml_blocks(data, fmt, self.shape)
+        rows = self.shape[0]
+        data = np.asarray(data).reshape(rows, -1)  # one row of ggml blocks (or floats) per matrix row
+        chunks = [quantize(self._decode(data[r:r + _ROW_CHUNK]), fmt) for r in range(0, rows, _ROW_CHUNK)]
+        parts = {k: np.concatenate([c.parts[k] for c in chunks]) for k in chunks[0].parts}
+        return QTensor(fmt, self.shape, parts)
+
+    def _decode(self, data) -> np.ndarray:
+        """GGUF bytes (or floats) -> float32, last axis = columns."""
+        import gguf
+
+        qtype = self._t.tensor_type
+        if self.type in ("F32", "F16"):
+            return np.asarray(data, dtype=np.float32)
+        return gguf.quants.dequantize(np.asarray(data), qtype).astype(np.float32, copy=False)
+
+
+def _read_gguf(path: Path):
+    """(key/value metadata, {name: GGUFTensor}) with clear errors for files that are not
+    GGUF, truncated or corrupt. Tensor data stays memory-mapped."""
+    import gguf
+
+    if not path.is_file():
+        raise TinyLLMError(f"model file {str(path)!r} not found")
+    with open(path, "rb") as f:
+        if f.read(4) != GGUF_MAGIC:
+            raise FormatError(f"{path}: not a GGUF file (bad magic)")
+    size = path.stat().st_size
+    try:
+        reader = gguf.GGUFReader(path)
+        meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    except (ValueError, IndexError, KeyError, OverflowError, UnicodeDecodeError, MemoryError) as e:
+        raise FormatError(f"{path}: truncated or corrupt GGUF file ({type(e).__name__}: {e})") from None
+    tensors = {}
+    for t in reader.tensors:
+        if t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
+            raise FormatError(f"{path}: truncated GGUF file (tensor {t.name} ends past the end of the file)")
+        tensors[t.name] = GGUFTensor(t, path)
+    return meta, tensors
+
+
+class GGUFModel:
+    """A GGUF file in tinyllm terms; the ``source`` that ``Model`` takes (like ModelFile)."""
+
+    def __init__(self, path, quant: str | None = None, notice=_stderr):
+        self.path = Path(path)
+        if quant is not None and quant not in FORMATS:
+            raise TinyLLMError(f"unknown quant format {quant!r}; choose one of {', '.join(FORMATS)}")
+        meta, gtensors = _read_gguf(self.path)
+        arch_name = meta.get("general.architecture")
+        if arch_name not in GGUF_ARCHITECTURES:
+            raise UnsupportedError(f"{self.path}: GGUF architecture {arch_name!r} is not supported "
+                                   f"(tinyllm reads {', '.join(GGUF_ARCHITECTURES)})")
+        table = GGUF_ARCHITECTURES[arch_name]
+        unknown = sorted(k for k in meta if k.startswith(arch_name + ".") and k[len(arch_name) + 1:] not in table.KNOWN_KEYS)
+        if unknown:
+            raise UnsupportedError(f"{self.path}: unsupported GGUF option(s) {', '.join(unknown)}: tinyllm does not implement them")
+
+        def get(key, default=_REQUIRED):
+            value = meta.get(f"{arch_name}.{key}", default)
+            if value is _REQUIRED:
+                raise FormatError(f"{self.path}: GGUF metadata {arch_name}.{key} is missing")
+            return value
+
+        arch = get_arch(table.arch)
+        self.config = arch.Config.from_hf(table.hf_config(get, gtensors))
+        names = table.tensor_names(self.config)
+        unused = sorted(set(gtensors) - set(names) - table.EXTRA_TENSORS)
+        if unused:
+            raise UnsupportedError(f"{self.path}: tensors tinyllm's {table.arch} does not use (an unsupported variant?): "
+                                   f"{', '.join(unused[:8])}")
+        missing = [g for g in names if g not in gtensors]
+        if missing:
+            raise FormatError(f"{self.path}: GGUF file lacks tensor(s) {', '.join(missing[:8])}")
+
+        shapes = table.expected_shapes(self.config)
+        self.tensors: dict[str, QTensor] = {}
+        recoded = Counter()
+        for gname, name in names.items():
+            g = gtensors[gname]
+            want = shapes[name.split(".", 2)[-1] if name.startswith("layers.") else name]
+            if g.shape != tuple(want):
+                raise FormatError(f"{self.path}: tensor {gname} has shape {g.shape}, expected {tuple(want)}")
+            fmt = tensor_format(name, len(g.shape), quant) if quant else g.default_format()
+            if LOSSLESS.get(g.type) != fmt and not (g.type == "BF16" and fmt == "f32"):
+                recoded[g.type, fmt] += 1
+            self.tensors[name] = table.fix_layout(name, g.load(fmt), self.config)
+        for (src, fmt), n in sorted(recoded.items()):
+            how = "widened" if src == "BF16" else "dequantized and requantized"
+            notice(f"{self.path.name}: {n} {src} tensor(s) {how} to {fmt}"
+                   + ("" if quant else f" (tinyllm has no {src} format)"))
+
+        matrix_formats = Counter(t.format for t in self.tensors.values() if len(t.shape) == 2)
+        self.metadata = {
+            "architecture": table.arch,
+            "config": config_dict(self.config),
+            "tokenizer": tokenizer_spec_from_gguf(meta, arch_name),
+            "chat_template": meta.get("tokenizer.chat_template"),
+            "generation": {ours: meta[f"general.sampling.{k}"] for k, ours in SAMPLING_KEYS.items()
+                           if f"general.sampling.{k}" in meta},
+            "quant": quant or matrix_formats.most_common(1)[0][0],
+            "source": {"format": "gguf", "name": meta.get("general.name") or self.path.stem},
+        }
+
+
+def open_gguf(path, quant: str | None = None, notice=_stderr) -> GGUFModel:
+    """Read a GGUF file for ``Model``; ``notice(line)`` reports re-encoded tensor types."""
+    return GGUFModel(path, quant=quant, notice=notice)
+
+
+def convert_gguf(src, out, quant: str | None = None, progress=None, notice=_stderr) -> Path:
+    """Write GGUF file ``src`` as the .q4 file ``out``: the file's own formats where tinyllm
+    has them (quant=None), or every matrix requantized to ``quant``."""
+    out = Path(out)
+    model = open_gguf(src, quant=quant, notice=notice)
+    with ModelWriter(out, model.metadata) as writer:
+        for name, t in model.tensors.items():
+            writer.add(name, t)
+            if progress:
+                progress(name)
+    return out
