@@ -1,60 +1,181 @@
-"""Chat: templates that turn messages into a prompt, and a multi-turn session."""
+"""Chat: a multi-turn conversation with a model, rendered through its chat template.
+
+Each turn renders the whole history and tokenizes it; ``Model.eval`` keeps the longest
+prefix its KV cache already holds, so a new turn only computes the tokens after it (the
+new user message, and whatever of the last answer re-tokenizes differently).
+"""
 from __future__ import annotations
 
-from typing import Iterator
-
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+import json
+import warnings
+from pathlib import Path
+from typing import Callable, Iterator
 
 from .errors import TinyLLMError
+from .generate import GenerationStats, generate_ids, stream_text
+from .sampling import Sampler
+from .templates import ChatTemplate, render_template, resolve_template  # noqa: F401  (render_template: API)
+
+ROLES = ("system", "user", "assistant")
 
 
-def _raise(message):
-    raise TinyLLMError(f"chat template error: {message}")
+class ContextWarning(UserWarning):
+    """The conversation outgrew the context: old turns were dropped or an answer was cut."""
 
 
-def render_template(template: str, messages: list[dict], add_generation_prompt: bool = True, **extra) -> str:
-    """Render a Hugging Face chat template the way transformers does: a sandboxed Jinja
-    environment (a template from a model file cannot run code), trim_blocks/lstrip_blocks."""
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = _raise
-    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt, **extra)
+def turn_stops(tokenizer, template: ChatTemplate) -> tuple[list[int], list[str]]:
+    """Token ids and strings that end an answer: every eos id, the end-of-turn tokens the
+    template uses, and the template's stop strings (markers that are not tokens become strings)."""
+    ids = list(tokenizer.eos_ids)
+    strings = list(template.stop)
+    for marker in template.markers:
+        token = tokenizer.token_to_id(marker)
+        if token is not None and tokenizer.is_special(token):
+            ids.append(token) if token not in ids else None
+        elif marker not in strings:
+            strings.append(marker)
+    return ids, strings
+
+
+def check_conversation(messages) -> list[dict]:
+    """Validate a conversation (a list of {"role", "content"} dicts); return a clean copy."""
+    if not isinstance(messages, list):
+        raise TinyLLMError(f"a conversation is a list of messages, got {type(messages).__name__}")
+    clean = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise TinyLLMError(f"message {i} must be {{'role': one of {'/'.join(ROLES)}, 'content': str}}, got {m!r}")
+        if m["role"] == "system" and i > 0:
+            raise TinyLLMError(f"message {i}: a system message may only come first")
+        clean.append({"role": m["role"], "content": m["content"]})
+    return clean
 
 
 class ChatSession:
-    """A conversation with a model. With a chat template, each turn renders the whole
-    history; the model's KV cache reuses the prefix it already holds. Without one, turns
-    are plain text continuation."""
+    """A conversation with ``model``.
 
-    def __init__(self, model, system: str | None = None, **sampling):
+    ``send(text)`` adds a user turn and streams the answer as text pieces; the answer joins
+    the history when it ends, also when the consumer stops early (Ctrl-C), with what was
+    shown. When the history no longer fits the context (with room for the answer), the
+    oldest turns are dropped, the system prompt kept, and ``on_notice`` says so (default: a
+    :class:`ContextWarning`). ``stats`` describes the last answer (tokens, speed).
+    """
+
+    def __init__(self, model, system: str | None = None, template: str | None = None,
+                 max_new_tokens: int = 512, stop=None, on_notice: Callable[[str], None] | None = None,
+                 temperature=None, top_k=None, top_p=None, min_p=None, repeat_penalty=None,
+                 repeat_last_n=None, seed=None):
         self.model = model
+        self.template = resolve_template(template, model.chat_template)
         self.system = system
-        self.sampling = sampling
         self.messages: list[dict] = []
+        self.max_new_tokens = max_new_tokens
+        self.sampler = Sampler(model.sampling_params(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                                     repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
+                                                     seed=seed))
+        self.stop_ids, self.stop_strings = turn_stops(model.tokenizer, self.template)
+        self.stop_strings += list(stop or [])
+        self.on_notice = on_notice or (lambda text: warnings.warn(text, ContextWarning, stacklevel=3))
+        self.stats: GenerationStats | None = None
 
-    def reset(self) -> None:
-        self.messages = []
+    # -- the conversation --------------------------------------------------------------
 
     def history(self) -> list[dict]:
+        """The messages the template sees: the system prompt (if any), then the turns."""
         return ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
 
-    def prompt_ids(self) -> list[int]:
-        tok = self.model.tokenizer
-        if self.model.chat_template:
-            text = render_template(self.model.chat_template, self.history(), add_generation_prompt=True,
-                                   bos_token=tok.token_text(tok.bos_id) if tok.bos_id is not None else "",
-                                   eos_token=tok.token_text(tok.eos_ids[0]) if tok.eos_ids else "")
-            return tok.encode(text, add_bos=False)
-        text = "\n".join(m["content"] for m in self.history())
-        return tok.encode(text + ("\n" if self.messages else ""))
+    def reset(self) -> None:
+        """Forget the turns (the system prompt stays)."""
+        self.messages = []
 
-    def send(self, text: str, max_new_tokens: int = 512) -> Iterator[str]:
-        """Add a user turn and stream the answer; the answer joins the history as it ends
-        (also when the consumer stops early, e.g. on Ctrl-C)."""
+    def load_messages(self, messages) -> None:
+        """Replace the conversation; a leading system message becomes the system prompt."""
+        messages = check_conversation(messages)
+        self.system = messages.pop(0)["content"] if messages and messages[0]["role"] == "system" else None
+        self.messages = messages
+
+    def save(self, path) -> None:
+        """Write the conversation as JSON: {"messages": [{"role", "content"}, ...]}."""
+        try:
+            Path(path).write_text(json.dumps({"messages": self.history()}, ensure_ascii=False, indent=2) + "\n",
+                                  encoding="utf-8")
+        except OSError as e:
+            raise TinyLLMError(f"cannot save the conversation to {str(path)!r}: {e.strerror or e}") from None
+
+    def load(self, path) -> None:
+        """Read a conversation written by :meth:`save` (or a bare list of messages)."""
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except OSError as e:
+            raise TinyLLMError(f"cannot read the conversation {str(path)!r}: {e.strerror or e}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise TinyLLMError(f"{str(path)!r} is not a JSON conversation: {e}") from None
+        self.load_messages(data.get("messages") if isinstance(data, dict) else data)
+
+    # -- prompts -------------------------------------------------------------------------
+
+    def render(self, add_generation_prompt: bool = True) -> str:
+        tok = self.model.tokenizer
+        special = {"bos_token": tok.token_text(tok.bos_id) if tok.bos_id is not None else "",
+                   "eos_token": tok.token_text(tok.eos_ids[0]) if tok.eos_ids else ""}
+        return self.template.render(self.history(), add_generation_prompt=add_generation_prompt, **special)
+
+    def prompt_ids(self) -> list[int]:
+        """The rendered history as token ids. Special-token text in the template becomes its
+        token; BOS is prepended when the tokenizer adds one and the template did not (as llama.cpp does)."""
+        tok = self.model.tokenizer
+        ids = tok.encode(self.render(), add_bos=False, parse_special=True)
+        if tok.add_bos and (not ids or ids[0] != tok.bos_id):
+            ids.insert(0, tok.bos_id)
+        return ids
+
+    def _fit_context(self, max_new_tokens: int) -> list[int]:
+        """Prompt ids that leave room for an answer, dropping the oldest turns if needed."""
+        n_ctx = self.model.n_ctx
+        room = min(max_new_tokens, n_ctx // 4)  # the answer may have less when even one turn is this long
+        dropped = 0
+        ids = self.prompt_ids()
+        while len(ids) + room > n_ctx and len(self.messages) > 1:
+            del self.messages[0]
+            dropped += 1
+            while len(self.messages) > 1 and self.messages[0]["role"] != "user":
+                del self.messages[0]  # a turn starts with the user: drop its answer with it
+                dropped += 1
+            ids = self.prompt_ids()
+        if len(ids) >= n_ctx:
+            raise TinyLLMError(f"the message does not fit the context: {len(ids)} prompt tokens"
+                               f"{' with the system prompt' if self.system else ''}, context length {n_ctx}")
+        if dropped:
+            self.on_notice(f"context full ({n_ctx} tokens): dropped the {dropped} oldest message(s)"
+                           f"{', kept the system prompt' if self.system else ''}")
+        return ids
+
+    # -- answering -----------------------------------------------------------------------
+
+    def send(self, text: str, max_new_tokens: int | None = None, stream: bool = True):
+        """Add a user turn and answer it: an iterator of text pieces (``stream=True``) or the text."""
+        if not isinstance(text, str) or not text.strip():
+            raise TinyLLMError("a chat message must be non-empty text")
+        pieces = self._answer(text, max_new_tokens or self.max_new_tokens)
+        return pieces if stream else "".join(pieces)
+
+    def _answer(self, text: str, max_new_tokens: int) -> Iterator[str]:
         self.messages.append({"role": "user", "content": text})
+        try:
+            prompt = self._fit_context(max_new_tokens)
+        except BaseException:
+            self.messages.pop()
+            raise
+        self.stats = stats = GenerationStats()
+        ids = generate_ids(self.model, prompt, max_new_tokens, self.sampler, stop_ids=self.stop_ids, stats=stats)
         answer = []
         try:
-            for piece in self.model.generate(self.prompt_ids(), max_new_tokens=max_new_tokens, **self.sampling):
+            for piece in stream_text(self.model, ids, self.stop_strings, stats=stats,
+                                     skip_leading_space=not self.template.continuation):
                 answer.append(piece)
                 yield piece
         finally:
-            self.messages.append({"role": "assistant", "content": "".join(answer).strip()})
+            ids.close()
+            self.messages.append({"role": "assistant", "content": "".join(answer)})
+            if stats.finish_reason == "context":
+                self.on_notice(f"the answer was cut off: the context ({self.model.n_ctx} tokens) is full")

@@ -1,9 +1,91 @@
 """The generation loop: prompt ids in, streamed text pieces out, with every way to stop."""
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from typing import Iterator
 
 from .sampling import Sampler
+
+
+@dataclass
+class GenerationStats:
+    """What one generation did and how fast (filled in while it runs)."""
+    prompt_tokens: int = 0       # tokens in the prompt
+    cached_tokens: int = 0       # of those, already in the KV cache (not recomputed)
+    prompt_seconds: float = 0.0  # computing the rest of the prompt and the first token
+    new_tokens: int = 0          # tokens generated (stop tokens not counted)
+    decode_steps: int = 0        # one-token forward passes after the prompt
+    decode_seconds: float = 0.0
+    finish_reason: str | None = None  # "eos", "length", "context", "stop"; None: interrupted
+
+    @property
+    def prompt_tokens_per_second(self) -> float:
+        computed = self.prompt_tokens - self.cached_tokens
+        return computed / self.prompt_seconds if self.prompt_seconds > 0 else 0.0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        return self.decode_steps / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+    def summary(self) -> str:
+        computed = self.prompt_tokens - self.cached_tokens
+        return (f"prompt: {self.prompt_tokens} tokens ({self.cached_tokens} cached, {computed} computed) "
+                f"{self.prompt_tokens_per_second:.1f} tok/s | decode: {self.new_tokens} tokens "
+                f"{self.decode_tokens_per_second:.1f} tok/s")
+
+
+def cached_prefix(cached: list[int], tokens: list[int]) -> int:
+    """How many leading tokens ``Model.eval(tokens)`` reuses from a cache holding ``cached``
+    (the same rule as eval: the last token is always recomputed, for its logits)."""
+    keep = 0
+    for a, b in zip(cached, tokens[:-1]):
+        if a != b:
+            break
+        keep += 1
+    return keep
+
+
+def _eval(model, tokens: list[int]):
+    """model.eval, but an interrupted forward (Ctrl-C) leaves a cache that claims only what
+    it really holds: the forward may already have overwritten positions after the reused prefix."""
+    try:
+        return model.eval(tokens)
+    except BaseException:
+        model.tokens = model.tokens[:cached_prefix(model.tokens, tokens)]
+        raise
+
+
+def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, sampler: Sampler,
+                 stop_ids=None, stats: GenerationStats | None = None) -> Iterator[int]:
+    """Yield new token ids until a stop id (default: every eos id of the tokenizer),
+    ``max_new_tokens`` or the end of the context. ``stats``, when given, is filled in."""
+    stop_ids = set(model.tokenizer.eos_ids if stop_ids is None else stop_ids)
+    stats = stats if stats is not None else GenerationStats()
+    tokens = list(prompt_ids)
+    stats.prompt_tokens, stats.cached_tokens = len(tokens), cached_prefix(model.tokens, tokens)
+    start = time.perf_counter()
+    logits = _eval(model, tokens)
+    for i in range(max_new_tokens):
+        token = sampler(logits, tokens)
+        if i == 0:
+            stats.prompt_seconds = time.perf_counter() - start
+        if token in stop_ids:
+            stats.finish_reason = "eos"
+            return
+        stats.new_tokens += 1
+        yield token
+        tokens.append(token)
+        if i + 1 == max_new_tokens:
+            break
+        if len(tokens) >= model.n_ctx:
+            stats.finish_reason = "context"
+            return
+        step = time.perf_counter()
+        logits = _eval(model, tokens)
+        stats.decode_seconds += time.perf_counter() - step
+        stats.decode_steps += 1
+    stats.finish_reason = "length"
 
 
 class StopStringFilter:
@@ -25,6 +107,7 @@ class StopStringFilter:
             self.stopped = True
             out, self.pending = self.pending[:min(hits)], ""
             return out
+        # hold back the longest tail that is the start of some stop string
         hold = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
         out = self.pending[:len(self.pending) - hold]
         self.pending = self.pending[len(out):]
@@ -35,25 +118,11 @@ class StopStringFilter:
         return out
 
 
-def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, sampler: Sampler,
-                 stop_ids=None) -> Iterator[int]:
-    """Yield new token ids until an eos id, ``max_new_tokens`` or the context end."""
-    stop_ids = set(model.tokenizer.eos_ids if stop_ids is None else stop_ids)
-    tokens = list(prompt_ids)
-    logits = model.eval(tokens)
-    for i in range(max_new_tokens):
-        token = sampler(logits, tokens)
-        if token in stop_ids:
-            return
-        yield token
-        tokens.append(token)
-        if i + 1 == max_new_tokens or len(tokens) >= model.n_ctx:
-            return
-        logits = model.eval(tokens)
-
-
-def stream_text(model, ids: Iterator[int], stop=None, skip_leading_space: bool = False) -> Iterator[str]:
-    """Turn a stream of token ids into text pieces, cutting at the first stop string."""
+def stream_text(model, ids: Iterator[int], stop=None, skip_leading_space: bool = False,
+                stats: GenerationStats | None = None) -> Iterator[str]:
+    """Turn a stream of token ids into text pieces, cutting at the first stop string.
+    ``skip_leading_space``: the ids start a text of their own (an answer), so its leading
+    space is dropped as a whole-sequence decode drops it; False: they continue the prompt."""
     decoder = model.tokenizer.stream(skip_leading_space=skip_leading_space)
     stops = StopStringFilter(stop)
     for token in ids:
@@ -61,9 +130,14 @@ def stream_text(model, ids: Iterator[int], stop=None, skip_leading_space: bool =
         if piece:
             yield piece
         if stops.stopped:
-            ids.close() if hasattr(ids, "close") else None
+            if hasattr(ids, "close"):
+                ids.close()
+            if stats is not None:
+                stats.finish_reason = "stop"
             return
     tail = stops.push(decoder.flush())
+    if stops.stopped and stats is not None:
+        stats.finish_reason = "stop"
     tail += "" if stops.stopped else stops.flush()
     if tail:
         yield tail

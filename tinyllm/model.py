@@ -111,18 +111,24 @@ class Model:
 
     # -- text ------------------------------------------------------------------------
 
-    def tokenize(self, text: str, add_bos: bool | None = None) -> list[int]:
-        return self.tokenizer.encode(text, add_bos=add_bos)
+    def tokenize(self, text: str, add_bos: bool | None = None, special: bool = True) -> list[int]:
+        """Text -> token ids. ``add_bos``: prepend BOS (default: as the tokenizer does);
+        ``special``: literal special-token text such as "<s>" becomes that token."""
+        return self.tokenizer.encode(text, add_bos=add_bos, parse_special=special)
 
     def detokenize(self, ids) -> str:
+        """Token ids -> text (special tokens are invisible)."""
         return self.tokenizer.decode(ids)
 
     def sampling_params(self, **overrides) -> SamplingParams:
-        """Sampling settings: the model's generation defaults, then explicit overrides."""
+        """Sampling settings: tinyllm's defaults, then the model's generation_config, then
+        explicit overrides (None: not given). do_sample=false in the config means greedy."""
         d = self.generation_defaults
         params = {}
         if "temperature" in d:
-            params["temperature"] = 0.0 if d.get("do_sample") is False else float(d["temperature"])
+            params["temperature"] = float(d["temperature"])
+        if d.get("do_sample") is False:
+            params["temperature"] = 0.0
         for ours, theirs in (("top_k", "top_k"), ("top_p", "top_p"), ("min_p", "min_p"),
                              ("repeat_penalty", "repetition_penalty")):
             if theirs in d:
@@ -132,16 +138,48 @@ class Model:
 
     def generate(self, prompt, max_new_tokens: int = 256, temperature: float | None = None,
                  top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
-                 repeat_penalty: float | None = None, seed: int | None = None, stop=None,
-                 stream: bool = True, add_bos: bool | None = None):
+                 repeat_penalty: float | None = None, repeat_last_n: int | None = None, seed: int | None = None,
+                 stop=None, stream: bool = True, add_bos: bool | None = None, stats=None):
         """Continue ``prompt`` (text, or a list of token ids). With ``stream=True`` returns an
-        iterator of text pieces as they are decoded; otherwise the whole text."""
+        iterator of text pieces as they are decoded; otherwise the whole text. Stops at any
+        eos id, at a ``stop`` string (never shown, even when split across tokens), after
+        ``max_new_tokens`` or at the end of the context. ``stats``: a GenerationStats to fill."""
         from .generate import generate_ids, stream_text
 
-        ids = self.tokenize(prompt, add_bos=add_bos) if isinstance(prompt, str) else list(prompt)
+        ids = self.tokenize(prompt, add_bos=add_bos) if isinstance(prompt, str) else [int(i) for i in prompt]
+        if not ids:
+            raise TinyLLMError("empty prompt: give some text, or add_bos=True to start from BOS")
         if len(ids) >= self.n_ctx:
             raise TinyLLMError(f"prompt of {len(ids)} tokens does not fit the context length ({self.n_ctx})")
         sampler = Sampler(self.sampling_params(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                                               repeat_penalty=repeat_penalty, seed=seed))
-        pieces: Iterator[str] = stream_text(self, generate_ids(self, ids, max_new_tokens, sampler), stop)
+                                               repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed))
+        # a prompt of special tokens only (BOS) starts the text: drop the leading space as decode() does
+        starts_text = all(self.tokenizer.is_special(i) for i in ids)
+        pieces: Iterator[str] = stream_text(self, generate_ids(self, ids, max_new_tokens, sampler, stats=stats),
+                                            [stop] if isinstance(stop, str) else stop,
+                                            skip_leading_space=starts_text, stats=stats)
         return pieces if stream else "".join(pieces)
+
+    # -- chat ------------------------------------------------------------------------
+
+    def chat_session(self, system: str | None = None, template: str | None = None, **options):
+        """A multi-turn conversation (:class:`tinyllm.chat.ChatSession`): ``session.send(text)``
+        streams each answer; the KV cache keeps the history already computed. ``template``: a
+        built-in (chatml, llama-2, alpaca, plain) or a Jinja file, instead of the model's own."""
+        from .chat import ChatSession
+
+        return ChatSession(self, system=system, template=template, **options)
+
+    def chat(self, messages: list[dict], max_new_tokens: int = 512, stream: bool = False,
+             template: str | None = None, **options):
+        """Answer the last (user) message of ``messages`` ([{"role", "content"}, ...], an
+        optional system message first): the answer text, or an iterator of pieces with
+        ``stream=True``. Sampling options as for :meth:`generate`."""
+        from .chat import ChatSession, check_conversation
+
+        messages = check_conversation(messages)
+        if not messages or messages[-1]["role"] != "user":
+            raise TinyLLMError("chat(messages): the last message must be the user's")
+        session = ChatSession(self, template=template, max_new_tokens=max_new_tokens, **options)
+        session.load_messages(messages[:-1])
+        return session.send(messages[-1]["content"], stream=stream)

@@ -5,30 +5,37 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import TinyLLMError
+
 
 @dataclass
 class SamplingParams:
-    temperature: float = 0.8
-    top_k: int = 40            # 0: off
-    top_p: float = 0.95        # 1.0: off
-    min_p: float = 0.05        # 0.0: off
+    temperature: float = 0.8      # 0: greedy (argmax)
+    top_k: int = 40               # 0: off
+    top_p: float = 0.95           # 1.0: off
+    min_p: float = 0.05           # 0.0: off
     repeat_penalty: float = 1.0   # 1.0: off
-    repeat_last_n: int = 64    # window of recent tokens the penalty looks at
-    seed: int | None = None
+    repeat_last_n: int = 64       # window of recent tokens the penalty looks at
+    seed: int | None = None       # None: a fresh random seed
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError("temperature must be >= 0")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError("top_p must be in (0, 1]")
-        if not 0.0 <= self.min_p < 1.0:
-            raise ValueError("min_p must be in [0, 1)")
-        if self.top_k < 0 or self.repeat_last_n < 0 or self.repeat_penalty <= 0:
-            raise ValueError("top_k and repeat_last_n must be >= 0, repeat_penalty > 0")
+        checks = [
+            (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
+            (0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}"),
+            (0.0 <= self.min_p < 1.0, f"min_p must be in [0, 1), got {self.min_p}"),
+            (self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}"),
+            (self.repeat_penalty > 0, f"repeat_penalty must be > 0, got {self.repeat_penalty}"),
+            (self.repeat_last_n >= 0, f"repeat_last_n must be >= 0, got {self.repeat_last_n}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise TinyLLMError(message)
 
 
 class Sampler:
-    """Applies, in llama.cpp's order: repeat penalty, top-k, top-p, min-p, temperature."""
+    """Applies, in llama.cpp's order: repeat penalty, top-k, top-p, min-p, temperature,
+    then draws from what is left. One sampler is one random stream: a seed makes a whole
+    generation (or conversation) reproducible."""
 
     def __init__(self, params: SamplingParams):
         self.p = params
@@ -43,12 +50,14 @@ class Sampler:
             logits[seen] = np.where(vals > 0, vals / p.repeat_penalty, vals * p.repeat_penalty)
         if p.temperature == 0:
             return int(np.argmax(logits))
-        order = np.argsort(-logits, kind="stable")
-        if p.top_k:
-            order = order[:p.top_k]
+        if p.top_k and p.top_k < logits.size:
+            candidates = np.argpartition(-logits, p.top_k - 1)[:p.top_k]
+            order = candidates[np.argsort(-logits[candidates], kind="stable")]
+        else:
+            order = np.argsort(-logits, kind="stable")
         probs = np.exp(logits[order] - logits[order[0]])
         probs /= probs.sum()
-        if p.top_p < 1.0:
+        if p.top_p < 1.0:  # the smallest head whose probability reaches top_p
             keep = int(np.searchsorted(np.cumsum(probs), p.top_p) + 1)
             order, probs = order[:keep], probs[:keep]
         if p.min_p > 0:

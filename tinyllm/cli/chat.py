@@ -1,34 +1,108 @@
 """`tinyllm chat`: an interactive, streaming conversation."""
 from __future__ import annotations
 
+import sys
+
 import click
 
 from . import main
+from ..errors import TinyLLMError
+from ..templates import BUILTIN
 from .options import load_model, model_argument, runtime_options, sampling_options
 
-HELP = "Commands: /reset (forget the conversation), /quit (or Ctrl-D). Ctrl-C stops an answer."
+HELP = """Commands:
+  /reset         forget the conversation (keeps the system prompt)
+  /system TEXT   set the system prompt (/system alone shows it)
+  /save FILE     save the conversation as JSON
+  /load FILE     load a conversation saved with /save
+  /help          this text
+  /quit          leave (or Ctrl-D)
+Ctrl-C stops an answer; the conversation keeps what was shown."""
+
+
+def _note(text: str, color: str = "yellow") -> None:
+    click.secho(text, err=True, fg=color)
+
+
+def _command(session, line: str) -> bool:
+    """Run a /command; False means quit."""
+    name, _, arg = line.strip().partition(" ")
+    arg = arg.strip()
+    if name in ("/quit", "/exit"):
+        return False
+    if name == "/reset":
+        session.reset()
+        _note("(conversation cleared)")
+    elif name == "/system":
+        if arg:
+            session.system = arg
+            _note("(system prompt set)")
+        else:
+            _note(f"(system prompt: {session.system!r})")
+    elif name in ("/save", "/load"):
+        if not arg:
+            _note(f"usage: {name} FILE", "red")
+        else:
+            try:
+                session.save(arg) if name == "/save" else session.load(arg)
+                _note(f"(conversation {'saved to' if name == '/save' else 'loaded from'} {arg}: "
+                      f"{len(session.messages)} messages)")
+            except TinyLLMError as e:
+                _note(f"error: {e}", "red")
+    elif name == "/help":
+        _note(HELP, "cyan")
+    else:
+        _note(f"unknown command {name}; /help lists them", "red")
+    return True
+
+
+def _answer(session, line: str, max_tokens: int, verbose: bool) -> None:
+    """Stream one answer to stdout, flushed piece by piece; Ctrl-C ends it early."""
+    pieces = session.send(line, max_new_tokens=max_tokens)
+    try:
+        for piece in pieces:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        pieces.close()  # the answer so far joins the conversation
+        sys.stdout.write("\n")
+        _note("[stopped]")
+    except TinyLLMError as e:
+        _note(f"error: {e}", "red")
+        return
+    else:
+        sys.stdout.write("\n")
+    sys.stdout.flush()
+    if verbose and session.stats is not None:
+        _note(session.stats.summary(), "cyan")
 
 
 @main.command()
 @model_argument
 @click.option("--system", default=None, help="System prompt.")
+@click.option("--template", default=None,
+              help=f"Chat template: {', '.join(BUILTIN)}, or a Jinja file (default: the model's own; plain if it has none).")
 @click.option("-n", "--max-tokens", "max_tokens", type=int, default=512, show_default=True, help="Max tokens per answer.")
+@click.option("--stop", multiple=True, help="Also end an answer at this string (repeatable).")
+@click.option("--repeat-last-n", type=int, default=None, help="Window of recent tokens the repeat penalty sees (default 64).")
+@click.option("-v", "--verbose", is_flag=True, help="Print prompt and decode speed after each answer.")
 @sampling_options
 @runtime_options
-def chat(model, system, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed,
-         backend, threads, n_ctx, device):
+def chat(model, system, template, max_tokens, stop, repeat_last_n, verbose, temperature, top_k, top_p, min_p,
+         repeat_penalty, seed, backend, threads, n_ctx, device):
     """Chat with MODEL (default: the bundled model)."""
-    from ..chat import ChatSession
-
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
     m = load_model(model, backend, threads, n_ctx, device)
-    session = ChatSession(m, system=system, temperature=temperature, top_k=top_k, top_p=top_p,
-                          min_p=min_p, repeat_penalty=repeat_penalty, seed=seed)
-    mode = "chat template" if m.chat_template else "plain continuation (the model has no chat template)"
-    click.echo(f"{m.name}: {mode}. {HELP}", err=True)
+    session = m.chat_session(system=system, template=template, max_new_tokens=max_tokens, stop=list(stop),
+                             on_notice=_note, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                             repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed)
+    which = session.template.name
+    if which == "plain" and template is None:
+        which = "plain (the model has no chat template; choose one with --template)"
+    _note(f"{m.name}: template {which}, context {m.n_ctx} tokens. /help for commands, Ctrl-D to quit.", "cyan")
     while True:
         try:
             line = input("> ")
@@ -40,17 +114,8 @@ def chat(model, system, max_tokens, temperature, top_k, top_p, min_p, repeat_pen
             continue
         if not line.strip():
             continue
-        if line.strip() in ("/quit", "/exit"):
-            return
-        if line.strip() == "/reset":
-            session.reset()
-            click.echo("(conversation cleared)", err=True)
+        if line.startswith("/"):
+            if not _command(session, line):
+                return
             continue
-        answer = session.send(line, max_new_tokens=max_tokens)
-        try:
-            for piece in answer:
-                click.echo(piece, nl=False)
-        except KeyboardInterrupt:
-            answer.close()
-            click.echo(" [stopped]", nl=False)
-        click.echo()
+        _answer(session, line, max_tokens, verbose)

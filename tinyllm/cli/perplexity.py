@@ -1,0 +1,45 @@
+"""`tinyllm perplexity`: how well a model predicts a text, as llama.cpp's perplexity tool reports it."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from . import main
+from ..errors import TinyLLMError
+from .options import load_model, runtime_options
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--chunks", type=int, default=None, help="Score at most this many windows (default: all).")
+@runtime_options
+def perplexity(model, file, chunks, backend, threads, n_ctx, device):
+    """Perplexity of MODEL over the text in FILE.
+
+    The text is cut into windows of --ctx tokens (default 512, or the model's context when
+    shorter); the second half of each window is scored, as llama.cpp's perplexity does.
+    Prints "Final estimate: PPL = x +/- standard error"."""
+    from ..perplexity import DEFAULT_CTX, PerplexityAccumulator, score_window, windows
+
+    try:
+        text = Path(file).read_text(encoding="utf-8")
+    except OSError as e:
+        raise TinyLLMError(f"cannot read {file!r}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise TinyLLMError(f"{file!r} is not UTF-8 text: {e}") from None
+    m = load_model(model, backend, threads, n_ctx, device)
+    window = n_ctx or min(DEFAULT_CTX, m.n_ctx)
+    tokens = m.tokenize(text, special=False)
+    chunks = windows(m, tokens, window, chunks)
+    click.echo(f"{len(tokens)} tokens, {len(chunks)} chunks of {window} tokens, "
+               f"scoring the last {window - 1 - window // 2} of each", err=True)
+    acc = PerplexityAccumulator(window)
+    with click.progressbar(chunks, label="perplexity", file=click.get_text_stream("stderr"),
+                           item_show_func=lambda _: f"PPL {acc.running[-1]:.4f}" if acc.running else None) as bar:
+        for w in bar:
+            acc.add(score_window(m, w))
+    result = acc.result()
+    click.echo(" ".join(f"[{i + 1}]{p:.4f}," for i, p in enumerate(result.running)))
+    click.echo(f"Final estimate: {result}")

@@ -1,0 +1,150 @@
+"""Chat templates: Hugging Face Jinja templates rendered as transformers renders them, and
+built-in fallbacks for checkpoints that carry none.
+
+A template turns a list of messages ``[{"role": "system"|"user"|"assistant", "content": str}]``
+into the prompt text the model was tuned on. A model file keeps its own template
+(tokenizer_config.json ``chat_template``, stored in the .q4 header at conversion); the
+built-ins here are chosen explicitly (``tinyllm chat --template chatml``).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import jinja2
+import jinja2.ext
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from .errors import TinyLLMError
+
+# Built-ins. chatml and llama-2 are the templates their reference checkpoints ship
+# (teknium/OpenHermes-2.5-Mistral-7B and meta-llama/Llama-2-7b-chat-hf tokenizer_config.json).
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+LLAMA_2 = ("{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+           "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
+           "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
+           "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+           "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+           "{% if loop.index0 == 0 and system_message != false %}"
+           "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+           "{% else %}{% set content = message['content'] %}{% endif %}"
+           "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+           "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}"
+           "{% endfor %}")
+
+# Stanford Alpaca's prompt (its README), one Instruction/Response block per exchange; a
+# system message replaces the preamble.
+ALPACA = ("{% if messages and messages[0]['role'] == 'system' %}{% set preamble = messages[0]['content'] %}"
+          "{% set loop_messages = messages[1:] %}{% else %}"
+          "{% set preamble = 'Below is an instruction that describes a task. "
+          "Write a response that appropriately completes the request.' %}"
+          "{% set loop_messages = messages %}{% endif %}{{ preamble + '\n\n' }}"
+          "{% for message in loop_messages %}{% if message['role'] == 'user' %}"
+          "{{ '### Instruction:\n' + message['content'] + '\n\n' }}"
+          "{% elif message['role'] == 'assistant' %}{{ '### Response:\n' + message['content'] + '\n\n' }}{% endif %}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '### Response:\n' }}{% endif %}")
+
+# No roles at all: the system text, then the turns as one running text, each user turn on a
+# new line. The model's answer continues the user's text (a base model "chats" by continuing).
+PLAIN = ("{% for message in messages %}{% if message['role'] == 'system' %}{{ message['content'] + '\n\n' }}"
+         "{% else %}{% if message['role'] == 'user' and not loop.first and messages[loop.index0 - 1]['role'] != 'system' %}"
+         "{{ '\n' }}{% endif %}{{ message['content'] }}{% endif %}{% endfor %}")
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    name: str               # a built-in's name, "model" (the model's own) or a file path
+    source: str             # Jinja text
+    stop: tuple = ()        # stop strings that end an answer written in this format
+    continuation: bool = False  # the answer continues the prompt's text (keep its leading space)
+    markers: tuple = field(default=(), compare=False)  # end-of-turn strings found in the source
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, **special_tokens) -> str:
+        return render_template(self.source, messages, add_generation_prompt=add_generation_prompt, **special_tokens)
+
+
+BUILTIN = {
+    "chatml": ChatTemplate("chatml", CHATML, stop=("<|im_end|>", "<|im_start|>")),
+    "llama-2": ChatTemplate("llama-2", LLAMA_2, stop=("[INST]",)),
+    "alpaca": ChatTemplate("alpaca", ALPACA, stop=("\n\n### ", "### Instruction:")),
+    "plain": ChatTemplate("plain", PLAIN, continuation=True),
+}
+
+# Tokens that end a turn in the common chat formats. When a template uses one and the
+# vocabulary has it as a token, generation stops on it even when it is not the tokenizer's
+# eos (the "wrong end-of-turn token" failure: ChatML on a model whose eos is </s>).
+END_OF_TURN_MARKERS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>", "</s>")
+
+
+def _raise(message):
+    raise TinyLLMError(f"chat template error: {message}")
+
+
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    # transformers' override: Jinja's own tojson escapes HTML characters
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(fmt):
+    return datetime.now().strftime(fmt)
+
+
+def _environment() -> ImmutableSandboxedEnvironment:
+    """The environment transformers' apply_chat_template uses: sandboxed (a template from a
+    model file cannot reach Python internals), trim_blocks/lstrip_blocks, loop controls,
+    raise_exception, strftime_now and a tojson that does not escape HTML."""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise
+    env.globals["strftime_now"] = _strftime_now
+    return env
+
+
+_ENV = _environment()
+
+
+def render_template(template: str, messages: list[dict], add_generation_prompt: bool = True, **extra) -> str:
+    """Render a Hugging Face chat template as transformers does. ``extra`` carries the special
+    token strings (bos_token, eos_token, ...) and anything else the template reads."""
+    _check_messages(messages)
+    try:
+        return _ENV.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt, **extra)
+    except TinyLLMError:
+        raise
+    except jinja2.TemplateError as e:  # syntax errors, sandbox violations, undefined calls
+        raise TinyLLMError(f"chat template error: {type(e).__name__}: {e}") from None
+
+
+def _check_messages(messages) -> None:
+    if not isinstance(messages, list):
+        raise TinyLLMError(f"messages must be a list of {{'role', 'content'}} dicts, got {type(messages).__name__}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise TinyLLMError(f"message {i} must be a dict with string 'role' and 'content', got {m!r}")
+
+
+def resolve_template(name: str | None, model_template: str | None) -> ChatTemplate:
+    """The template to chat with: ``name`` (a built-in, or a file holding a Jinja template)
+    when given, else the model's own, else "plain"."""
+    if name is None:
+        if model_template:
+            return _with_markers(ChatTemplate("model", model_template))
+        return BUILTIN["plain"]
+    if name in BUILTIN:
+        return _with_markers(BUILTIN[name])
+    path = Path(name)
+    if path.is_file():
+        try:
+            return _with_markers(ChatTemplate(str(path), path.read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError) as e:
+            raise TinyLLMError(f"cannot read chat template file {name!r}: {e}") from None
+    raise TinyLLMError(f"unknown chat template {name!r}: choose one of {', '.join(BUILTIN)}, or give a Jinja file")
+
+
+def _with_markers(t: ChatTemplate) -> ChatTemplate:
+    markers = tuple(m for m in END_OF_TURN_MARKERS if m in t.source)
+    return ChatTemplate(t.name, t.source, t.stop, t.continuation, markers)
