@@ -14,8 +14,8 @@ from tinyllm.converters.convert import convert_hf
 from tinyllm.generate import generate_ids
 from tinyllm.sampling import Sampler, SamplingParams
 
-from conftest import shared
-from hf_oracle import hf_greedy, hf_logits, save_random_model
+from .conftest import shared
+from .hf_oracle import hf_greedy, hf_logits, save_random_model
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
