@@ -30,4 +30,5 @@ from . import convert  # noqa: E402,F401
 from . import generate  # noqa: E402,F401
 from . import chat  # noqa: E402,F401
 from . import info  # noqa: E402,F401
+from . import serve  # noqa: E402,F401
 from . import perplexity  # noqa: E402,F401

@@ -1,0 +1,44 @@
+"""`tinyllm serve`: the OpenAI-compatible HTTP API and the web chat page."""
+from __future__ import annotations
+
+import click
+
+from ..templates import BUILTIN
+from . import main
+from .options import load_model, model_argument, runtime_options
+
+
+@main.command()
+@model_argument
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind. The default is reachable from this machine only; 0.0.0.0 exposes the server.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="TCP port.")
+@click.option("--api-key", default=None, envvar="TINYLLM_API_KEY",
+              help="Require 'Authorization: Bearer KEY' on /v1/ (also from $TINYLLM_API_KEY).")
+@click.option("--max-queue", type=click.IntRange(min=0), default=16, show_default=True,
+              help="Requests that may wait for the model; more get HTTP 503.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=None,
+              help="Most tokens one request may generate (default: the context length).")
+@click.option("--template", default=None,
+              help=f"Chat template: {', '.join(BUILTIN)}, or a Jinja file (default: the model's own; plain if it has none).")
+@click.option("--model-id", default=None, help="Model name clients send (default: the file name without extension).")
+@runtime_options
+def serve(model, host, port, api_key, max_queue, max_tokens, template, model_id, backend, threads, n_ctx, device):
+    """Serve MODEL (default: the bundled model) over an OpenAI-compatible API, with a chat page at /."""
+    import uvicorn
+
+    from ..server import create_app
+
+    m = load_model(model, backend, threads, n_ctx, device)
+    app = create_app(m, api_key=api_key, max_queue=max_queue, max_tokens=max_tokens, model_id=model_id,
+                     chat_template=template)
+    service = app.state.service
+    model_id = service.model_id
+    shown = f"[{host}]" if ":" in host else host
+    click.echo(f"Serving {model_id} (context {m.n_ctx}, template {service.template.name}) at http://{shown}:{port}/  "
+               f"(OpenAI API at http://{shown}:{port}/v1{', API key required' if api_key else ''}). Ctrl-C stops.",
+               err=True)
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        click.secho(f"warning: listening on {host} without --api-key: anyone who can reach this port can use the model",
+                    err=True, fg="yellow")
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=3)

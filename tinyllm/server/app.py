@@ -1,0 +1,275 @@
+"""The OpenAI-compatible HTTP API and the web chat page, as one Starlette app.
+
+    GET  /                      the chat page (tinyllm/web/index.html)
+    GET  /health                {"status": "ok", "busy", "waiting", counters}
+    GET  /v1/models             the one loaded model, with its context length
+    POST /v1/completions        text completion, streaming or not
+    POST /v1/chat/completions   chat with the model's template, streaming or not
+
+Starlette (with uvicorn) gives routing, streaming responses and disconnect detection on a
+well-kept ASGI stack; everything here is the OpenAI mapping, the queue and the checks.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import threading
+import time
+import uuid
+from contextlib import asynccontextmanager
+from importlib import resources
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from .. import __version__
+from ..templates import resolve_template
+from .errors import APIError, bad_request
+from .generation import GenerationRun
+from .schemas import GenerationRequest, parse_chat, parse_completion
+from .worker import GenerationFailed, Job, ModelWorker, QueueFull
+
+DEFAULT_MAX_QUEUE = 16
+DEFAULT_MAX_BODY_BYTES = 1 << 20
+FINGERPRINT = f"tinyllm-{__version__}"
+
+
+class BearerAuth:
+    """ASGI middleware: every /v1/ route needs ``Authorization: Bearer <api_key>``."""
+
+    def __init__(self, app, api_key: str):
+        self.app, self.key = app, api_key.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            auth = dict(scope["headers"]).get(b"authorization", b"")
+            scheme, _, token = auth.partition(b" ")
+            if not auth:
+                err = APIError(401, "Missing API key: send the header 'Authorization: Bearer <key>' "
+                                    "(this server was started with --api-key).", code="invalid_api_key")
+                return await err.response()(scope, receive, send)
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
+                err = APIError(401, "Incorrect API key provided.", code="invalid_api_key")
+                return await err.response()(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+async def read_json_body(request: Request, limit: int) -> dict:
+    """The request body as a JSON object; 413 past ``limit`` bytes (counted, not trusted)."""
+    too_big = APIError(413, f"Request body too large: the limit is {limit} bytes.", code="request_too_large")
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        chunks.append(chunk)
+
+    def no_constants(name):
+        raise ValueError(f"{name} is not valid JSON")
+
+    try:
+        body = json.loads(b"".join(chunks), parse_constant=no_constants)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise bad_request(f"The request body is not valid JSON: {e}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise bad_request("The request body must be a JSON object.", code="invalid_json")
+    return body
+
+
+async def wait_for_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def sse(payload) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+class JobStreamingResponse(StreamingResponse):
+    """An SSE stream that cancels its job however it ends: finished, client gone, or error."""
+
+    def __init__(self, job: Job, content, headers: dict):
+        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache", **headers})
+        self.job = job
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.job.cancel()
+
+
+class Service:
+    """The endpoints, sharing one model, one worker and the server's limits."""
+
+    def __init__(self, model, api_key, max_queue, max_tokens, max_body_bytes, model_id, chat_template):
+        self.model = model
+        self.chat_template = chat_template
+        self.template = resolve_template(chat_template, model.chat_template)  # a bad name fails here, at startup
+        self.model_id = model_id or model.name
+        self.max_tokens = min(max_tokens or model.n_ctx, model.n_ctx)
+        self.max_body_bytes = max_body_bytes
+        self.api_key = api_key
+        self.worker = ModelWorker(max_queue)
+        self._tokenizer_lock = threading.Lock()  # tokenizers keep per-call flags; one encode at a time
+        self._page = (resources.files("tinyllm") / "web" / "index.html").read_text(encoding="utf-8")
+
+    # -- informational routes ---------------------------------------------------------
+
+    async def index(self, request: Request) -> Response:
+        return HTMLResponse(self._page)
+
+    async def health(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok", **self.worker.stats()})
+
+    def model_card(self) -> dict:
+        m = self.model
+        return {"id": self.model_id, "object": "model", "created": int(m.path.stat().st_mtime) if m.path.exists() else 0,
+                "owned_by": "tinyllm", "context_length": m.n_ctx, "architecture": m.metadata["architecture"],
+                "chat_template": self.template.name, "max_tokens": self.max_tokens,
+                "auth": self.api_key is not None}
+
+    async def list_models(self, request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [self.model_card()]})
+
+    async def get_model(self, request: Request) -> Response:
+        self._check_model(request.path_params["model"])
+        return JSONResponse(self.model_card())
+
+    def _check_model(self, name: str | None) -> None:
+        if name is not None and name != self.model_id:
+            raise APIError(404, f"The model '{name}' does not exist; this server serves '{self.model_id}'.",
+                           param="model", code="model_not_found")
+
+    # -- generation -----------------------------------------------------------------------
+
+    async def completions(self, request: Request) -> Response:
+        return await self._generate(request, parse_completion(await read_json_body(request, self.max_body_bytes)))
+
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._generate(request, parse_chat(await read_json_body(request, self.max_body_bytes)))
+
+    def _prepare(self, req: GenerationRequest) -> GenerationRun:
+        with self._tokenizer_lock:
+            return GenerationRun(self.model, req, self.max_tokens, self.chat_template)
+
+    async def _generate(self, request: Request, req: GenerationRequest) -> Response:
+        self._check_model(req.model)
+        run = await run_in_threadpool(self._prepare, req)
+        job = Job(run.pieces)
+        try:
+            ahead = self.worker.submit(job)
+        except QueueFull as e:
+            raise APIError(503, f"The server is busy: {e} (limit {self.worker.max_queue}, "
+                                "tinyllm serve --max-queue). Retry later.",
+                           type="server_error", code="queue_full", headers={"Retry-After": "1"}) from None
+        headers = {"X-Queue-Position": str(ahead)}
+        kind = "chat.completion" if req.endpoint == "chat" else "text_completion"
+        head = {"id": f"{'chatcmpl' if req.endpoint == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}",
+                "object": kind, "created": int(time.time()), "model": self.model_id,
+                "system_fingerprint": FINGERPRINT}
+        if req.stream:
+            return JobStreamingResponse(job, self._stream(req, run, job, head), headers)
+        return await self._complete(request, req, run, job, head, headers)
+
+    async def _complete(self, request, req, run, job, head, headers) -> Response:
+        async def collect() -> str:
+            return "".join([piece async for piece in job.pieces()])
+
+        text_task = asyncio.ensure_future(collect())
+        gone = asyncio.ensure_future(wait_for_disconnect(request))
+        try:
+            await asyncio.wait({text_task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            job.cancel()  # a no-op once finished; frees the model when the client has gone
+            gone.cancel()
+            if not text_task.done():
+                text_task.cancel()
+        if not text_task.done() or text_task.cancelled():
+            return Response(status_code=499)  # the client closed the connection; nobody reads this
+        try:
+            text = text_task.result()
+        except GenerationFailed as e:
+            raise APIError(500, f"Generation failed: {e}", type="server_error", code="generation_failed") from None
+        if req.endpoint == "chat":
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                      "finish_reason": run.finish_reason}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": run.finish_reason}
+        return JSONResponse({**head, "choices": [choice], "usage": run.usage}, headers=headers)
+
+    async def _stream(self, req, run, job, head):
+        chat = req.endpoint == "chat"
+        head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
+        usage_field = {"usage": None} if req.include_usage else {}
+
+        def chunk(delta_or_text, finish_reason=None):
+            if chat:
+                choice = {"index": 0, "delta": delta_or_text, "logprobs": None, "finish_reason": finish_reason}
+            else:
+                choice = {"index": 0, "text": delta_or_text, "logprobs": None, "finish_reason": finish_reason}
+            return sse({**head, "choices": [choice], **usage_field})
+
+        if chat:
+            yield chunk({"role": "assistant", "content": ""})
+        try:
+            async for piece in job.pieces():
+                yield chunk({"content": piece} if chat else piece)
+        except GenerationFailed as e:
+            yield sse(APIError(500, f"Generation failed: {e}", type="server_error", code="generation_failed").body())
+        else:
+            yield chunk({} if chat else "", run.finish_reason)
+            if req.include_usage:
+                yield sse({**head, "choices": [], "usage": run.usage})
+        yield "data: [DONE]\n\n"
+
+
+def _http_error(request: Request, exc: HTTPException) -> Response:
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    return APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code=code).response()
+
+
+def _server_error(request: Request, exc: Exception) -> Response:
+    return APIError(500, f"Internal server error: {type(exc).__name__}: {exc}", type="server_error").response()
+
+
+def create_app(model, api_key: str | None = None, max_queue: int = DEFAULT_MAX_QUEUE, max_tokens: int | None = None,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, model_id: str | None = None,
+               chat_template: str | None = None) -> Starlette:
+    """The server for one loaded ``model``. ``max_queue``: requests that may wait behind the
+    running one (more get 503); ``max_tokens``: the most one request may generate (default and
+    ceiling: the context length); ``model_id``: the name clients use (default: the file's stem);
+    ``chat_template``: a built-in template name or Jinja file instead of the model's own."""
+    service = Service(model, api_key, max_queue, max_tokens, max_body_bytes, model_id, chat_template)
+    routes = [
+        Route("/", service.index),
+        Route("/health", service.health),
+        Route("/v1/models", service.list_models),
+        Route("/v1/models/{model:path}", service.get_model),
+        Route("/v1/completions", service.completions, methods=["POST"]),
+        Route("/v1/chat/completions", service.chat_completions, methods=["POST"]),
+    ]
+
+    @asynccontextmanager
+    async def lifespan(app):
+        service.worker.start()
+        yield
+        service.worker.stop()
+
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={
+        APIError: lambda request, exc: exc.response(),
+        HTTPException: _http_error,
+        Exception: _server_error,
+    })
+    if api_key:
+        app.add_middleware(BearerAuth, api_key=api_key)
+    app.state.service = service
+    return app

@@ -1,0 +1,106 @@
+"""One request's generation: its prompt as token ids, checked against the context, then run
+token by token on the model's worker thread, stopping as soon as the client has gone."""
+from __future__ import annotations
+
+import threading
+from contextlib import closing
+from typing import Iterator
+
+from ..chat import ChatSession
+from ..errors import TinyLLMError
+from ..generate import GenerationStats, generate_ids, stream_text
+from ..sampling import Sampler
+from .errors import bad_request
+from .schemas import GenerationRequest
+
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "context": "length", None: "stop"}
+
+
+class GenerationRun:
+    """A validated request bound to its prompt ids, sampler and stops. Built on the event
+    loop's side (errors become 400s); :meth:`pieces` runs it on the worker thread."""
+
+    def __init__(self, model, req: GenerationRequest, max_tokens_limit: int, template: str | None = None):
+        self.model = model
+        self.stats = GenerationStats()
+        param = "messages" if req.messages is not None else "prompt"
+        try:
+            if req.messages is not None:
+                self._chat_prompt(req, template)
+            else:
+                self._completion_prompt(req)
+        except TinyLLMError as e:  # a chat template that rejects the conversation, for example
+            raise bad_request(str(e), param=param) from None
+        except ValueError as e:  # sampling settings SamplingParams refuses
+            raise bad_request(str(e)) from None
+        if not self.prompt_ids:
+            raise bad_request("the prompt is empty (and this model's tokenizer adds no BOS token)", param=param)
+        self.max_tokens = self._max_tokens(req, max_tokens_limit, param)
+
+    def _chat_prompt(self, req: GenerationRequest, template: str | None) -> None:
+        session = ChatSession(self.model, template=template, **req.sampling)
+        session.load_messages(req.messages)
+        self.prompt_ids = session.prompt_ids()
+        self.sampler = session.sampler
+        self.stop_ids, self.stop = session.stop_ids, session.stop_strings + req.stop
+        self.skip_leading_space = not session.template.continuation
+
+    def _completion_prompt(self, req: GenerationRequest) -> None:
+        model = self.model
+        if isinstance(req.prompt, str):
+            self.prompt_ids = model.tokenize(req.prompt)
+        else:
+            vocab = model.config.vocab_size
+            if any(not 0 <= t < vocab for t in req.prompt):
+                raise bad_request(f"prompt token ids must be in 0..{vocab - 1}", param="prompt")
+            self.prompt_ids = list(req.prompt)
+        self.sampler = Sampler(model.sampling_params(**req.sampling))
+        self.stop_ids, self.stop = None, req.stop
+        # a prompt of special tokens only (BOS) starts the text: no leading space, as Model.generate
+        self.skip_leading_space = all(model.tokenizer.is_special(i) for i in self.prompt_ids)
+
+    def _max_tokens(self, req: GenerationRequest, limit: int, param: str) -> int:
+        n_prompt, n_ctx = len(self.prompt_ids), self.model.n_ctx
+        room = n_ctx - n_prompt
+        if room <= 0:
+            raise bad_request(f"This model's maximum context length is {n_ctx} tokens; the prompt has {n_prompt}.",
+                              param=param, code="context_length_exceeded")
+        if req.max_tokens is None:
+            default = room if req.endpoint == "chat" else COMPLETION_DEFAULT_MAX_TOKENS
+            return min(default, room, limit)
+        if req.max_tokens > limit:
+            raise bad_request(f"max_tokens={req.max_tokens} exceeds this server's limit of {limit} "
+                              "(tinyllm serve --max-tokens)", param="max_tokens")
+        if req.max_tokens > room:
+            raise bad_request(f"This model's maximum context length is {n_ctx} tokens; you requested "
+                              f"{n_prompt + req.max_tokens} ({n_prompt} in the prompt, {req.max_tokens} for the "
+                              f"completion). Lower max_tokens or shorten the prompt.",
+                              param="max_tokens", code="context_length_exceeded")
+        return req.max_tokens
+
+    @property
+    def finish_reason(self) -> str:
+        return FINISH_REASONS[self.stats.finish_reason]
+
+    @property
+    def usage(self) -> dict:
+        n, new = len(self.prompt_ids), self.stats.new_tokens
+        return {"prompt_tokens": n, "completion_tokens": new, "total_tokens": n + new,
+                "prompt_tokens_details": {"cached_tokens": self.stats.cached_tokens}}
+
+    def pieces(self, cancelled: threading.Event) -> Iterator[str]:
+        """Text pieces as they are decoded. ``cancelled`` is checked after every token, so a
+        client that has gone costs at most one more forward pass."""
+        model = self.model
+
+        def tokens():
+            with closing(generate_ids(model, self.prompt_ids, self.max_tokens, self.sampler,
+                                      stop_ids=self.stop_ids, stats=self.stats)) as ids:
+                for token in ids:
+                    yield token
+                    if cancelled.is_set():
+                        return
+
+        yield from stream_text(model, tokens(), self.stop, skip_leading_space=self.skip_leading_space,
+                               stats=self.stats)
