@@ -149,3 +149,22 @@ def test_mpt_alibi_bias_max(tmp_path):
     assert np.abs(expected - ignored).max() > 0.01                      # the option matters here
     got = tinyllm.load(convert_hf(folder, tmp_path / "m.q4", quant="f32"), backend="numpy").logits(PROMPT)
     assert np.abs(got - expected).max() < 1e-4
+
+
+DESCRIBED = [  # `tinyllm info` rows: (architecture, config change, texts that must appear)
+    ("gptj", {}, ["RoPE on 8 of 16 dims", "parallel", "untied (output head with bias)"]),
+    ("mpt", {"attn_config": {"alibi": True, "attn_type": "multiquery_attention", "clip_qkv": 6}},
+     ["multi-query (6 query heads, 1 kv head)", "clipped to ±6", "ALiBi (alibi_bias_max=8)"]),
+    ("falcon", {}, ["multi-query (4 query heads, 1 kv head)", "7B-style", "parallel, one shared LayerNorm"]),
+    ("falcon", {"new_decoder_architecture": True, "num_kv_heads": 2},
+     ["grouped-query (4 query heads, 2 kv heads)", "separate attention and MLP LayerNorms"]),
+    ("falcon", {"alibi": True, "multi_query": False, "parallel_attn": False}, ["ALiBi", "sequential", "multi-head"]),
+]
+
+
+@pytest.mark.parametrize("arch,change,texts", DESCRIBED)
+def test_describe_shows_the_architecture_specific_settings(arch, change, texts):
+    module = get_arch(arch)
+    shown = " | ".join(f"{k}: {v}" for k, v in module.describe(module.Config.from_hf({**BASE[arch], **change})).items())
+    for text in texts:
+        assert text in shown

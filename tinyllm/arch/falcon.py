@@ -154,21 +154,18 @@ def forward(cfg: Config, w: dict, ops, cache, tokens: np.ndarray, start_pos: int
 
 def describe(cfg: Config) -> dict:
     H, Hkv = cfg.num_attention_heads, cfg.n_kv_heads
-    attention = ("multi-head" if Hkv == H else "multi-query" if Hkv == 1
+    attention = ("multi-head" if Hkv == H else f"multi-query ({H} query heads, 1 kv head)" if Hkv == 1
                  else f"grouped-query ({H} query heads, {Hkv} kv heads)")
-    if cfg.new_decoder_architecture:
-        layout = "new decoder architecture (40B/180B)"
-    elif cfg.multi_query:
-        layout = "multi-query (7B)"
-    else:
-        layout = "multi-head"
+    family = ("40B/180B-style new_decoder_architecture" if cfg.new_decoder_architecture
+              else "7B-style multi_query" if cfg.multi_query else "multi-head")
     residual = "parallel" if cfg.parallel else "sequential"
-    residual += ", separate attention and MLP LayerNorms" if cfg.norms_per_layer == 2 and cfg.parallel else ""
-    return {"attention": f"{attention}, {layout} fused QKV layout",
+    if cfg.parallel:
+        residual += ", separate attention and MLP LayerNorms" if cfg.norms_per_layer == 2 else ", one shared LayerNorm"
+    return {"attention": attention,
+            "checkpoint family": family + (", biased linears" if cfg.bias else ""),
             "position": "ALiBi" if cfg.alibi else f"RoPE theta={cfg.rope_theta:g}"
                         + (f", scaling {cfg.rope_scaling}" if cfg.rope_scaling else ""),
             "residual": residual,
             "norm": f"LayerNorm eps={cfg.layer_norm_epsilon:g}",
-            "mlp": f"GELU{' (tanh approximation)' if ACTIVATIONS[cfg.activation] else ''}, {cfg.ffn_hidden_size} hidden"
-                   + (", with bias" if cfg.bias else ""),
+            "mlp": f"GELU{' (tanh approximation)' if ACTIVATIONS[cfg.activation] else ''}, {cfg.ffn_hidden_size} hidden",
             "embeddings": "tied" if cfg.tie_word_embeddings else "untied"}

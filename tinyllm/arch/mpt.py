@@ -126,6 +126,8 @@ def forward(cfg: Config, w: dict, ops, cache, tokens: np.ndarray, start_pos: int
 def describe(cfg: Config) -> dict:
     if cfg.kv_n_heads == cfg.n_heads:
         attention = "multi-head"
+    elif cfg.kv_n_heads == 1:
+        attention = f"multi-query ({cfg.n_heads} query heads, 1 kv head)"
     else:
         attention = f"grouped-query ({cfg.n_heads} query heads, {cfg.kv_n_heads} kv heads)"
     if cfg.softmax_scale != cfg.head_dim ** -0.5:
