@@ -8,6 +8,9 @@ done by the same code paths as for Hugging Face checkpoints (tinyllm/tokenizer.p
         -> a SentencePiece ModelProto (BPE model, byte fallback, identity normalizer,
            dummy prefix from tokenizer.ggml.add_space_prefix): llama.cpp's SPM tokenizer
            merges the highest-scoring adjacent pair first, exactly as SentencePiece's BPE.
+           Whitespace is kept as written (llama.cpp does not apply a tokenizer.model's
+           remove_extra_whitespaces, and GGUF does not record it unless
+           tokenizer.ggml.remove_extra_whitespaces says so).
     "gpt2" (byte-level BPE: tokens, merges, pre-tokenizer name tokenizer.ggml.pre)
         -> a tokenizer.json with that BPE model and the pre-tokenizer of the model family
            the name stands for (PRE_TOKENIZERS below).
@@ -126,7 +129,8 @@ def _pb_float(field: int, value: float) -> bytes:
     return _varint(field << 3 | 5) + struct.pack("<f", value)
 
 
-def sentencepiece_model_proto(tokens, scores, types, add_dummy_prefix: bool, unk_id: int) -> bytes:
+def sentencepiece_model_proto(tokens, scores, types, unk_id: int, add_dummy_prefix: bool,
+                              remove_extra_whitespaces: bool) -> bytes:
     """A serialized sentencepiece ModelProto (field numbers from sentencepiece_model.proto):
     pieces (1: piece, 2: score, 3: type), trainer_spec (3: model_type BPE=2, 4: vocab_size,
     35: byte_fallback, 40: unk_id), normalizer_spec (1: name, 3: add_dummy_prefix,
@@ -134,7 +138,7 @@ def sentencepiece_model_proto(tokens, scores, types, add_dummy_prefix: bool, unk
     pieces = b"".join(_pb_bytes(1, _pb_bytes(1, text.encode("utf-8")) + _pb_float(2, float(score)) + _pb_int(3, int(kind)))
                       for text, score, kind in zip(tokens, scores, types))
     trainer = (_pb_int(3, 2) + _pb_int(4, len(tokens)) + _pb_int(35, int(BYTE in types)) + _pb_int(40, unk_id))
-    normalizer = (_pb_bytes(1, b"identity") + _pb_int(3, int(add_dummy_prefix)) + _pb_int(4, 0) + _pb_int(5, 1))
+    normalizer = (_pb_bytes(1, b"identity") + _pb_int(3, int(add_dummy_prefix)) + _pb_int(4, int(remove_extra_whitespaces)) + _pb_int(5, 1))
     return pieces + _pb_bytes(2, trainer) + _pb_bytes(3, normalizer)
 
 
@@ -144,8 +148,6 @@ def _sentencepiece_spec(meta: dict, tokens: list[str], types: list[int]) -> dict
         raise FormatError(f"GGUF vocabulary: {len(tokens)} tokens but {len(scores)} scores")
     if meta.get("tokenizer.ggml.precompiled_charsmap"):
         raise UnsupportedError("GGUF 'llama' vocabulary with a precompiled_charsmap normalizer is not supported")
-    if meta.get("tokenizer.ggml.remove_extra_whitespaces"):
-        raise UnsupportedError("GGUF 'llama' vocabulary with remove_extra_whitespaces is not supported")
     unk = [i for i, t in enumerate(types) if t == UNKNOWN]
     if not unk:  # SentencePiece needs exactly one unknown piece; the metadata may name it
         unk_id = meta.get("tokenizer.ggml.unknown_token_id")
@@ -155,7 +157,10 @@ def _sentencepiece_spec(meta: dict, tokens: list[str], types: list[int]) -> dict
         unk = [unk_id]
     if len(unk) > 1:
         raise FormatError(f"GGUF 'llama' vocabulary has {len(unk)} unknown tokens (ids {unk[:5]}); expected one")
-    proto = sentencepiece_model_proto(tokens, scores, types, bool(meta.get("tokenizer.ggml.add_space_prefix", True)), unk[0])
+    # llama.cpp's defaults: a dummy-prefix space, whitespace kept as it is
+    proto = sentencepiece_model_proto(tokens, scores, types, unk[0],
+                                      bool(meta.get("tokenizer.ggml.add_space_prefix", True)),
+                                      bool(meta.get("tokenizer.ggml.remove_extra_whitespaces", False)))
     return {"kind": "sentencepiece", "model": base64.b64encode(proto).decode("ascii"),
             "added_tokens": [t for t in _added_tokens(tokens, types, ()) if not t["special"]]}
 

@@ -1,4 +1,4 @@
-"""`tinyllm convert`: a Hugging Face checkpoint directory -> one .q4 file."""
+"""`tinyllm convert`: a Hugging Face checkpoint directory (or a GGUF file) -> one .q4 file."""
 from __future__ import annotations
 
 import click
@@ -9,10 +9,11 @@ from . import main
 @main.command()
 @click.argument("source", type=click.Path())
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The .q4 file to write.")
-@click.option("--quant", type=click.Choice(["q4_0", "q4_1", "q8_0", "f16", "f32"]), default="q4_0",
-              show_default=True, help="Format of the weight matrices (norms and biases stay f32).")
+@click.option("--quant", type=click.Choice(["q4_0", "q4_1", "q8_0", "f16", "f32"]), default=None,
+              help="Format of the weight matrices (norms and biases stay f32). Default: q4_0 for a "
+                   "Hugging Face directory; for a GGUF file, its own formats where tinyllm has them.")
 def convert(source, output, quant):
-    """Convert SOURCE (a Hugging Face model directory) into a tinyllm .q4 file."""
+    """Convert SOURCE (a Hugging Face model directory or a .gguf file) into a tinyllm .q4 file."""
     from ..converters.convert import convert_hf
     from ..converters.hf import read_json
     from pathlib import Path
@@ -22,6 +23,13 @@ def convert(source, output, quant):
     src = Path(source)
     if not src.exists():
         raise TinyLLMError(f"{source!r} does not exist")
+    if src.is_file() and src.suffix.lower() == ".gguf":
+        from ..converters.gguf import convert_gguf
+
+        path = convert_gguf(src, output, quant=quant)
+        click.echo(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+        return
+    quant = quant or "q4_0"
     n_layers = (read_json(src / "config.json", required=False) or {}).get("num_hidden_layers") or 0
     with click.progressbar(length=max(1, 9 * n_layers + 3), label=f"converting to {quant}",
                            file=click.get_text_stream("stderr")) as bar:
