@@ -1,0 +1,252 @@
+"""The Numba CPU backend: reference.py's ops, compiled, threaded and SIMD where it pays.
+
+Same functions and signatures as kernels/reference.py (read that first for the meaning of
+each op); tests/test_kernels_numba.py holds every function here to its reference twin.
+Where the NumPy version is already as fast as a kernel could be (an add, a cache write,
+a clip) the reference function is used as is.
+
+Quantized matmuls quantize the activation to int8 blocks and run integer block dot
+products (numba_quant.py); on x86 with AVX2/AVX-512BW the q4 ones go through the
+hand-placed pmaddubsw kernel (numba_simd.py). Set TINYLLM_SIMD=0 to force the portable
+loops (or =32 to use the AVX2 width on an AVX-512 machine).
+"""
+from __future__ import annotations
+
+import os
+
+import numba
+import numpy as np
+
+from . import numba_ops, numba_quant, numba_simd
+from .quant import QTensor
+from .reference import add, clip, from_numpy, kv_write, new_kv_cache, to_numpy  # noqa: F401
+
+name = "numba"
+
+# Prefill (T > 1) on q4 weights: the SIMD int8 kernel beats dequantize-a-tile-then-BLAS at
+# every measured shape (BENCHMARKS.md); without SIMD, BLAS wins from this many tokens on.
+PORTABLE_BLAS_MIN_TOKENS = 8
+BLAS_TILE_ROWS = 256          # rows dequantized per BLAS call (256 x 11008 floats = 11 MB)
+ATTENTION_BLAS_MIN_TOKENS = 16  # from this many queries, attention runs as BLAS products
+
+
+def _simd_width() -> int:
+    forced = os.environ.get("TINYLLM_SIMD")
+    native = numba_simd.native_width()
+    if forced is None:
+        return native
+    if forced not in ("0", "32", "64"):
+        raise ValueError(f"TINYLLM_SIMD={forced!r}: expected 0, 32 or 64")
+    return min(int(forced), native) if int(forced) else 0
+
+
+SIMD_WIDTH = _simd_width()
+
+
+# -- threads -------------------------------------------------------------------------------
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def set_threads(n: int | None = None) -> int:
+    """Threads for the parallel kernels (default: every core this process may use)."""
+    n = available_cores() if n is None else int(n)
+    if n < 1:
+        raise ValueError(f"threads must be at least 1, got {n}")
+    n = min(n, numba.config.NUMBA_NUM_THREADS)
+    numba.set_num_threads(n)
+    return n
+
+
+def get_threads() -> int:
+    return numba.get_num_threads()
+
+
+set_threads()
+
+
+# -- weights -------------------------------------------------------------------------------
+
+class NumbaTensor(QTensor):
+    """A QTensor plus read-only views its kernels take: float16 parts as uint16 bits
+    (Numba's CPU target has no float16 arrays). Views only: a memory-mapped file stays
+    mapped, nothing is copied."""
+
+    def __init__(self, t: QTensor):
+        super().__init__(t.format, tuple(t.shape), t.parts)
+        self.views = {k: _readonly(v.view(np.uint16) if v.dtype == np.float16 else v)
+                      for k, v in t.parts.items()}
+
+
+def _readonly(a):
+    a = np.asarray(a).view()  # a plain ndarray view (np.memmap subclasses would retype)
+    a.flags.writeable = False  # one compiled signature whether or not the file is mapped
+    return a
+
+
+def prepare(w):
+    """QTensor -> NumbaTensor; 1-D float arrays -> contiguous float32."""
+    if isinstance(w, NumbaTensor):
+        return w
+    if isinstance(w, QTensor):
+        return NumbaTensor(w)
+    return np.ascontiguousarray(w, dtype=np.float32)
+
+
+def _rows_f32(x) -> np.ndarray:
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+# -- matrix products -----------------------------------------------------------------------
+
+def embedding(table, tokens) -> np.ndarray:
+    """(T,) token ids -> (T, D) rows of the embedding table."""
+    t = prepare(table)
+    ids = np.ascontiguousarray(tokens, dtype=np.int64)
+    rows, cols = t.shape
+    if ids.size and (ids.min() < 0 or ids.max() >= rows):
+        raise IndexError(f"token id out of range 0..{rows - 1}")
+    out = np.empty((ids.shape[0], cols), np.float32)
+    v = t.views
+    if t.format in ("q4_0", "q4_1"):
+        numba_quant.dequantize_q4_rows(v["qs"], v["d"], v.get("m"), ids, out)
+    elif t.format == "q8_0":
+        numba_quant.dequantize_q8_rows(v["qs"], v["d"], ids, out)
+    elif t.format == "f16":
+        numba_quant.f16_rows(v["w"], ids, out)
+    else:
+        out[:] = v["w"][ids]
+    return out
+
+
+def matmul(x: np.ndarray, w, bias: np.ndarray | None = None) -> np.ndarray:
+    """(T, K) @ W(N, K)^T (+ bias) -> (T, N)."""
+    w = prepare(w)
+    x = _rows_f32(x)
+    N, K = w.shape
+    if x.ndim != 2 or x.shape[1] != K:
+        raise ValueError(f"matmul: activation {x.shape} does not match weight {w.shape}")
+    y = _matmul_nobias(x, w)
+    if bias is not None:
+        y += bias
+    return y
+
+
+def _matmul_nobias(x, w):
+    T = x.shape[0]
+    v = w.views
+    if w.format in ("q4_0", "q4_1"):
+        if SIMD_WIDTH:
+            return numba_quant.q4_matmul_simd(x, v["qs"], v["d"], v.get("m"), SIMD_WIDTH)
+        if T < PORTABLE_BLAS_MIN_TOKENS:
+            out = np.empty((T, w.shape[0]), np.float32)
+            numba_quant.q4_rows_portable(v["qs"], v["d"], v.get("m"), *numba_quant.quantize_planes(x), out)
+            return out
+        return _matmul_blas_tiles(x, w)
+    if w.format == "q8_0":
+        if T < PORTABLE_BLAS_MIN_TOKENS:
+            xq, _, dx, _ = numba_quant.quantize_planes(x)
+            out = np.empty((T, w.shape[0]), np.float32)
+            numba_quant.q8_rows_portable(v["qs"], v["d"], xq, dx, out)
+            return out
+        return _matmul_blas_tiles(x, w)
+    if w.format == "f16":
+        if T < PORTABLE_BLAS_MIN_TOKENS:
+            out = np.empty((T, w.shape[0]), np.float32)
+            numba_quant.f16_matvec(v["w"], x, out)
+            return out
+        return _matmul_blas_tiles(x, w)
+    return x @ np.asarray(v["w"], dtype=np.float32).reshape(w.shape).T
+
+
+def dequantize_rows_into(w: NumbaTensor, rows: np.ndarray, out: np.ndarray) -> None:
+    """out (len(rows), K) float32 = the decoded rows of w."""
+    v = w.views
+    if w.format in ("q4_0", "q4_1"):
+        numba_quant.dequantize_q4_rows(v["qs"], v["d"], v.get("m"), rows, out)
+    elif w.format == "q8_0":
+        numba_quant.dequantize_q8_rows(v["qs"], v["d"], rows, out)
+    elif w.format == "f16":
+        numba_quant.f16_rows(v["w"], rows, out)
+    else:
+        out[:] = v["w"][rows]
+
+
+def _matmul_blas_tiles(x, w):
+    """Dequantize BLAS_TILE_ROWS weight rows at a time and multiply with BLAS."""
+    N, K = w.shape
+    out = np.empty((x.shape[0], N), np.float32)
+    tile = np.empty((min(BLAS_TILE_ROWS, N), K), np.float32)
+    for r0 in range(0, N, BLAS_TILE_ROWS):
+        r1 = min(N, r0 + BLAS_TILE_ROWS)
+        dequantize_rows_into(w, np.arange(r0, r1, dtype=np.int64), tile[:r1 - r0])
+        np.matmul(x, tile[:r1 - r0].T, out=out[:, r0:r1])
+    return out
+
+
+# -- elementwise and normalization ---------------------------------------------------------
+
+def rmsnorm(x, weight, eps: float):
+    return numba_ops.rmsnorm(_rows_f32(np.atleast_2d(x)), _rows_f32(weight), float(eps)).reshape(np.shape(x))
+
+
+def layernorm(x, weight, bias, eps: float):
+    b = None if bias is None else _rows_f32(bias)
+    return numba_ops.layernorm(_rows_f32(np.atleast_2d(x)), _rows_f32(weight), b, float(eps)).reshape(np.shape(x))
+
+
+def _elementwise(kernel, *arrays, **extra):
+    flat = [_rows_f32(a).reshape(-1) for a in arrays]
+    out = np.empty_like(flat[0])
+    kernel(*flat, out, *extra.values())
+    return out.reshape(np.shape(arrays[0]))
+
+
+def silu(x):
+    return _elementwise(numba_ops.silu_flat, x)
+
+
+def swiglu(gate, up):
+    """SiLU(gate) * up in one pass."""
+    return _elementwise(numba_ops.swiglu_flat, gate, up)
+
+
+def gelu(x, approximate: bool = False):
+    return _elementwise(numba_ops.gelu_flat, x, approximate=bool(approximate))
+
+
+def softmax(x):
+    x = _rows_f32(x)
+    rows = x.reshape(-1, x.shape[-1]) if x.ndim else x.reshape(1, 1)
+    out = np.empty_like(rows)
+    numba_ops.softmax_rows(rows, out)
+    return out.reshape(x.shape)
+
+
+# -- position ------------------------------------------------------------------------------
+
+def rope(x, positions, inv_freq, n_heads: int):
+    return numba_ops.rope(_rows_f32(x), np.ascontiguousarray(positions, dtype=np.int64),
+                          _rows_f32(inv_freq), int(n_heads))
+
+
+# -- attention -----------------------------------------------------------------------------
+
+def attention(q, cache, start_pos: int, n_heads: int, scale: float, alibi_slopes=None):
+    """Causal attention of T new queries over the cache (see reference.attention)."""
+    k_cache, v_cache = cache
+    q = _rows_f32(q)
+    slopes = None if alibi_slopes is None else _rows_f32(alibi_slopes)
+    if q.shape[0] >= ATTENTION_BLAS_MIN_TOKENS:
+        return numba_ops.attention_blas(q, k_cache, v_cache, int(start_pos), int(n_heads), scale, slopes)
+    return numba_ops.attention_direct(q, k_cache, v_cache, int(start_pos), int(n_heads),
+                                      np.float32(scale), slopes)
+
+
+__all__ = ["name", "prepare", "to_numpy", "from_numpy", "new_kv_cache", "embedding", "matmul", "add",
+           "rmsnorm", "layernorm", "silu", "swiglu", "gelu", "clip", "softmax", "rope", "kv_write",
+           "attention", "set_threads", "get_threads", "SIMD_WIDTH"]

@@ -1,0 +1,279 @@
+"""Quantized matrix products for the Numba backend.
+
+Every product first quantizes the activation rows to int8 blocks of 32 (q8_0 style: a float32
+scale per block, amax / 127, round half away from zero as ggml does), then takes integer block
+dot products with the weight's blocks and applies scale_w * scale_x once per block.
+
+Two implementations of the q4 product share that activation format:
+
+- SIMD (x86 with AVX2 or AVX-512BW): numba_simd.q4_chunk_dot, pmaddubsw on the plane-major
+  bytes. Decode (one token) runs one token per weight chunk; prefill runs PREFILL_TILE tokens
+  per chunk so each weight byte is unpacked once per tile.
+- portable: plain loops over the planes that LLVM vectorizes on any CPU (16-bit lanes,
+  per-block int16 accumulators in a small array, the same wrapping trick as the SIMD path).
+
+q8_0 uses a portable loop with int32 per-block accumulators (LLVM emits pmaddwd for it).
+Float weights (f16/f32) and the dequantize-a-tile path feed BLAS.
+
+Shapes: weights are (N, K) as in PyTorch, activations (T, K), results (T, N); nb = ceil(K/32).
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from . import numba_simd
+from .numba_math import f16_bits_to_f32
+
+QK = 32
+PREFILL_TILE = 4     # tokens per weight-chunk pass in the SIMD prefill kernel
+ROW_BLOCK = 16       # weight rows whose bytes stay in L2 while all token tiles pass over them
+
+
+# -- activation quantization ----------------------------------------------------------
+
+@njit(inline="always")
+def _quantize_block(x, t, b, q):
+    """Block b of row t of x -> q[0:32] int32; returns (scale, sum of q). Zero past the row."""
+    K = x.shape[1]
+    start = b * QK
+    n = min(QK, K - start)
+    amax = np.float32(0.0)
+    for i in range(n):
+        amax = max(amax, abs(x[t, start + i]))
+    d = amax / np.float32(127.0)
+    inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
+    s = 0
+    for i in range(QK):
+        v = x[t, start + i] * inv if i < n else np.float32(0.0)
+        r = np.int32(np.floor(abs(v) + np.float32(0.5)))
+        q[i] = -r if v < 0 else r
+        s += q[i]
+    return d, s
+
+
+@njit(cache=True)
+def quantize_planes(x):
+    """x (T, K) float32 -> the portable kernels' activation:
+    xq (T, 32, nb) int16 plane-major, corr (T, nb) int16 = 8*sum(q) (wrapping),
+    dx (T, nb) float32 scales, sxf (T, nb) float32 = dx * sum(q)."""
+    T, K = x.shape
+    nb = (K + QK - 1) // QK
+    xq = np.empty((T, QK, nb), np.int16)
+    corr = np.empty((T, nb), np.int16)
+    dx = np.empty((T, nb), np.float32)
+    sxf = np.empty((T, nb), np.float32)
+    q = np.empty(QK, np.int32)
+    for t in range(T):
+        for b in range(nb):
+            d, s = _quantize_block(x, t, b, q)
+            for i in range(QK):
+                xq[t, i, b] = q[i]
+            corr[t, b] = np.int16(8 * s)
+            dx[t, b] = d
+            sxf[t, b] = d * np.float32(s)
+    return xq, corr, dx, sxf
+
+
+@njit(cache=True)
+def quantize_for_simd(x, width, tile, lo_blocks, hi_blocks):
+    """x (T, K) float32 -> numba_simd's activation, tokens padded with zeros to a multiple of tile:
+    xq (Tp, nch, 16, 2*width) int8: for chunk c and plane j, the (q[j], q[j+16]) byte pairs of the
+    blocks lo_blocks then hi_blocks (the unpacklo/unpackhi order); corr, dx, sxf as in
+    quantize_planes but (Tp, nch*width), natural block order, zero past the row."""
+    T, K = x.shape
+    nb = (K + QK - 1) // QK
+    nch = (nb + width - 1) // width
+    Tp = (T + tile - 1) // tile * tile
+    xq = np.zeros((Tp, nch, 16, 2 * width), np.int8)
+    corr = np.zeros((Tp, nch * width), np.int16)
+    dx = np.zeros((Tp, nch * width), np.float32)
+    sxf = np.zeros((Tp, nch * width), np.float32)
+    slot = np.empty(width, np.int64)          # block within chunk -> byte offset of its pair
+    half = width // 2
+    for k in range(half):
+        slot[lo_blocks[k]] = 2 * k
+        slot[hi_blocks[k]] = width + 2 * k
+    q = np.empty(QK, np.int32)
+    for t in range(T):
+        for b in range(nb):
+            d, s = _quantize_block(x, t, b, q)
+            c, o = b // width, slot[b % width]
+            for j in range(16):
+                xq[t, c, j, o] = q[j]
+                xq[t, c, j, o + 1] = q[j + 16]
+            corr[t, b] = np.int16(8 * s)
+            dx[t, b] = d
+            sxf[t, b] = d * np.float32(s)
+    return xq, corr, dx, sxf
+
+
+# -- q4 products: SIMD ------------------------------------------------------------------
+
+@njit(parallel=True, cache=True)
+def _q4_rows_simd(qs, d, m, xq, corr, dx, sxf, out, width, tt):
+    """out (Tp, N) += q4 weight (N, 16, nb) . activations; width, tt: compile-time constants."""
+    numba.literally(width)
+    numba.literally(tt)
+    N, _, nb = qs.shape
+    Tp, nch = xq.shape[0], xq.shape[1]
+    x_tstride = nch * 16 * 2 * width
+    c_tstride = nch * width
+    for rb in prange((N + ROW_BLOCK - 1) // ROW_BLOCK):
+        for t0 in range(0, Tp, tt):
+            for r in range(rb * ROW_BLOCK, min(N, rb * ROW_BLOCK + ROW_BLOCK)):
+                for c in range(nch):
+                    b0 = c * width
+                    numba_simd.q4_chunk_dot(qs, r * 16 * nb + b0, nb, xq, t0 * x_tstride + c * 16 * 2 * width,
+                                            x_tstride, d, m, r * nb + b0, corr, dx, sxf, t0 * c_tstride + b0,
+                                            c_tstride, min(width, nb - b0), out, t0 * N + r, N, width, tt)
+
+
+# Entry points with the constants fixed (calling a literally() function from Python would
+# re-type it on every call).
+@njit(cache=True)
+def q4_decode_simd64(qs, d, m, xq, corr, dx, sxf, out):
+    _q4_rows_simd(qs, d, m, xq, corr, dx, sxf, out, 64, 1)
+
+
+@njit(cache=True)
+def q4_prefill_simd64(qs, d, m, xq, corr, dx, sxf, out):
+    _q4_rows_simd(qs, d, m, xq, corr, dx, sxf, out, 64, PREFILL_TILE)
+
+
+@njit(cache=True)
+def q4_decode_simd32(qs, d, m, xq, corr, dx, sxf, out):
+    _q4_rows_simd(qs, d, m, xq, corr, dx, sxf, out, 32, 1)
+
+
+@njit(cache=True)
+def q4_prefill_simd32(qs, d, m, xq, corr, dx, sxf, out):
+    _q4_rows_simd(qs, d, m, xq, corr, dx, sxf, out, 32, PREFILL_TILE)
+
+
+SIMD_KERNELS = {64: (q4_decode_simd64, q4_prefill_simd64), 32: (q4_decode_simd32, q4_prefill_simd32)}
+
+
+def q4_matmul_simd(x, qs, d, m, width):
+    """(T, K) float32 @ q4 weight^T -> (T, N) through the SIMD kernels."""
+    T = x.shape[0]
+    N = qs.shape[0]
+    decode, prefill = SIMD_KERNELS[width]
+    tile = 1 if T == 1 else PREFILL_TILE
+    lo, hi = _pair_blocks(width)
+    xq, corr, dx, sxf = quantize_for_simd(x, width, tile, lo, hi)
+    out = np.zeros((xq.shape[0], N), np.float32)
+    (decode if T == 1 else prefill)(qs, d, m, xq, corr, dx, sxf, out)
+    return out[:T]
+
+
+_PAIR_CACHE: dict = {}
+
+
+def _pair_blocks(width):
+    if width not in _PAIR_CACHE:
+        lo, hi = numba_simd.pair_blocks(width)
+        _PAIR_CACHE[width] = (np.array(lo, np.int64), np.array(hi, np.int64))
+    return _PAIR_CACHE[width]
+
+
+# -- q4 products: portable ----------------------------------------------------------------
+
+@njit(parallel=True, cache=True, fastmath=True)
+def q4_rows_portable(qs, d, m, xq, corr, dx, sxf, out):
+    """out (T, N) = q4 weight (N, 16, nb) . activations from quantize_planes."""
+    N, _, nb = qs.shape
+    T = xq.shape[0]
+    for r in prange(N):
+        acc = np.empty(nb, np.int16)
+        w = qs[r]
+        for t in range(T):
+            acc[:] = 0
+            for j in range(16):
+                lo_x, hi_x, plane = xq[t, j], xq[t, j + 16], w[j]
+                for b in range(nb):
+                    byte = np.int16(plane[b])
+                    acc[b] += (byte & np.int16(15)) * lo_x[b] + (byte >> np.int16(4)) * hi_x[b]
+            s = np.float32(0.0)
+            for b in range(nb):
+                centered = np.float32(np.int16(acc[b] - corr[t, b]))  # sum((q - 8) x), exact
+                dw = f16_bits_to_f32(d[r, b])
+                s += centered * dw * dx[t, b]
+                if m is not None:  # q4_1: x = d q + m = d (q - 8) + (m + 8 d)
+                    s += (f16_bits_to_f32(m[r, b]) + np.float32(8.0) * dw) * sxf[t, b]
+            out[t, r] = s
+
+
+@njit(parallel=True, cache=True, fastmath=True)
+def q8_rows_portable(qs, d, xq, dx, out):
+    """out (T, N) = q8_0 weight (N, 32, nb) . activations from quantize_planes (int32 sums)."""
+    N, _, nb = qs.shape
+    T = xq.shape[0]
+    for r in prange(N):
+        acc = np.empty(nb, np.int32)
+        w = qs[r]
+        for t in range(T):
+            acc[:] = 0
+            for j in range(16):
+                x1, x2, w1, w2 = xq[t, j], xq[t, j + 16], w[j], w[j + 16]
+                for b in range(nb):
+                    acc[b] += np.int32(w1[b]) * np.int32(x1[b]) + np.int32(w2[b]) * np.int32(x2[b])
+            s = np.float32(0.0)
+            for b in range(nb):
+                s += np.float32(acc[b]) * f16_bits_to_f32(d[r, b]) * dx[t, b]
+            out[t, r] = s
+
+
+# -- dequantization (embedding rows, BLAS tiles) --------------------------------------------
+
+@njit(parallel=True, cache=True)
+def dequantize_q4_rows(qs, d, m, rows, out):
+    """out (len(rows), K) = decoded q4_0 (m None) / q4_1 rows; K = out.shape[1] <= nb*32."""
+    K = out.shape[1]
+    nb = qs.shape[2]
+    for i in prange(rows.shape[0]):
+        r = rows[i]
+        for b in range(nb):
+            scale = f16_bits_to_f32(d[r, b])
+            offset = -np.float32(8.0) * scale if m is None else f16_bits_to_f32(m[r, b])
+            base = b * QK
+            for j in range(16):
+                byte = qs[r, j, b]
+                if base + j < K:
+                    out[i, base + j] = np.float32(byte & 15) * scale + offset
+                if base + j + 16 < K:
+                    out[i, base + j + 16] = np.float32(byte >> 4) * scale + offset
+
+
+@njit(parallel=True, cache=True)
+def dequantize_q8_rows(qs, d, rows, out):
+    K = out.shape[1]
+    nb = qs.shape[2]
+    for i in prange(rows.shape[0]):
+        r = rows[i]
+        for b in range(nb):
+            scale = f16_bits_to_f32(d[r, b])
+            for j in range(min(QK, K - b * QK)):
+                out[i, b * QK + j] = np.float32(qs[r, j, b]) * scale
+
+
+@njit(parallel=True, cache=True)
+def f16_rows(w, rows, out):
+    """out (len(rows), K) float32 = float16 bits w[rows]."""
+    for i in prange(rows.shape[0]):
+        r = rows[i]
+        for k in range(out.shape[1]):
+            out[i, k] = f16_bits_to_f32(w[r, k])
+
+
+@njit(parallel=True, cache=True, fastmath=True)
+def f16_matvec(w, x, out):
+    """out (T, N) = x (T, K) @ float16-bits w (N, K)^T, for small T."""
+    N, K = w.shape
+    for r in prange(N):
+        for t in range(x.shape[0]):
+            s = np.float32(0.0)
+            for k in range(K):
+                s += f16_bits_to_f32(w[r, k]) * x[t, k]
+            out[t, r] = s

@@ -1,0 +1,204 @@
+"""x86 SIMD building blocks for the 4-bit dot products, emitted as LLVM IR through Numba.
+
+Why this exists. LLVM's auto-vectorizer turns the portable q4 loop (numba_quant.py) into
+about 16 vector instructions per 64 weight bytes: zero-extend to 16 bits, mask/shift,
+pmullw, paddw, and a store/reload of the per-block accumulator. The x86 instruction made
+for 4-bit x int8 is ``pmaddubsw`` (unsigned 8-bit x signed 8-bit, adjacent products summed
+to int16), and the vectorizer never emits it. Emitting it directly takes 8 instructions per
+64 bytes and doubles the throughput, which is what makes decode memory-bound.
+
+The weight layout is the file's plane-major one (quant.py): ``qs[r, j, b]`` is byte j of
+block b, so one vector load brings byte j of W consecutive blocks (W = 64 with AVX-512BW,
+32 with AVX2). Per plane j:
+
+    lo, hi = w & 15, (w >> 4) & 15                 # q[j] and q[j+16] of W blocks
+    p1, p2 = unpacklo(lo, hi), unpackhi(lo, hi)    # (q[j], q[j+16]) byte pairs, per block
+    acc1 += pmaddubsw(p1, x1); acc2 += pmaddubsw(p2, x2)   # int16: q[j]x[j] + q[j+16]x[j+16]
+
+``x1``/``x2`` are the activation's int8 values laid out in the same pair order
+(``quantize_for_simd`` in numba_quant.py prepares them once per matmul). The int16 sums wrap:
+the unsigned nibble sum can exceed int16, but the wanted value sum((q - 8) * x) =
+acc - 8 * sum(x) always fits (|.| <= 32 * 8 * 127 = 32512), so subtracting the per-block
+correction in the same wrapping arithmetic gives it exactly. One float pass per block then
+applies the weight and activation scales.
+
+Each call computes one chunk of W blocks of one weight row against ``tt`` tokens (the weight
+bytes are unpacked once and reused by all of them: that is the prefill kernel), and adds the
+chunk's sums into ``out``. Everything is specialized at compile time on W, tt and the format (q4_1 when m is given).
+"""
+from __future__ import annotations
+
+import platform
+
+import llvmlite.binding as llvm_binding
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils, config
+from numba.extending import intrinsic
+
+I1, I8, I16, I32, F16, F32 = ir.IntType(1), ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.HalfType(), ir.FloatType()
+
+# LLVM names of pmaddubsw per vector width in blocks (= bytes per load)
+_PMADDUBSW = {64: "llvm.x86.avx512.pmaddubs.w.512", 32: "llvm.x86.avx2.pmadd.ub.sw"}
+
+
+def compile_features() -> set[str]:
+    """The CPU features Numba compiles for (NUMBA_CPU_FEATURES, else the host's)."""
+    flat = config.CPU_FEATURES if config.CPU_FEATURES is not None else llvm_binding.get_host_cpu_features().flatten()
+    return {f[1:] for f in flat.split(",") if f.startswith("+")}
+
+
+def native_width() -> int:
+    """Blocks per SIMD chunk this CPU supports: 64 (AVX-512BW), 32 (AVX2), 0 (no x86 SIMD path)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return 0
+    feats = compile_features()
+    if {"avx512f", "avx512bw", "f16c"} <= feats:
+        return 64
+    if {"avx2", "f16c"} <= feats:
+        return 32
+    return 0
+
+
+# -- pair order ------------------------------------------------------------------------
+# unpacklo/unpackhi interleave within 128-bit lanes (16 bytes): for lane L, unpacklo pairs
+# bytes 16L+0..7 of its two inputs, unpackhi bytes 16L+8..15. So int16 result k of the
+# unpacklo half belongs to block pair_blocks(W)[0][k].
+
+def pair_blocks(width: int) -> tuple[list[int], list[int]]:
+    """Block index of each int16 lane of acc1 (unpacklo) and acc2 (unpackhi)."""
+    lo = [16 * (k // 8) + k % 8 for k in range(width // 2)]
+    hi = [16 * (k // 8) + 8 + k % 8 for k in range(width // 2)]
+    return lo, hi
+
+
+def _const(t, values):
+    return ir.Constant(ir.VectorType(t, len(values)), [ir.Constant(t, v) for v in values])
+
+
+def _splat(builder, value, n):
+    v = builder.insert_element(ir.Constant(ir.VectorType(value.type, n), None), value, ir.Constant(I32, 0))
+    return builder.shuffle_vector(v, ir.Constant(ir.VectorType(value.type, n), None), _const(I32, [0] * n))
+
+
+def _vec_ptr(context, builder, aryty, ary, offset, vec_type):
+    """Pointer to a vector of ``vec_type`` starting at flat element ``offset`` of an array."""
+    data = context.make_array(aryty)(context, builder, ary).data
+    return builder.bitcast(builder.gep(data, [offset], inbounds=True), ir.PointerType(vec_type))
+
+
+def _masked_load(builder, ptr, mask, align):
+    vt = ptr.type.pointee
+    name = f"llvm.masked.load.v{vt.count}i{vt.element.width}.p0"
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vt, [ptr.type, I32, mask.type, vt]), name)
+    return builder.call(fn, [ptr, ir.Constant(I32, align), mask, ir.Constant(vt, [0] * vt.count)])
+
+
+def _hsum(builder, v):
+    """Horizontal float sum of a vector (tree of halves)."""
+    n = v.type.count
+    while n > 1:
+        n //= 2
+        a = builder.shuffle_vector(v, v, _const(I32, list(range(n))))
+        b = builder.shuffle_vector(v, v, _const(I32, list(range(n, 2 * n))))
+        v = builder.fadd(a, b)
+    return builder.extract_element(v, ir.Constant(I32, 0))
+
+
+def _emit_q4_chunk(context, builder, sig, args, W, tt, has_min, masked):
+    """IR for one chunk; see q4_chunk_dot. ``masked``: the chunk runs past the row's end."""
+    (qs, q_off, plane_stride, xq, x_off, x_tstride, d, m, d_off,
+     corr, dx, sxf, c_off, c_tstride, nvalid, out, o_off, o_tstride) = args[:18]
+    at = sig.args
+    i64 = q_off.type
+    vb = ir.VectorType(I8, W)            # W weight bytes: byte j of W blocks
+    vh = ir.VectorType(I16, W // 2)      # pmaddubsw result
+    pmaddubsw = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vh, [vb, vb]), _PMADDUBSW[W])
+    mask = None
+    if masked:
+        lanes = _const(I32, list(range(W)))
+        mask = builder.icmp_signed("<", lanes, _splat(builder, builder.trunc(nvalid, I32), W))
+
+    def load(aryty, ary, offset, vt, align):
+        ptr = _vec_ptr(context, builder, aryty, ary, offset, vt)
+        return _masked_load(builder, ptr, mask, align) if masked else builder.load(ptr, align=align)
+
+    lo_mask, hi_mask = pair_blocks(W)
+    unpack_lo = _const(I32, [i for b in lo_mask for i in (b, W + b)])
+    unpack_hi = _const(I32, [i for b in hi_mask for i in (b, W + b)])
+    natural = [0] * W                    # acc1 ++ acc2 -> blocks in order
+    for k, b in enumerate(lo_mask):
+        natural[b] = k
+    for k, b in enumerate(hi_mask):
+        natural[b] = W // 2 + k
+    fifteen, four = _const(I8, [15] * W), _const(I8, [4] * W)
+
+    zero = ir.Constant(vh, [0] * (W // 2))
+    acc1, acc2 = [zero] * tt, [zero] * tt
+    for j in range(16):
+        w = load(at[0], qs, builder.add(q_off, builder.mul(plane_stride, ir.Constant(i64, j))), vb, 1)
+        lo = builder.and_(w, fifteen)
+        hi = builder.and_(builder.lshr(w, four), fifteen)
+        p1 = builder.shuffle_vector(lo, hi, unpack_lo)
+        p2 = builder.shuffle_vector(lo, hi, unpack_hi)
+        for t in range(tt):
+            xo = builder.add(x_off, builder.add(builder.mul(x_tstride, ir.Constant(i64, t)), ir.Constant(i64, 2 * W * j)))
+            x1 = builder.load(_vec_ptr(context, builder, at[3], xq, xo, vb), align=1)
+            x2 = builder.load(_vec_ptr(context, builder, at[3], xq, builder.add(xo, ir.Constant(i64, W)), vb), align=1)
+            acc1[t] = builder.add(acc1[t], builder.call(pmaddubsw, [p1, x1]))
+            acc2[t] = builder.add(acc2[t], builder.call(pmaddubsw, [p2, x2]))
+
+    vf = ir.VectorType(F32, W)
+    vi = ir.VectorType(I16, W)
+    dw = builder.fpext(builder.bitcast(load(at[6], d, d_off, vi, 2), ir.VectorType(F16, W)), vf)
+    if has_min:
+        mw = builder.fpext(builder.bitcast(load(at[7], m, d_off, vi, 2), ir.VectorType(F16, W)), vf)
+        # x = d*q + m = d*(q-8) + (m + 8d)
+        mw = builder.fadd(mw, builder.fmul(dw, _const(F32, [8.0] * W)))
+    for t in range(tt):
+        co = builder.add(c_off, builder.mul(c_tstride, ir.Constant(i64, t)))
+        acc = builder.shuffle_vector(acc1[t], acc2[t], _const(I32, natural))
+        centered = builder.sub(acc, builder.load(_vec_ptr(context, builder, at[9], corr, co, vi), align=2))
+        v = builder.fmul(builder.fmul(builder.sitofp(centered, vf), dw),
+                         builder.load(_vec_ptr(context, builder, at[10], dx, co, vf), align=4))
+        if has_min:
+            v = builder.fadd(v, builder.fmul(mw, builder.load(_vec_ptr(context, builder, at[11], sxf, co, vf), align=4)))
+        optr = builder.gep(context.make_array(at[15])(context, builder, out).data,
+                           [builder.add(o_off, builder.mul(o_tstride, ir.Constant(i64, t)))], inbounds=True)
+        builder.store(builder.fadd(builder.load(optr), _hsum(builder, v)), optr)
+
+
+@intrinsic
+def q4_chunk_dot(typingctx, qs, q_off, plane_stride, xq, x_off, x_tstride, d, m, d_off,
+                 corr, dx, sxf, c_off, c_tstride, nvalid, out, o_off, o_tstride, width, tt):
+    """out[o_off + t*o_tstride] += sum over the chunk's blocks of one q4 row . token t, t < tt.
+
+    qs     uint8 weights, the chunk's plane 0 at flat offset q_off, plane j at + j*plane_stride
+    xq     int8 activations from quantize_for_simd, token t's chunk at x_off + t*x_tstride
+    d, m   uint16 (float16 bits) scales and q4_1 minimums (m None: q4_0), chunk at d_off
+    corr   int16 8*sum(x) per block; dx float32 activation scale; sxf float32 dx*sum(x);
+           token t's chunk at c_off + t*c_tstride
+    nvalid blocks of this chunk inside the row (< width only for the row's last chunk)
+    width, tt: compile-time constants (64 or 32 blocks; tokens per call)
+    """
+    if not all(isinstance(a, types.IntegerLiteral) for a in (width, tt)):
+        return None
+    W, TT, HAS_MIN = width.literal_value, tt.literal_value, not isinstance(m, types.NoneType)
+    if W not in _PMADDUBSW:
+        raise ValueError(f"unsupported SIMD width {W}")
+    sig = types.void(qs, q_off, plane_stride, xq, x_off, x_tstride, d, m, d_off, corr, dx, sxf,
+                     c_off, c_tstride, nvalid, out, o_off, o_tstride, width, tt)
+
+    def codegen(context, builder, signature, args):
+        args = list(args)
+        for i in (1, 2, 4, 5, 8, 12, 13, 14, 16, 17):  # offsets and counts as i64
+            args[i] = context.cast(builder, args[i], signature.args[i], types.int64)
+        full = builder.icmp_signed(">=", args[14], ir.Constant(args[14].type, W))
+        with builder.if_else(full) as (whole, tail):
+            with whole:
+                _emit_q4_chunk(context, builder, signature, args, W, TT, HAS_MIN, masked=False)
+            with tail:
+                _emit_q4_chunk(context, builder, signature, args, W, TT, HAS_MIN, masked=True)
+        return context.get_dummy_value()
+
+    return sig, codegen
