@@ -88,3 +88,10 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.005) -> flo
             raise AssertionError("condition not reached in time")
         time.sleep(interval)
     return time.monotonic() - start
+
+
+def convert_stories(stories_hf, tmp_path_factory):
+    """stories260K as a q8_0 .q4 file (the model the server tests serve)."""
+    from tinyllm.converters.convert import convert_hf
+
+    return convert_hf(stories_hf, tmp_path_factory.mktemp("serve") / "stories260K.q4", quant="q8_0")

@@ -17,10 +17,9 @@ import httpx
 import pytest
 
 import tinyllm
-from tinyllm.converters.convert import convert_hf
 from tinyllm.server import create_app
 
-from .server_helpers import EvalHook, serving, wait_until
+from .server_helpers import EvalHook, convert_stories, serving, wait_until
 
 openai = pytest.importorskip("openai")
 
@@ -29,7 +28,7 @@ PROMPT = "Once upon a time"
 
 @pytest.fixture(scope="session")
 def model_path(stories_hf, tmp_path_factory):
-    return convert_hf(stories_hf, tmp_path_factory.mktemp("serve") / "stories260K.q4", quant="q8_0")
+    return convert_stories(stories_hf, tmp_path_factory)
 
 
 def load(path):
