@@ -13,7 +13,7 @@ from tinyllm.converters.convert import convert_hf
 from tinyllm.templates import BUILTIN, render_template, resolve_template
 from tinyllm.tokenizer import Tokenizer
 
-from conftest import shared
+from .conftest import shared
 
 SYSTEM = {"role": "system", "content": "You are a careful assistant."}
 TURNS = [{"role": "user", "content": "Hi there! "}, {"role": "assistant", "content": " Hello, how can I help?"},

@@ -31,8 +31,9 @@ def turn_stops(tokenizer, template: ChatTemplate) -> tuple[list[int], list[str]]
     for marker in template.markers:
         token = tokenizer.token_to_id(marker)
         if token is not None and tokenizer.is_special(token):
-            ids.append(token) if token not in ids else None
-        elif marker not in strings:
+            if token not in ids:
+                ids.append(token)
+        elif marker not in strings:  # plain text in this vocabulary: stop on the string
             strings.append(marker)
     return ids, strings
 

@@ -1,6 +1,7 @@
 """`tinyllm perplexity`: how well a model predicts a text, as llama.cpp's perplexity tool reports it."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
@@ -36,7 +37,7 @@ def perplexity(model, file, chunks, backend, threads, n_ctx, device):
     click.echo(f"{len(tokens)} tokens, {len(chunks)} chunks of {window} tokens, "
                f"scoring the last {window - 1 - window // 2} of each", err=True)
     acc = PerplexityAccumulator(window)
-    with click.progressbar(chunks, label="perplexity", file=click.get_text_stream("stderr"),
+    with click.progressbar(chunks, label="perplexity", file=sys.stderr,
                            item_show_func=lambda _: f"PPL {acc.running[-1]:.4f}" if acc.running else None) as bar:
         for w in bar:
             acc.add(score_window(m, w))
