@@ -73,6 +73,21 @@ def test_base_configs_are_accepted(arch):
     get_arch(arch).Config.from_hf(BASE[arch])  # so each refusal above is caused by its change
 
 
+def test_mpt_7b_style_config_is_accepted():
+    # the keys of mosaicml/mpt-7b's config.json (sizes scaled down), as MosaicML's code wrote them
+    config = {"architectures": ["MPTForCausalLM"], "model_type": "mpt", "d_model": 64, "n_heads": 4, "n_layers": 2,
+              "expansion_ratio": 4, "max_seq_len": 2048, "vocab_size": 512, "emb_pdrop": 0, "resid_pdrop": 0,
+              "embedding_fraction": 1.0, "learned_pos_emb": True, "logit_scale": None, "no_bias": True,
+              "norm_type": "low_precision_layernorm", "init_device": "cpu", "tokenizer_name": "EleutherAI/gpt-neox-20b",
+              "torch_dtype": "bfloat16", "use_cache": False, "verbose": 0,
+              "attn_config": {"alibi": True, "alibi_bias_max": 8, "attn_impl": "torch", "attn_pdrop": 0,
+                              "attn_type": "multihead_attention", "attn_uses_sequence_id": False, "clip_qkv": None,
+                              "prefix_lm": False, "qk_ln": False, "softmax_scale": None},
+              "init_config": {"name": "kaiming_normal_", "fan_mode": "fan_in", "init_nonlinearity": "relu"}}
+    cfg = get_arch("mpt").Config.from_hf(config)
+    assert (cfg.n_kv_heads, cfg.clip_qkv, cfg.softmax_scale, cfg.context_length) == (4, None, 16 ** -0.5, 2048)
+
+
 @pytest.fixture(scope="module")
 def mpt_folder(tmp_path_factory):
     model = transformers.MptForCausalLM(transformers.MptConfig(d_model=96, n_heads=6, n_layers=2, vocab_size=512,

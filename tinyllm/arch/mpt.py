@@ -37,7 +37,7 @@ KNOWN = {
     "attn_config.rope_theta": None, "attn_config.rope_impl": None, "attn_config.rope_dail_config": None,
     "attn_config.rope_hf_config": None, "attn_config.flash_attn_version": None,
     "learned_pos_emb": None, "init_device": None, "init_config": None, "embedding_fraction": None,
-    "emb_pdrop": None, "verbose": None,
+    "emb_pdrop": None, "verbose": None, "tokenizer_name": None, "name": None, "loss_fn": None,
 }
 MUST_EQUAL = {
     "expansion_ratio": 4, "no_bias": True, "logit_scale": None,
