@@ -13,6 +13,9 @@ from numba import njit, prange
 
 from .numba_math import fast_erf, fast_exp, fast_tanh
 
+# fastmath without the no-infs/no-NaNs assumptions, for kernels that see -inf masks
+FASTMATH_KEEP_INF = {"nsz", "arcp", "contract", "afn", "reassoc"}
+
 _SQRT_2_OVER_PI = np.float32(math.sqrt(2.0 / math.pi))
 _INV_SQRT2 = np.float32(1.0 / math.sqrt(2.0))
 
@@ -84,7 +87,7 @@ def gelu_flat(x, out, approximate):
             out[i] = np.float32(0.5) * v * (np.float32(1.0) + fast_erf(v * _INV_SQRT2))
 
 
-@njit(parallel=True, cache=True, fastmath=True)
+@njit(parallel=True, cache=True, fastmath=FASTMATH_KEEP_INF)
 def softmax_rows(x, out):
     """Row-wise softmax of a (R, S) array; -inf entries get exactly 0."""
     R, S = x.shape

@@ -1,0 +1,288 @@
+"""The Numba CPU backend against the NumPy reference, op by op, on small odd shapes.
+
+Tolerances. Float ops (norms, activations, RoPE, attention) differ from the reference only
+by float32 rounding order and by numba_math's polynomial exp/erf: they must agree to 2e-6
+relative to the largest output (1e-5 where a long reduction feeds an exp). Quantized
+matmuls also quantize the activation to int8 blocks, so they are checked twice: exactly
+(1e-5) against a NumPy model of the same integer arithmetic, and loosely (3e-2 of the
+largest output) against the reference's float product; that loose bound is ~6x the
+measured activation-rounding error, so a wrong block, nibble or scale still fails it.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tinyllm.kernels import numba_cpu as nb
+from tinyllm.kernels import numba_math, numba_ops, numba_quant, numba_simd
+from tinyllm.kernels import quant
+from tinyllm.kernels import reference as ref
+
+FLOAT_TOL = 2e-6
+REDUCTION_TOL = 1e-5
+EXACT_TOL = 1e-5
+QUANT_TOL = 3e-2
+
+# SIMD widths this CPU can run, plus the portable loops (0)
+PATHS = [w for w in (64, 32) if w <= numba_simd.native_width()] + [0]
+
+
+def rel_err(got, want) -> float:
+    want = np.asarray(want, np.float64)
+    return float(np.abs(np.asarray(got, np.float64) - want).max() / max(np.abs(want).max(), 1e-30))
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
+
+
+# -- float ops -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("T,D", [(1, 64), (3, 100), (7, 33)])
+def test_norms(rng, T, D):
+    x = rng.standard_normal((T, D)).astype(np.float32) * 3 + 1
+    w = rng.uniform(0.5, 1.5, D).astype(np.float32)
+    b = rng.standard_normal(D).astype(np.float32)
+    assert rel_err(nb.rmsnorm(x, w, 1e-5), ref.rmsnorm(x, w, 1e-5)) < FLOAT_TOL
+    assert rel_err(nb.layernorm(x, w, b, 1e-5), ref.layernorm(x, w, b, 1e-5)) < FLOAT_TOL
+    assert rel_err(nb.layernorm(x, w, None, 1e-6), ref.layernorm(x, w, None, 1e-6)) < FLOAT_TOL
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 97), (3, 1000)])
+def test_activations(rng, shape):
+    x = (rng.standard_normal(shape) * 6).astype(np.float32)
+    up = rng.standard_normal(shape).astype(np.float32)
+    assert rel_err(nb.silu(x), ref.silu(x)) < FLOAT_TOL
+    assert rel_err(nb.swiglu(x, up), ref.swiglu(x, up)) < FLOAT_TOL
+    assert rel_err(nb.gelu(x), ref.gelu(x)) < FLOAT_TOL
+    assert rel_err(nb.gelu(x, approximate=True), ref.gelu(x, approximate=True)) < FLOAT_TOL
+    assert np.array_equal(nb.clip(x, 2.5), ref.clip(x, 2.5))
+    assert np.array_equal(nb.add(x, up), ref.add(x, up))
+
+
+def test_activations_at_extremes():
+    x = np.array([[-1000.0, -90.0, -20.0, 0.0, 1e-8, 20.0, 90.0, 1000.0]], np.float32)
+    with np.errstate(over="ignore"):  # the reference's exp overflows to inf, correctly
+        assert np.allclose(nb.silu(x), ref.silu(x), rtol=1e-6, atol=1e-30)
+        assert np.allclose(nb.gelu(x), ref.gelu(x), rtol=1e-6, atol=1e-30)
+        assert np.allclose(nb.gelu(x, True), ref.gelu(x, True), rtol=1e-6, atol=1e-30)
+
+
+def test_fast_exp_accuracy():
+    x = np.linspace(-87, 88, 200001, dtype=np.float32)
+    out = np.empty_like(x)
+
+    from numba import njit
+
+    @njit
+    def run(x, out):
+        for i in range(x.shape[0]):
+            out[i] = numba_math.fast_exp(x[i])
+
+    run(x, out)
+    assert np.max(np.abs(out / np.exp(x.astype(np.float64)) - 1)) < 3e-7   # ~2.5 ulp
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (2, 5), (3, 4, 130)])
+def test_softmax(rng, shape):
+    x = (rng.standard_normal(shape) * 5).astype(np.float32)
+    x.reshape(-1)[::3] = -np.inf                      # masked entries must give exactly 0
+    x.reshape(-1, shape[-1])[:, 0] = 1.0              # ...but leave every row one finite value
+    got = nb.softmax(x)
+    assert rel_err(got, ref.softmax(x)) < FLOAT_TOL
+    assert np.all(got[np.isneginf(x)] == 0)
+
+
+@pytest.mark.parametrize("T,n_heads,head_dim,rot", [(1, 4, 16, 16), (5, 3, 16, 8), (2, 2, 10, 4)])
+def test_rope_full_and_partial(rng, T, n_heads, head_dim, rot):
+    x = rng.standard_normal((T, n_heads * head_dim)).astype(np.float32)
+    inv_freq = (1.0 / 10000 ** (np.arange(0, rot, 2) / rot)).astype(np.float32)
+    positions = np.arange(1000, 1000 + T)              # large positions: angle precision matters
+    got = nb.rope(x, positions, inv_freq, n_heads)
+    assert rel_err(got, ref.rope(x, positions, inv_freq, n_heads)) < FLOAT_TOL
+    assert np.array_equal(got.reshape(T, n_heads, -1)[..., rot:], x.reshape(T, n_heads, -1)[..., rot:])
+
+
+# -- attention ------------------------------------------------------------------------------
+
+ATTN_CASES = [  # n_heads, n_kv, head_dim, n_ctx, [(T, start_pos), ...] written in order
+    (4, 4, 16, 12, [(5, 0), (1, 5), (6, 6)]),          # MHA
+    (4, 2, 16, 9, [(1, 0), (1, 1), (7, 2)]),           # GQA from an empty cache, one token at a time
+    (6, 1, 8, 20, [(3, 0), (17, 3)]),                  # MQA, a long prefill after a short one
+]
+
+
+@pytest.mark.parametrize("n_heads,n_kv,hd,n_ctx,steps", ATTN_CASES)
+@pytest.mark.parametrize("alibi", [False, True])
+def test_kv_write_and_attention(rng, n_heads, n_kv, hd, n_ctx, steps, alibi):
+    cache_ref = ref.new_kv_cache(1, n_kv, n_ctx, hd)[0]
+    cache_nb = nb.new_kv_cache(1, n_kv, n_ctx, hd)[0]
+    slopes = rng.uniform(0.05, 1.0, n_heads).astype(np.float32) if alibi else None
+    for T, start in steps:
+        k, v = (rng.standard_normal((T, n_kv * hd)).astype(np.float32) for _ in range(2))
+        q = rng.standard_normal((T, n_heads * hd)).astype(np.float32) * 2
+        ref.kv_write(cache_ref, k, v, start)
+        nb.kv_write(cache_nb, k, v, start)
+        want = ref.attention(q, cache_ref, start, n_heads, hd ** -0.5, slopes)
+        assert rel_err(nb.attention(q, cache_nb, start, n_heads, hd ** -0.5, slopes), want) < REDUCTION_TOL
+        # both internal paths, whatever the size threshold says
+        k_c, v_c = cache_nb
+        direct = numba_ops.attention_direct(q, k_c, v_c, start, n_heads, np.float32(hd ** -0.5), slopes)
+        blas = numba_ops.attention_blas(q, k_c, v_c, start, n_heads, hd ** -0.5, slopes)
+        assert rel_err(direct, want) < REDUCTION_TOL
+        assert rel_err(blas, want) < REDUCTION_TOL
+    assert start + T == n_ctx  # every case ends with a query at the context's last position
+
+
+# -- quantized products --------------------------------------------------------------------
+
+def emulate_int8_matmul(x: np.ndarray, t: quant.QTensor) -> np.ndarray:
+    """NumPy model of the kernels' arithmetic: activation blocks quantized to int8 with a
+    float32 scale amax/127 (round half away), exact integer block dots, float scales."""
+    T, K = x.shape
+    nb_ = quant.n_blocks(K)
+    xb = np.zeros((T, nb_ * 32), np.float32)
+    xb[:, :K] = x
+    xb = xb.reshape(T, nb_, 32)
+    dx = np.abs(xb).max(-1) / np.float32(127)
+    with np.errstate(divide="ignore"):
+        inv = np.where(dx == 0, np.float32(0), np.float32(1) / dx).astype(np.float32)
+    v = xb * inv[..., None]
+    qx = (np.sign(v) * np.floor(np.abs(v) + np.float32(0.5))).astype(np.int64)        # (T, nb, 32)
+    d = t.parts["d"].astype(np.float64)                                                # (N, nb)
+    if t.format == "q8_0":
+        qw = t.parts["qs"].transpose(0, 2, 1).astype(np.int64)                         # (N, nb, 32)
+        dots = np.einsum("nbj,tbj->tnb", qw, qx)
+        return np.einsum("tnb,nb,tb->tn", dots, d, dx).astype(np.float32)
+    qw = quant._unpack_nibbles(t.parts["qs"]).astype(np.int64)                         # 0..15
+    dots = np.einsum("nbj,tbj->tnb", qw - 8, qx)
+    y = np.einsum("tnb,nb,tb->tn", dots, d, dx)
+    if t.format == "q4_1":  # x = d q + m = d (q - 8) + (m + 8 d)
+        y += np.einsum("nb,tb->tn", t.parts["m"].astype(np.float64) + 8 * d, dx * qx.sum(-1))
+    return y.astype(np.float32)
+
+
+MATMUL_SHAPES = [  # (T, N, K): one row, rows not a multiple of the threads, K not a multiple of 32,
+    (1, 1, 32),    # K spanning a full 64-block SIMD chunk plus a tail, T past the prefill tile
+    (1, 7, 100),
+    (3, 33, 200),
+    (5, 16, 64 * 32 + 17 * 32 + 5),
+    (9, 5, 96),
+]
+
+
+@pytest.fixture(params=PATHS, ids=lambda w: f"simd{w}" if w else "portable")
+def path(request, monkeypatch):
+    monkeypatch.setattr(nb, "SIMD_WIDTH", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("fmt", ["q4_0", "q4_1"])
+@pytest.mark.parametrize("T,N,K", MATMUL_SHAPES)
+def test_q4_matmul_exact_and_close(rng, path, fmt, T, N, K):
+    w = quant.quantize(rng.standard_normal((N, K)).astype(np.float32) + 0.3, fmt)
+    x = rng.standard_normal((T, K)).astype(np.float32)
+    got = nb.matmul(x, nb.prepare(w))
+    assert got.shape == (T, N) and got.dtype == np.float32
+    if path or T < nb.PORTABLE_BLAS_MIN_TOKENS:   # integer kernels (else: dequantize + BLAS)
+        assert rel_err(got, emulate_int8_matmul(x, w)) < EXACT_TOL
+    else:
+        assert rel_err(got, ref.matmul(x, w)) < EXACT_TOL
+    assert rel_err(got, ref.matmul(x, w)) < QUANT_TOL
+
+
+@pytest.mark.parametrize("T,N,K", MATMUL_SHAPES)
+def test_q8_0_matmul(rng, T, N, K):
+    w = quant.quantize(rng.standard_normal((N, K)).astype(np.float32), "q8_0")
+    x = rng.standard_normal((T, K)).astype(np.float32)
+    got = nb.matmul(x, nb.prepare(w))
+    want = emulate_int8_matmul(x, w) if T < nb.PORTABLE_BLAS_MIN_TOKENS else ref.matmul(x, w)
+    assert rel_err(got, want) < EXACT_TOL
+    assert rel_err(got, ref.matmul(x, w)) < QUANT_TOL
+
+
+@pytest.mark.parametrize("fmt", ["f16", "f32"])
+@pytest.mark.parametrize("T", [1, 9])
+def test_float_matmul_with_bias(rng, fmt, T):
+    w = quant.quantize(rng.standard_normal((13, 70)).astype(np.float32), fmt)
+    x = rng.standard_normal((T, 70)).astype(np.float32)
+    bias = rng.standard_normal(13).astype(np.float32)
+    assert rel_err(nb.matmul(x, nb.prepare(w), bias), ref.matmul(x, w, bias)) < FLOAT_TOL
+
+
+def test_quantized_matmul_bias_and_unprepared_weight(rng):
+    w = quant.quantize(rng.standard_normal((8, 64)).astype(np.float32), "q4_0")
+    x = rng.standard_normal((2, 64)).astype(np.float32)
+    bias = np.arange(8, dtype=np.float32)
+    assert rel_err(nb.matmul(x, w, bias) - bias, emulate_int8_matmul(x, w)) < EXACT_TOL
+
+
+def test_blas_tile_path_matches_reference(rng, monkeypatch):
+    monkeypatch.setattr(nb, "BLAS_TILE_ROWS", 4)      # several tiles and a ragged last one
+    for fmt in ("q4_0", "q4_1", "q8_0", "f16"):
+        w = nb.prepare(quant.quantize(rng.standard_normal((10, 50)).astype(np.float32), fmt))
+        x = rng.standard_normal((3, 50)).astype(np.float32)
+        assert rel_err(nb._matmul_blas_tiles(x, w), ref.matmul(x, w)) < FLOAT_TOL
+
+
+def test_zero_activation_blocks(rng, path):
+    """An all-zero activation block has scale 0: it must contribute exactly 0, not NaN."""
+    w = quant.quantize(rng.standard_normal((4, 96)).astype(np.float32), "q4_0")
+    x = rng.standard_normal((1, 96)).astype(np.float32)
+    x[:, 32:64] = 0
+    got = nb.matmul(x, w)
+    assert np.all(np.isfinite(got)) and rel_err(got, emulate_int8_matmul(x, w)) < EXACT_TOL
+
+
+@pytest.mark.parametrize("fmt", quant.FORMATS)
+def test_embedding_is_exact(rng, fmt):
+    t = quant.quantize(rng.standard_normal((37, 100)).astype(np.float32), fmt)
+    tokens = np.array([0, 36, 5, 5])
+    assert np.array_equal(nb.embedding(nb.prepare(t), tokens), ref.embedding(t, tokens))
+
+
+def test_prepare_keeps_memory_mapped_weights_mapped(tmp_path, rng):
+    t = quant.quantize(rng.standard_normal((8, 64)).astype(np.float32), "q4_0")
+    parts = {}
+    for k, v in t.parts.items():
+        path = tmp_path / k
+        v.tofile(path)
+        parts[k] = np.memmap(path, dtype=v.dtype, mode="r", shape=v.shape)
+    p = nb.prepare(quant.QTensor("q4_0", t.shape, parts))
+    for k, v in p.views.items():
+        assert np.shares_memory(v, parts[k]) and not v.flags.writeable
+    x = rng.standard_normal((1, 64)).astype(np.float32)
+    assert rel_err(nb.matmul(x, p), emulate_int8_matmul(x, t)) < EXACT_TOL
+    assert nb.prepare(p) is p
+    norm = nb.prepare(np.ones(4, np.float64))
+    assert norm.dtype == np.float32 and norm.flags.c_contiguous
+
+
+def test_matmul_shape_mismatch_is_refused(rng):
+    w = quant.quantize(rng.standard_normal((4, 64)).astype(np.float32), "q4_0")
+    with pytest.raises(ValueError, match="does not match"):
+        nb.matmul(np.zeros((1, 65), np.float32), w)
+
+
+# -- threads ----------------------------------------------------------------------------------
+
+def test_threads_default_to_all_cores_and_results_do_not_depend_on_them(rng):
+    assert nb.get_threads() == min(nb.available_cores(), __import__("numba").config.NUMBA_NUM_THREADS)
+    w = quant.quantize(rng.standard_normal((33, 200)).astype(np.float32), "q4_0")
+    x = rng.standard_normal((2, 200)).astype(np.float32)
+    before = nb.matmul(x, w)
+    try:
+        assert nb.set_threads(1) == 1
+        assert np.array_equal(nb.matmul(x, w), before)
+    finally:
+        nb.set_threads()
+    with pytest.raises(ValueError, match="at least 1"):
+        nb.set_threads(0)
+
+
+def test_interface_matches_reference():
+    for fn in ("prepare", "to_numpy", "from_numpy", "new_kv_cache", "embedding", "matmul", "add", "rmsnorm",
+               "layernorm", "silu", "swiglu", "gelu", "clip", "softmax", "rope", "kv_write", "attention"):
+        assert callable(getattr(nb, fn)), fn
+    assert nb.name == "numba"
