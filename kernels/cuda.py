@@ -17,7 +17,7 @@ import numpy as np
 
 from ..device import check_cuda
 from ..errors import TinyLLMError, UnsupportedError
-from .quant import QK, QTensor, n_blocks
+from .quant import QTensor, n_blocks
 
 check_cuda()
 
@@ -158,7 +158,7 @@ def new_kv_cache(n_layers: int, n_kv_heads: int, n_ctx: int, head_dim: int):
     for _ in range(n_layers):
         pair = (cuda.device_array(shape, np.float32), cuda.device_array(shape, np.float32))
         for a in pair:
-            K.fill_zero[_grid(a.size), K.MAX_BLOCK](_flat(a))
+            K.fill_zero[_grid(n_kv_heads * n_ctx), K.MAX_BLOCK](a.reshape(n_kv_heads * n_ctx, head_dim))
         caches.append(pair)
     return caches
 
@@ -251,7 +251,8 @@ def _per_row(kernel, x, *args):
     x2 = _rows(x)
     out = _empty(x2.shape)
     if x2.shape[0] and x2.shape[1]:
-        kernel[x2.shape[0], _pow2(x2.shape[1], 32, K.MAX_BLOCK)](x2, *args, out)
+        threads = _pow2((x2.shape[1] + 3) // 4, 32, K.MAX_BLOCK)   # >= 4 elements per thread
+        kernel[x2.shape[0], threads](x2, *args, out)
     return out.reshape(x.shape) if x.ndim != 2 else out
 
 
@@ -331,7 +332,7 @@ def attention(q, cache, start_pos: int, n_heads: int, scale: float, alibi_slopes
         slopes, has_alibi = _constant(alibi_slopes, np.float32), True
     else:
         slopes, has_alibi = _dummy(np.float32, 1), False
-    threads = _pow2(hd, 32, 128)   # one head dim per thread up to 128, then ATTN_ACC each
+    threads = _pow2(hd, 16, 128)   # one head dim per thread up to 128, then ATTN_ACC each
     K.attention[(T, n_heads), threads](q, k_cache, v_cache, start_pos, np.float32(scale),
                                        slopes, has_alibi, n_heads // n_kv, out)
     return out

@@ -20,9 +20,10 @@ import math
 
 from numba import cuda, float32, float64, int32
 
+from .quant import QK  # weights per quant block
+
 # Weight decoders, selected by ``fmt``.
 FMT_Q4_0, FMT_Q4_1, FMT_Q8_0, FMT_DENSE = 0, 1, 2, 3
-QK = 32  # weights per quant block
 
 MAX_BLOCK = 256        # threads of a 1-D block; shared scratch arrays are this long
 MATVEC_THREADS = 128   # threads of a matrix-vector block: (lanes per row) x (rows per block)
@@ -101,10 +102,11 @@ def block_max(buf, v):
 
 @cuda.jit(cache=True)
 def fill_zero(a):
-    """a (n,) <- 0."""
-    i = cuda.grid(1)
-    if i < a.shape[0]:
-        a[i] = 0
+    """a (rows, cols) <- 0, one thread per row (few threads: cheap in the simulator too)."""
+    r = cuda.grid(1)
+    if r < a.shape[0]:
+        for c in range(a.shape[1]):
+            a[r, c] = 0
 
 
 # -- matrix products -------------------------------------------------------------------

@@ -224,7 +224,7 @@ PTX_CHECK = textwrap.dedent("""
         sigs.append(("embedding", (A(i32, 1),) + w + (i64, A(f32, 2))))
         sigs += [(k, (A(f32, 2),) + w + (A(f32, 1), b1, i64, A(f32, 2))) for k in ("matvec", "gemm")]
     v1 = A(f32, 1)
-    sigs += [("fill_zero", (v1,)), ("add", (v1,) * 3), ("silu", (v1,) * 2), ("swiglu", (v1,) * 3),
+    sigs += [("fill_zero", (A(f32, 2),)), ("add", (v1,) * 3), ("silu", (v1,) * 2), ("swiglu", (v1,) * 3),
              ("gelu_erf", (v1,) * 2), ("gelu_tanh", (v1,) * 2), ("clip", (v1, f32, v1)),
              ("rmsnorm", (A(f32, 2), v1, f32, A(f32, 2))),
              ("layernorm", (A(f32, 2), v1, v1, b1, f32, A(f32, 2))),

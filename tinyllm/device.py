@@ -42,6 +42,20 @@ def _gpu_report(cuda) -> str:
     return " ".join(out.getvalue().split())
 
 
+def _extra_installed() -> bool:
+    return importlib.util.find_spec("numba_cuda") is not None
+
+
+def _nvvm_error() -> str | None:
+    """Why NVVM (the compiler numba-cuda turns kernels into PTX with) cannot load, or None."""
+    try:
+        from numba.cuda.cudadrv import nvvm
+        nvvm.NVVM()
+    except Exception as e:  # noqa: BLE001 - a missing libnvvm surfaces as various errors
+        return " ".join(str(e).split()) or type(e).__name__
+    return None
+
+
 def check_cuda() -> None:
     """Raise TinyLLMError saying what is missing for the CUDA backend; return if it can run."""
     if simulator_enabled():
@@ -50,7 +64,7 @@ def check_cuda() -> None:
         except ImportError as e:
             raise TinyLLMError(f"NUMBA_ENABLE_CUDASIM=1 is set but numba.cuda failed to import ({e})") from None
         return
-    if importlib.util.find_spec("numba_cuda") is None:
+    if not _extra_installed():
         raise TinyLLMError("--device cuda needs the optional 'cuda' extra (numba-cuda), which is not "
                            f"installed: {INSTALL_HINT}")
     try:
@@ -58,11 +72,10 @@ def check_cuda() -> None:
     except ImportError as e:
         raise TinyLLMError(f"numba-cuda is installed but does not import ({e}); reinstall it: {INSTALL_HINT}") from None
     if not cuda.is_available():
-        raise TinyLLMError("--device cuda found no usable NVIDIA GPU: " + (_gpu_report(cuda) or
-                           "numba.cuda.is_available() is false") + " (use the CPU: leave out --device cuda)")
-    try:
-        from numba.cuda.cudadrv import nvvm
-        nvvm.NVVM()
-    except Exception as e:  # noqa: BLE001 - a missing libnvvm surfaces as various errors
-        raise TinyLLMError(f"a GPU is present but the CUDA compiler library (NVVM) is not: {e}; "
-                           f"install it with {INSTALL_HINT}") from None
+        raise TinyLLMError("--device cuda found no usable NVIDIA GPU or driver: "
+                           + (_gpu_report(cuda) or "numba.cuda.is_available() is false")
+                           + " (without --device cuda tinyllm runs on the CPU)")
+    problem = _nvvm_error()
+    if problem:
+        raise TinyLLMError(f"a GPU is present but not the CUDA compiler library NVVM ({problem}); "
+                           f"install it with {INSTALL_HINT}")
