@@ -39,7 +39,10 @@ def rotary_row_order(n_heads: int, head_dim: int, rotary_dim: int) -> np.ndarray
 def tensor_plan(cfg):
     """[(tinyllm name, hf name, transform or None)] in file order."""
     order = rotary_row_order(cfg.n_head, cfg.head_dim, cfg.rotary_dim)
-    permute = lambda w: w[order]  # noqa: E731  (rows of an (n_embd, n_embd) matrix)
+
+    def permute(w):  # rows of an (n_embd, n_embd) matrix
+        return w[order]
+
     plan = [("tok_embeddings", "transformer.wte.weight", None)]
     for i in range(cfg.n_layer):
         plan += [(f"layers.{i}.{ours}", f"transformer.h.{i}.{hf}", permute if ours in ROTARY else None)

@@ -11,9 +11,9 @@ forward pass does not know which family it runs.
 
 ALiBi (alibi=True, e.g. Falcon-RW) adds slope_h * j to the *unscaled* scores before the
 1/sqrt(head_dim) scaling: that is folded into the slopes here, as are transformers' bfloat16
-slopes. (transformers also rounds each product slope * j to bfloat16; that rounding is exact
-when the slopes are powers of two, i.e. for 1-8 heads and up to 15 heads that are no power
-of two, and below bfloat16 precision otherwise.)
+slopes. (transformers also rounds each product slope * j to bfloat16: exact while every
+slope is a power of two, i.e. up to 8 heads; otherwise a relative error below 2^-8 of the
+bias, which tinyllm does not reproduce.)
 """
 from __future__ import annotations
 
@@ -108,7 +108,8 @@ class Config:
     @property
     def norms_per_layer(self) -> int:
         """2: separate LayerNorms before attention and MLP; 1: one shared by both."""
-        return 2 if (self.new_decoder_architecture and self.num_ln_in_parallel_attn == 2) or not self.parallel else 1
+        separate = self.new_decoder_architecture and self.num_ln_in_parallel_attn == 2
+        return 2 if separate or not self.parallel else 1
 
     @property
     def parallel(self) -> bool:
