@@ -295,3 +295,31 @@ def test_model_chat_api(model):
         model.chat([*messages, {"role": "assistant", "content": "x"}])
     with pytest.raises(tinyllm.TinyLLMError, match="non-empty"):
         model.chat([{"role": "user", "content": "  "}])
+
+
+# -- a real chat-tuned model ---------------------------------------------------------------
+
+# ../shared/models/smollm2-135m-instruct-q4_1-gguf/SOURCE.txt: the verified ChatML prompt for one
+# user turn (the template adds SmolLM's default system prompt) and its greedy answer.
+SMOLLM_PROMPT = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411, 407, 19712,
+                 8182, 2, 198, 1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198]
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    return tinyllm.load(shared("smollm2-135m-instruct-q4_1-gguf", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+                        backend="numpy", n_ctx=256)
+
+
+def test_real_chat_model_prompt(smollm):
+    session = smollm.chat_session(temperature=0)
+    assert session.template.name == "model" and 2 in session.stop_ids  # <|im_end|> ends the turn
+    session.messages = [{"role": "user", "content": "What is the capital of France?"}]
+    assert session.prompt_ids() == SMOLLM_PROMPT
+
+
+@pytest.mark.slow
+def test_real_chat_model_answers_and_ends_its_turn(smollm):
+    answer = smollm.chat([{"role": "user", "content": "What is the capital of France?"}], temperature=0,
+                         max_new_tokens=16)
+    assert answer == "The capital of France is Paris."
