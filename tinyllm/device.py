@@ -38,7 +38,7 @@ def _gpu_report(cuda) -> str:
         with contextlib.redirect_stdout(out):
             cuda.detect()
     except Exception as e:  # noqa: BLE001 - the driver's own error is the explanation
-        return " ".join(str(e).split())
+        return " ".join(str(e).split()).rstrip(" :")
     return " ".join(out.getvalue().split())
 
 
