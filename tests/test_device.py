@@ -85,3 +85,13 @@ def test_cpu_paths_never_import_numba_cuda():
                "print('numba.cuda' in sys.modules)", sim=False)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "False"
+
+
+def test_load_checks_the_device_before_touching_the_model():
+    """No GPU: the CUDA verdict comes first, even for a file that does not exist."""
+    run = _run("import tinyllm; tinyllm.load('no-such-model.q4', device='cuda')", sim=False)
+    if run.returncode == 0 or "no-such-model" in run.stderr and "GPU" not in run.stderr:
+        pytest.skip("this machine can run CUDA: the device check passes and the file check follows")
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("tinyllm.errors.TinyLLMError: ")
+    assert "no-such-model" not in last and ("GPU" in last or "tinyllm[cuda]" in last or "NVVM" in last)

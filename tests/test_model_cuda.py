@@ -10,6 +10,9 @@ RMSNorm + SwiGLU (LLaMA), partial RoPE + biased LayerNorm + tanh GELU + parallel
 """
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -36,15 +39,20 @@ PROMPT = [1, 400, 301, 22, 87]   # 5 tokens: prefill takes the tiled matmul (> 4
 N_NEW = 3
 
 
+def _checkpoint(arch: str, folder):
+    """A tiny random checkpoint of ``arch`` converted to q4_0: the .q4 path."""
+    config_cls, model_cls, kwargs = ARCHS[arch]
+    model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**COMMON, **kwargs)).eval()
+    tok = shared("stories260K-hf")
+    save_random_model(model, folder, [tok / "tokenizer.model", tok / "tokenizer_config.json",
+                                      tok / "special_tokens_map.json"])
+    return convert_hf(folder, folder / "model.q4", quant="q4_0")
+
+
 @pytest.fixture(scope="module", params=list(ARCHS))
 def checkpoint(request, tmp_path_factory):
     cuda_backend()  # skip before building anything when there is no device
-    config_cls, model_cls, kwargs = ARCHS[request.param]
-    model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**COMMON, **kwargs)).eval()
-    tok = shared("stories260K-hf")
-    folder = save_random_model(model, tmp_path_factory.mktemp(request.param),
-                               [tok / "tokenizer.model", tok / "tokenizer_config.json", tok / "special_tokens_map.json"])
-    return convert_hf(folder, folder / "model.q4", quant="q4_0")
+    return _checkpoint(request.param, tmp_path_factory.mktemp(request.param))
 
 
 def test_device_generates_the_cpus_greedy_tokens(checkpoint):
@@ -60,3 +68,19 @@ def test_device_generates_the_cpus_greedy_tokens(checkpoint):
         want, got = cpu.eval(tokens)[None], gpu.eval(tokens)[None]   # one decode step on the cache
     assert gpu.tokens == tokens
 
+
+
+def test_cli_generates_the_same_text_on_the_device(tmp_path):
+    """`tinyllm generate --device cuda` end to end, in a fresh process (inheriting the
+    simulator setting when there is no GPU), against the NumPy reference on the CPU."""
+    cuda_backend()
+    path = _checkpoint("llama", tmp_path)
+
+    def generate(*device_args):
+        run = subprocess.run([sys.executable, "-c", "from tinyllm.cli import main; main()", "generate", str(path),
+                              "-p", "Once upon", "-n", "3", "--temperature", "0", "--ctx", "16", *device_args],
+                             capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr[-2000:]
+        return run.stdout
+
+    assert generate("--device", "cuda") == generate("--device", "cpu", "--backend", "numpy")
