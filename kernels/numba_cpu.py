@@ -19,7 +19,8 @@ import numpy as np
 
 from . import numba_ops, numba_quant, numba_simd
 from .quant import QTensor
-from .reference import add, clip, from_numpy, kv_write, new_kv_cache, to_numpy  # noqa: F401
+from .numba_ops import kv_write, new_kv_cache  # noqa: F401  (keys stored transposed, see numba_ops)
+from .reference import add, clip, from_numpy, to_numpy  # noqa: F401
 
 name = "numba"
 
@@ -27,7 +28,9 @@ name = "numba"
 # every measured shape (BENCHMARKS.md); without SIMD, BLAS wins from this many tokens on.
 PORTABLE_BLAS_MIN_TOKENS = 8
 BLAS_TILE_ROWS = 256          # rows dequantized per BLAS call (256 x 11008 floats = 11 MB)
-ATTENTION_BLAS_MIN_TOKENS = 16  # from this many queries, attention runs as BLAS products
+# Attention spreads over the threads from this many multiply-adds in q.K (waking the pool
+# costs microseconds on an idle machine, up to a scheduler tick on a busy one).
+ATTENTION_PARALLEL_MIN_MACS = 1 << 16
 
 
 def _simd_width() -> int:
@@ -238,13 +241,12 @@ def rope(x, positions, inv_freq, n_heads: int):
 
 def attention(q, cache, start_pos: int, n_heads: int, scale: float, alibi_slopes=None):
     """Causal attention of T new queries over the cache (see reference.attention)."""
-    k_cache, v_cache = cache
+    k_t, v_cache = cache
     q = _rows_f32(q)
     slopes = None if alibi_slopes is None else _rows_f32(alibi_slopes)
-    if q.shape[0] >= ATTENTION_BLAS_MIN_TOKENS:
-        return numba_ops.attention_blas(q, k_cache, v_cache, int(start_pos), int(n_heads), scale, slopes)
-    return numba_ops.attention_direct(q, k_cache, v_cache, int(start_pos), int(n_heads),
-                                      np.float32(scale), slopes)
+    T, n_kv, start_pos = q.shape[0], k_t.shape[0], int(start_pos)
+    parallel = q.shape[1] * T * (start_pos + T) >= ATTENTION_PARALLEL_MIN_MACS and n_kv * T > 1
+    return numba_ops.attention(q, k_t, v_cache, start_pos, int(n_heads), np.float32(scale), slopes, parallel)
 
 
 __all__ = ["name", "prepare", "to_numpy", "from_numpy", "new_kv_cache", "embedding", "matmul", "add",

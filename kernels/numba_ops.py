@@ -22,39 +22,64 @@ _INV_SQRT2 = np.float32(1.0 / math.sqrt(2.0))
 
 # -- normalization -----------------------------------------------------------------------
 
+# Row loops run on all threads only from this many rows: waking the thread pool costs a few
+# microseconds on an idle machine and up to a scheduler tick on a busy one.
+PARALLEL_MIN_ROWS = 4
+
+
+@njit(inline="always", fastmath=True)
+def _rmsnorm_row(x, weight, eps, out, t):
+    D = x.shape[1]
+    ss = 0.0
+    for i in range(D):
+        ss += np.float64(x[t, i]) * x[t, i]
+    inv = np.float32(1.0 / math.sqrt(ss / D + eps))
+    for i in range(D):
+        out[t, i] = x[t, i] * inv * weight[i]
+
+
 @njit(parallel=True, cache=True, fastmath=True)
 def rmsnorm(x, weight, eps):
     """(T, D) -> x / sqrt(mean(x^2) + eps) * weight."""
-    T, D = x.shape
+    T = x.shape[0]
     out = np.empty_like(x)
-    for t in prange(T):
-        ss = 0.0
-        for i in range(D):
-            ss += np.float64(x[t, i]) * x[t, i]
-        inv = np.float32(1.0 / math.sqrt(ss / D + eps))
-        for i in range(D):
-            out[t, i] = x[t, i] * inv * weight[i]
+    if T < PARALLEL_MIN_ROWS:
+        for t in range(T):
+            _rmsnorm_row(x, weight, eps, out, t)
+    else:
+        for t in prange(T):
+            _rmsnorm_row(x, weight, eps, out, t)
     return out
+
+
+@njit(inline="always", fastmath=True)
+def _layernorm_row(x, weight, bias, eps, out, t):
+    D = x.shape[1]
+    s = 0.0
+    for i in range(D):
+        s += x[t, i]
+    mu = s / D
+    v = 0.0
+    for i in range(D):
+        v += (x[t, i] - mu) ** 2
+    inv = np.float32(1.0 / math.sqrt(v / D + eps))
+    mu32 = np.float32(mu)
+    for i in range(D):
+        y = (x[t, i] - mu32) * inv * weight[i]
+        out[t, i] = y + bias[i] if bias is not None else y
 
 
 @njit(parallel=True, cache=True, fastmath=True)
 def layernorm(x, weight, bias, eps):
     """(T, D) -> (x - mean) / sqrt(var + eps) * weight (+ bias); two-pass variance."""
-    T, D = x.shape
+    T = x.shape[0]
     out = np.empty_like(x)
-    for t in prange(T):
-        s = 0.0
-        for i in range(D):
-            s += x[t, i]
-        mu = s / D
-        v = 0.0
-        for i in range(D):
-            v += (x[t, i] - mu) ** 2
-        inv = np.float32(1.0 / math.sqrt(v / D + eps))
-        mu32 = np.float32(mu)
-        for i in range(D):
-            y = (x[t, i] - mu32) * inv * weight[i]
-            out[t, i] = y + bias[i] if bias is not None else y
+    if T < PARALLEL_MIN_ROWS:
+        for t in range(T):
+            _layernorm_row(x, weight, bias, eps, out, t)
+    else:
+        for t in prange(T):
+            _layernorm_row(x, weight, bias, eps, out, t)
     return out
 
 
@@ -87,22 +112,32 @@ def gelu_flat(x, out, approximate):
             out[i] = np.float32(0.5) * v * (np.float32(1.0) + fast_erf(v * _INV_SQRT2))
 
 
+@njit(inline="always", fastmath=FASTMATH_KEEP_INF)
+def _softmax_row(x, out, r):
+    S = x.shape[1]
+    mx = -np.inf
+    for s in range(S):
+        mx = max(mx, x[r, s])
+    total = np.float32(0.0)
+    for s in range(S):
+        e = fast_exp(x[r, s] - mx) if x[r, s] != -np.inf else np.float32(0.0)
+        out[r, s] = e
+        total += e
+    inv = np.float32(1.0) / total
+    for s in range(S):
+        out[r, s] *= inv
+
+
 @njit(parallel=True, cache=True, fastmath=FASTMATH_KEEP_INF)
 def softmax_rows(x, out):
     """Row-wise softmax of a (R, S) array; -inf entries get exactly 0."""
-    R, S = x.shape
-    for r in prange(R):
-        mx = -np.inf
-        for s in range(S):
-            mx = max(mx, x[r, s])
-        total = np.float32(0.0)
-        for s in range(S):
-            e = fast_exp(x[r, s] - mx) if x[r, s] != -np.inf else np.float32(0.0)
-            out[r, s] = e
-            total += e
-        inv = np.float32(1.0) / total
-        for s in range(S):
-            out[r, s] *= inv
+    R = x.shape[0]
+    if R < PARALLEL_MIN_ROWS:
+        for r in range(R):
+            _softmax_row(x, out, r)
+    else:
+        for r in prange(R):
+            _softmax_row(x, out, r)
 
 
 # -- position ------------------------------------------------------------------------------
@@ -132,103 +167,85 @@ def rope(x, positions, inv_freq, n_heads):
 
 
 # -- attention -----------------------------------------------------------------------------
+# The key cache is stored transposed, (n_kv, head_dim, n_ctx): q . k over all positions then
+# runs as head_dim contiguous multiply-adds across positions (vectorized, no per-score
+# horizontal sums). Values stay (n_kv, n_ctx, head_dim): p . V is contiguous over head_dim.
 
-@njit(parallel=True, cache=True, fastmath=True)
-def attention_direct(q, k_cache, v_cache, start_pos, n_heads, scale, alibi_slopes):
-    """Causal attention of T queries over the cache, one kv head's query group per task.
+def new_kv_cache(n_layers: int, n_kv_heads: int, n_ctx: int, head_dim: int):
+    """Per layer (k transposed (n_kv, head_dim, n_ctx), v (n_kv, n_ctx, head_dim)), float32."""
+    return [(np.zeros((n_kv_heads, head_dim, n_ctx), np.float32), np.zeros((n_kv_heads, n_ctx, head_dim), np.float32))
+            for _ in range(n_layers)]
 
-    q (T, H*hd); caches (n_kv, n_ctx, hd); query t sits at start_pos + t. Each key and value
-    row is read once per kv head and used by every query head of its group (GQA/MQA).
-    """
-    T = q.shape[0]
-    n_kv, _, hd = k_cache.shape
-    group = n_heads // n_kv
-    S = start_pos + T
-    out = np.empty((T, n_heads * hd), np.float32)
-    for task in prange(n_kv * T):
-        kv, t = task // T, task % T
-        n = start_pos + t + 1                      # keys this query sees
-        scores = np.empty((group, n), np.float32)
-        for s in range(n):
-            for g in range(group):
-                h = kv * group + g
-                acc = np.float32(0.0)
-                for i in range(hd):
-                    acc += q[t, h * hd + i] * k_cache[kv, s, i]
-                scores[g, s] = acc * scale
+
+def kv_write(cache, k, v, start_pos: int) -> None:
+    """Store (T, n_kv * head_dim) keys/values at positions start_pos .. start_pos+T-1."""
+    k_t, v_cache = cache
+    n_kv, hd, _ = k_t.shape
+    T = k.shape[0]
+    k_t[:, :, start_pos:start_pos + T] = k.reshape(T, n_kv, hd).transpose(1, 2, 0)
+    v_cache[:, start_pos:start_pos + T] = v.reshape(T, n_kv, hd).transpose(1, 0, 2)
+
+
+@njit(inline="always", fastmath=True)
+def _attend_group(q, k_t, v_cache, start_pos, group, scale, alibi_slopes, out, kv, t, scores, acc):
+    """Query t of the `group` heads sharing kv head `kv`: out[t, heads] = softmax(q K^T) V."""
+    hd = k_t.shape[1]
+    n = start_pos + t + 1                                # keys this query sees
+    h0 = kv * group
+    scores[:group, :n] = 0.0
+    for d in range(hd):                                  # scores[g, s] += q[g, d] * K[s, d]
+        for g in range(group):
+            qd = q[t, (h0 + g) * hd + d] * scale
+            for s in range(n):
+                scores[g, s] += qd * k_t[kv, d, s]
+    for g in range(group):
         if alibi_slopes is not None:
-            for g in range(group):
-                for s in range(n):
-                    scores[g, s] += alibi_slopes[kv * group + g] * np.float32(s - (n - 1))
-        acc_out = np.zeros((group, hd), np.float32)
-        for g in range(group):
-            mx = -np.inf
+            slope = alibi_slopes[h0 + g]
             for s in range(n):
-                mx = max(mx, scores[g, s])
-            total = np.float32(0.0)
-            for s in range(n):
-                e = fast_exp(scores[g, s] - mx)
-                scores[g, s] = e
-                total += e
-            inv = np.float32(1.0) / total
-            for s in range(n):
-                scores[g, s] *= inv
+                scores[g, s] += slope * np.float32(s - (n - 1))
+        mx = scores[g, 0]
         for s in range(n):
-            for g in range(group):
-                p = scores[g, s]
-                for i in range(hd):
-                    acc_out[g, i] += p * v_cache[kv, s, i]
-        for g in range(group):
-            h = kv * group + g
-            for i in range(hd):
-                out[t, h * hd + i] = acc_out[g, i]
-    return out
-
-
-@njit(parallel=True, cache=True, fastmath=True)
-def causal_softmax(scores, T, start_pos, scale, slopes):
-    """In place: scores (G*T, S) of G heads x T queries -> masked, scaled, softmaxed.
-
-    Row g*T + t is query t (position start_pos + t) of head g; keys past it get 0.
-    slopes: (G,) ALiBi slopes or None.
-    """
-    R, S = scores.shape
-    for row in prange(R):
-        g, t = row // T, row % T
-        n = start_pos + t + 1
-        mx = -np.inf
-        for s in range(n):
-            v = scores[row, s] * scale
-            if slopes is not None:
-                v += slopes[g] * np.float32(s - (n - 1))
-            scores[row, s] = v
-            mx = max(mx, v)
+            mx = max(mx, scores[g, s])
         total = np.float32(0.0)
         for s in range(n):
-            e = fast_exp(scores[row, s] - mx)
-            scores[row, s] = e
+            e = fast_exp(scores[g, s] - mx)
+            scores[g, s] = e
             total += e
         inv = np.float32(1.0) / total
         for s in range(n):
-            scores[row, s] *= inv
-        for s in range(n, S):
-            scores[row, s] = 0.0
+            scores[g, s] *= inv
+    acc[:group] = 0.0
+    for s in range(n):                                   # acc[g] += p[g, s] * V[s]
+        for g in range(group):
+            p = scores[g, s]
+            for i in range(hd):
+                acc[g, i] += p * v_cache[kv, s, i]
+    for g in range(group):
+        for i in range(hd):
+            out[t, (h0 + g) * hd + i] = acc[g, i]
 
 
-def attention_blas(q, k_cache, v_cache, start_pos, n_heads, scale, alibi_slopes):
-    """Same result as attention_direct for many queries: per kv head, scores = Q K^T and
-    Q' = P V as two BLAS products over the whole query group (the masked upper triangle is
-    computed and zeroed: BLAS's speed more than pays for it)."""
+@njit(parallel=True, cache=True, fastmath=True)
+def attention(q, k_t, v_cache, start_pos, n_heads, scale, alibi_slopes, parallel):
+    """Causal attention of T queries over the cache (query t at position start_pos + t),
+    one task per (kv head, query): the heads of a GQA/MQA group read each key once.
+    q (T, H*hd); k_t (n_kv, hd, n_ctx); v_cache (n_kv, n_ctx, hd) -> (T, H*hd).
+    parallel: spread the tasks over the threads (worth it beyond a few thousand MACs)."""
     T = q.shape[0]
-    n_kv, _, hd = k_cache.shape
+    n_kv, hd, _ = k_t.shape
     group = n_heads // n_kv
     S = start_pos + T
-    qh = q.reshape(T, n_kv, group, hd)
-    out = np.empty((T, n_kv, group, hd), np.float32)
-    for kv in range(n_kv):
-        Q = np.ascontiguousarray(qh[:, kv].transpose(1, 0, 2)).reshape(group * T, hd)
-        scores = Q @ k_cache[kv, :S].T                                           # (group*T, S)
-        slopes = None if alibi_slopes is None else alibi_slopes[kv * group:(kv + 1) * group]
-        causal_softmax(scores, T, start_pos, np.float32(scale), slopes)
-        out[:, kv] = (scores @ v_cache[kv, :S]).reshape(group, T, hd).transpose(1, 0, 2)
-    return out.reshape(T, n_heads * hd)
+    out = np.empty((T, n_heads * hd), np.float32)
+    if not parallel:
+        scores = np.empty((group, S), np.float32)
+        acc = np.empty((group, hd), np.float32)
+        for task in range(n_kv * T):
+            _attend_group(q, k_t, v_cache, start_pos, group, scale, alibi_slopes, out,
+                          task // T, task % T, scores, acc)
+    else:
+        for task in prange(n_kv * T):
+            scores = np.empty((group, S), np.float32)
+            acc = np.empty((group, hd), np.float32)
+            _attend_group(q, k_t, v_cache, start_pos, group, scale, alibi_slopes, out,
+                          task // T, task % T, scores, acc)
+    return out

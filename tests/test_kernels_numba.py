@@ -126,12 +126,9 @@ def test_kv_write_and_attention(rng, n_heads, n_kv, hd, n_ctx, steps, alibi):
         nb.kv_write(cache_nb, k, v, start)
         want = ref.attention(q, cache_ref, start, n_heads, hd ** -0.5, slopes)
         assert rel_err(nb.attention(q, cache_nb, start, n_heads, hd ** -0.5, slopes), want) < REDUCTION_TOL
-        # both internal paths, whatever the size threshold says
-        k_c, v_c = cache_nb
-        direct = numba_ops.attention_direct(q, k_c, v_c, start, n_heads, np.float32(hd ** -0.5), slopes)
-        blas = numba_ops.attention_blas(q, k_c, v_c, start, n_heads, hd ** -0.5, slopes)
-        assert rel_err(direct, want) < REDUCTION_TOL
-        assert rel_err(blas, want) < REDUCTION_TOL
+        for parallel in (False, True):  # both, whatever the work-size threshold picks
+            got = numba_ops.attention(q, *cache_nb, start, n_heads, np.float32(hd ** -0.5), slopes, parallel)
+            assert rel_err(got, want) < REDUCTION_TOL
     assert start + T == n_ctx  # every case ends with a query at the context's last position
 
 
