@@ -50,8 +50,8 @@ def config_dict(cfg) -> dict:
 
 
 def convert_hf(src, out, quant: str = "q4_0", progress=None) -> Path:
-    """Convert the checkpoint directory ``src`` into ``out``. ``progress(name)`` is called
-    once per tensor written. Returns the output path."""
+    """Convert the checkpoint directory ``src`` into ``out``. ``progress(done, total)`` is
+    called after each tensor written. Returns the output path."""
     src, out = Path(src), Path(out)
     if quant not in FORMATS:
         raise TinyLLMError(f"unknown quant format {quant!r}; choose one of {', '.join(FORMATS)}")
@@ -86,11 +86,11 @@ def convert_hf(src, out, quant: str = "q4_0", progress=None) -> Path:
         "source": {"format": "huggingface", "name": hf_config.get("_name_or_path") or src.name},
     }
     with ModelWriter(out, metadata) as writer:
-        for name, hf_name, transform in plan:
+        for done, (name, hf_name, transform) in enumerate(plan, 1):
             w = ckpt.get(hf_name)
             if transform is not None:
                 w = transform(w)
             writer.add(name, quantize_chunked(w, tensor_format(name, w.ndim, quant)))
             if progress:
-                progress(name)
+                progress(done, len(plan))
     return out

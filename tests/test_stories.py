@@ -1,6 +1,7 @@
 """Golden end-to-end test: the real trained stories260K reproduces llama2.c's output."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 import tinyllm
@@ -28,9 +29,26 @@ def _greedy_text(path, steps=200):
     return m.tokenizer.decode(ids)
 
 
-@pytest.mark.parametrize("quant", ["f32", "q8_0"])
-def test_greedy_reproduces_llama2c(converted, quant):
-    assert _greedy_text(converted[quant]) == EXPECTED
+def test_f32_greedy_reproduces_llama2c(converted):
+    assert _greedy_text(converted["f32"]) == EXPECTED
+
+
+def test_q8_0_follows_llama2c_except_at_near_ties(converted):
+    """Teacher-forced over llama2.c's 200 tokens, the q8_0 model picks the same token at
+    every step whose f32 margin (best minus second-best logit) is not a near-tie. The
+    real model has one: at step 114 the f32 margin is 0.042 and q8_0 rounding flips it,
+    so free-running greedy q8_0 text departs from the expected text there."""
+    f32 = tinyllm.load(converted["f32"], backend="numpy")
+    q8 = tinyllm.load(converted["q8_0"], backend="numpy")
+    ids = [f32.tokenizer.bos_id] + f32.tokenizer.encode(EXPECTED, add_bos=False)
+    assert len(ids) == 201
+    ref, got = f32.logits(ids[:-1]), q8.logits(ids[:-1])        # (200, vocab) each
+    assert (ref.argmax(-1) == ids[1:]).all()                     # f32 is exactly llama2.c
+    top2 = np.sort(ref, axis=-1)[:, -2:]
+    margin = top2[:, 1] - top2[:, 0]
+    flipped = got.argmax(-1) != ref.argmax(-1)
+    assert flipped.sum() <= 2 and (margin[flipped] < 0.05).all()
+    assert np.sqrt(np.mean((got - ref) ** 2)) / ref.std() < 0.04  # the tolerance stated for q8_0
 
 
 def test_q4_0_writes_readable_text(converted):

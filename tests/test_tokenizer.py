@@ -14,7 +14,7 @@ from tinyllm.converters.hf_tokenizer import chat_template_from_hf_dir, tokenizer
 from tinyllm.errors import FormatError, TinyLLMError, UnsupportedError
 from tinyllm.tokenizer import Tokenizer, sentencepiece_normalizer_flags
 
-from conftest import shared
+from .conftest import shared
 
 VECTOR_SETS = {  # tokenizer folder -> llama.cpp test-vector stem
     "llama2-tokenizer": "ggml-vocab-llama-spm.gguf",

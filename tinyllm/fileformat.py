@@ -100,6 +100,9 @@ class ModelWriter:
         self._f.seek(0)
         self._f.write(_PREAMBLE.pack(MAGIC, VERSION, 0, header_offset, len(blob), zlib.crc32(blob), 0, file_size))
         self._f.close()
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self._tmp, 0o666 & ~umask)  # mkstemp made it private; give it normal permissions
         os.replace(self._tmp, self.path)
         return self.path
 

@@ -95,6 +95,7 @@ class Model:
             if a != b:
                 break
             keep += 1
+        self.tokens = self.tokens[:keep]  # an interrupted forward must not leave stale claims
         logits = self._forward(tokens[keep:], keep, last_only=True)[-1]
         self.tokens = tokens
         return logits
@@ -102,6 +103,7 @@ class Model:
     def logits(self, tokens) -> np.ndarray:
         """Logits for every position of ``tokens`` from an empty context: (T, vocab)."""
         tokens = [int(t) for t in tokens]
+        self.tokens = []
         out = self._forward(tokens, 0, last_only=False)
         self.tokens = tokens
         return out

@@ -15,7 +15,6 @@ from . import main
 def convert(source, output, quant):
     """Convert SOURCE (a Hugging Face model directory or a .gguf file) into a tinyllm .q4 file."""
     from ..converters.convert import convert_hf
-    from ..converters.hf import read_json
     from pathlib import Path
 
     from ..errors import TinyLLMError
@@ -30,9 +29,16 @@ def convert(source, output, quant):
         click.echo(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
         return
     quant = quant or "q4_0"
-    n_layers = (read_json(src / "config.json", required=False) or {}).get("num_hidden_layers") or 0
-    with click.progressbar(length=max(1, 9 * n_layers + 3), label=f"converting to {quant}",
-                           file=click.get_text_stream("stderr")) as bar:
-        path = convert_hf(src, output, quant=quant, progress=lambda name: bar.update(1))
+    bar = None
+
+    def progress(done, total):
+        nonlocal bar
+        if bar is None:
+            bar = click.progressbar(length=total, label=f"converting to {quant}", file=click.get_text_stream("stderr"))
+        bar.update(1)
+        if done == total:
+            bar.render_finish()
+
+    path = convert_hf(src, output, quant=quant, progress=progress)
     size = path.stat().st_size
     click.echo(f"wrote {path} ({size / 2**20:.1f} MiB)")
