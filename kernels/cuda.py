@@ -11,6 +11,7 @@ CUDA simulator stands in for the GPU (that is how CI tests these kernels).
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +27,19 @@ from numba import cuda  # noqa: E402
 from . import cuda_kernels as K  # noqa: E402
 
 name = "cuda"
+
+
+def _quiet_small_grid_warnings() -> None:
+    """Decoding one token launches small grids by design (a norm of one row is one block);
+    Numba would print an under-utilization warning for each new grid size mid-chat."""
+    for config in ("numba.cuda.core.config", "numba.core.config"):  # numba-cuda, built-in
+        try:
+            importlib.import_module(config).CUDA_LOW_OCCUPANCY_WARNINGS = 0
+        except ImportError:
+            pass
+
+
+_quiet_small_grid_warnings()
 
 MATVEC_MAX_T = 4   # up to this many tokens a matmul streams W once per token (decode); beyond, tiled
 _FMT = {"q4_0": K.FMT_Q4_0, "q4_1": K.FMT_Q4_1, "q8_0": K.FMT_Q8_0, "f16": K.FMT_DENSE, "f32": K.FMT_DENSE}
