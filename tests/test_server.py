@@ -147,6 +147,16 @@ def test_seed_reproduces_sampling(client, reference):
     assert a == reference.generate(PROMPT, max_new_tokens=40, temperature=1.0, seed=42, stream=False)
 
 
+def test_tinyllm_sampling_options_are_honoured(client, reference):
+    options = {"top_k": 5, "min_p": 0.1, "repeat_penalty": 1.3, "repeat_last_n": 16}
+    r = client.completions.create(model="stories260K", prompt=PROMPT, max_tokens=40, temperature=1.2, top_p=0.9,
+                                  seed=7, extra_body=options)
+    assert r.choices[0].text == reference.generate(PROMPT, max_new_tokens=40, temperature=1.2, top_p=0.9, seed=7,
+                                                   stream=False, **options)
+    assert r.choices[0].text != client.completions.create(model="stories260K", prompt=PROMPT, max_tokens=40,
+                                                          temperature=1.2, top_p=0.9, seed=7).choices[0].text
+
+
 def test_omitted_max_tokens_uses_openai_default_for_completions(client):
     r = client.completions.create(model="stories260K", prompt=PROMPT, temperature=0)
     assert r.usage.completion_tokens == 16 and r.choices[0].finish_reason == "length"

@@ -97,7 +97,7 @@ class JobStreamingResponse(StreamingResponse):
     """An SSE stream that cancels its job however it ends: finished, client gone, or error."""
 
     def __init__(self, job: Job, content, headers: dict):
-        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache", **headers})
+        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers})
         self.job = job
 
     async def __call__(self, scope, receive, send):

@@ -14,7 +14,7 @@ from .errors import bad_request, unsupported
 MAX_STOP_STRINGS = 4  # OpenAI's limit
 
 # Sampling options a request may set (llama.cpp's server names for the non-OpenAI ones).
-SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed")
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "repeat_last_n", "seed")
 
 
 def _neutral(*values):
@@ -151,6 +151,7 @@ def _sampling(body: dict) -> dict:
         "top_k": _integer(body, "top_k", 0),
         "min_p": _number(body, "min_p", 0.0, 1.0),
         "repeat_penalty": _number(body, "repeat_penalty", 0.0, lo_open=True),
+        "repeat_last_n": _integer(body, "repeat_last_n", 0),
         "seed": _integer(body, "seed", 0, 2**63 - 1),
     }
     if values["min_p"] == 1.0:
