@@ -6,8 +6,8 @@ Where the NumPy version is already as fast as a kernel could be (an add, a cache
 a clip) the reference function is used as is.
 
 Quantized matmuls quantize the activation to int8 blocks and run integer block dot
-products (numba_quant.py); on x86 with AVX2/AVX-512BW the q4 ones go through the
-hand-placed pmaddubsw kernel (numba_simd.py). Set TINYLLM_SIMD=0 to force the portable
+products (numba_quant.py); on x86 with AVX2/AVX-512BW they go through hand-placed
+pmaddubsw (q4_0, q4_1) and pmaddwd (q8_0) kernels (numba_simd.py). Set TINYLLM_SIMD=0 to force the portable
 loops (or =32 to use the AVX2 width on an AVX-512 machine).
 """
 from __future__ import annotations
@@ -24,8 +24,9 @@ from .reference import add, clip, from_numpy, to_numpy  # noqa: F401
 
 name = "numba"
 
-# Prefill (T > 1) on q4 weights: the SIMD int8 kernel beats dequantize-a-tile-then-BLAS at
-# every measured shape (BENCHMARKS.md); without SIMD, BLAS wins from this many tokens on.
+# Prefill (T > 1) on quantized weights: the SIMD integer kernels beat dequantize-a-tile-
+# then-BLAS at every measured shape (BENCHMARKS.md); without SIMD, BLAS wins from this many
+# tokens on.
 PORTABLE_BLAS_MIN_TOKENS = 8
 BLAS_TILE_ROWS = 256          # rows dequantized per BLAS call (256 x 11008 floats = 11 MB)
 # Attention spreads over the threads from this many multiply-adds in q.K (waking the pool
@@ -151,6 +152,8 @@ def _matmul_nobias(x, w):
             return out
         return _matmul_blas_tiles(x, w)
     if w.format == "q8_0":
+        if SIMD_WIDTH:
+            return numba_quant.q8_matmul_simd(x, v["qs"], v["d"], SIMD_WIDTH)
         if T < PORTABLE_BLAS_MIN_TOKENS:
             xq, _, dx, _ = numba_quant.quantize_planes(x)
             out = np.empty((T, w.shape[0]), np.float32)

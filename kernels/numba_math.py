@@ -1,8 +1,8 @@
 """Scalar math for the Numba kernels, written so LLVM can vectorize the loops that call it.
 
-Numba's ``math.exp``/``math.erf`` are calls into libm that the vectorizer cannot widen, so a
-SwiGLU over 5632 values costs ~50 us. These versions are branch-free arithmetic on float32
-(range reduction + polynomial, bits assembled with a bitcast), ~1-2 ulp for exp, and vectorize.
+Numba's ``math.exp``/``math.erf`` are calls into libm that the vectorizer cannot widen (a
+SwiGLU over 5632 values: ~20 us instead of ~3). These versions are branch-free float32
+arithmetic (range reduction + polynomial, bits assembled with a bitcast), ~1-2 ulp for exp.
 """
 from __future__ import annotations
 
@@ -50,10 +50,11 @@ _LN2_HI = np.float32(0.693359375)
 _LN2_LO = np.float32(-2.12194440e-4)
 
 
-@njit(inline="always", cache=True)
+@njit(inline="always", cache=True, error_model="numpy")
 def fast_exp(x):
-    """exp(x) for float32 x (Cephes expf polynomial); inputs clamped to the finite range."""
-    x = min(max(x, np.float32(-87.3)), np.float32(88.7))
+    """exp(x) for float32 x (Cephes expf polynomial). Inputs are clamped to [-87.3, 88]:
+    results stay finite and normal (callers use fastmath, which assumes no infinities)."""
+    x = min(max(x, np.float32(-87.3)), np.float32(88.0))
     n = np.floor(x * _LOG2E + np.float32(0.5))
     r = x - n * _LN2_HI - n * _LN2_LO
     p = np.float32(1.9875691500e-4)
@@ -63,27 +64,28 @@ def fast_exp(x):
     p = p * r + np.float32(1.6666665459e-1)
     p = p * r + np.float32(5.0000001201e-1)
     p = p * r * r + r + np.float32(1.0)
-    # 2^n assembled in two halves so n = 128 (x near 88.7) stays finite
+    # 2^n assembled in two halves so n = 127 stays a normal float32
     n1 = np.int32(n) >> 1
     n2 = np.int32(n) - n1
     return p * i32_bits_to_f32((n1 + np.int32(127)) << 23) * i32_bits_to_f32((n2 + np.int32(127)) << 23)
 
 
-@njit(inline="always", cache=True)
-def fast_tanh(x):
-    """tanh(x) = 1 - 2 / (exp(2x) + 1), float32."""
-    return np.float32(1.0) - np.float32(2.0) / (fast_exp(np.float32(2.0) * x) + np.float32(1.0))
+@njit(inline="always", cache=True, error_model="numpy")
+def fast_sigmoid(x):
+    """1 / (1 + exp(-x)), float32."""
+    return np.float32(1.0) / (np.float32(1.0) + fast_exp(-x))
 
 
-@njit(inline="always", cache=True)
-def fast_erf(x):
-    """erf(x), float32, Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7)."""
-    a = abs(x)
+@njit(inline="always", cache=True, error_model="numpy")
+def fast_normal_cdf(x):
+    """Phi(x) = (1 + erf(x / sqrt 2)) / 2, float32, via Abramowitz & Stegun 7.1.26 for erfc
+    (|error| < 1.5e-7 x 1/2); computed from erfc(|z|) so the left tail has no cancellation."""
+    a = abs(x) * np.float32(0.7071067811865476)
     t = np.float32(1.0) / (np.float32(1.0) + np.float32(0.3275911) * a)
     y = np.float32(1.061405429)
     y = y * t + np.float32(-1.453152027)
     y = y * t + np.float32(1.421413741)
     y = y * t + np.float32(-0.284496736)
     y = y * t + np.float32(0.254829592)
-    e = np.float32(1.0) - y * t * fast_exp(-a * a)
-    return e if x >= 0 else -e
+    half_erfc = np.float32(0.5) * y * t * fast_exp(-a * a)
+    return np.float32(1.0) - half_erfc if x >= 0 else half_erfc

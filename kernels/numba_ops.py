@@ -11,13 +11,12 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from .numba_math import fast_erf, fast_exp, fast_tanh
+from .numba_math import fast_exp, fast_normal_cdf, fast_sigmoid
 
 # fastmath without the no-infs/no-NaNs assumptions, for kernels that see -inf masks
 FASTMATH_KEEP_INF = {"nsz", "arcp", "contract", "afn", "reassoc"}
 
 _SQRT_2_OVER_PI = np.float32(math.sqrt(2.0 / math.pi))
-_INV_SQRT2 = np.float32(1.0 / math.sqrt(2.0))
 
 
 # -- normalization -----------------------------------------------------------------------
@@ -27,7 +26,7 @@ _INV_SQRT2 = np.float32(1.0 / math.sqrt(2.0))
 PARALLEL_MIN_ROWS = 4
 
 
-@njit(inline="always", fastmath=True)
+@njit(inline="always", cache=True, fastmath=True, error_model="numpy")
 def _rmsnorm_row(x, weight, eps, out, t):
     D = x.shape[1]
     ss = 0.0
@@ -38,7 +37,7 @@ def _rmsnorm_row(x, weight, eps, out, t):
         out[t, i] = x[t, i] * inv * weight[i]
 
 
-@njit(parallel=True, cache=True, fastmath=True)
+@njit(parallel=True, cache=True, fastmath=True, error_model="numpy")
 def rmsnorm(x, weight, eps):
     """(T, D) -> x / sqrt(mean(x^2) + eps) * weight."""
     T = x.shape[0]
@@ -52,7 +51,7 @@ def rmsnorm(x, weight, eps):
     return out
 
 
-@njit(inline="always", fastmath=True)
+@njit(inline="always", cache=True, fastmath=True, error_model="numpy")
 def _layernorm_row(x, weight, bias, eps, out, t):
     D = x.shape[1]
     s = 0.0
@@ -69,7 +68,7 @@ def _layernorm_row(x, weight, bias, eps, out, t):
         out[t, i] = y + bias[i] if bias is not None else y
 
 
-@njit(parallel=True, cache=True, fastmath=True)
+@njit(parallel=True, cache=True, fastmath=True, error_model="numpy")
 def layernorm(x, weight, bias, eps):
     """(T, D) -> (x - mean) / sqrt(var + eps) * weight (+ bias); two-pass variance."""
     T = x.shape[0]
@@ -85,34 +84,34 @@ def layernorm(x, weight, bias, eps):
 
 # -- activations ---------------------------------------------------------------------------
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, error_model="numpy")
 def silu_flat(x, out):
     for i in range(x.shape[0]):
-        out[i] = x[i] / (np.float32(1.0) + fast_exp(-x[i]))
+        out[i] = x[i] * fast_sigmoid(x[i])
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, error_model="numpy")
 def swiglu_flat(gate, up, out):
     """SiLU(gate) * up in one pass."""
     for i in range(gate.shape[0]):
-        g = gate[i]
-        out[i] = g / (np.float32(1.0) + fast_exp(-g)) * up[i]
+        out[i] = gate[i] * fast_sigmoid(gate[i]) * up[i]
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, error_model="numpy")
 def gelu_flat(x, out, approximate):
+    """Exact GELU x * Phi(x), or the tanh form, written as x * sigmoid(2y) since
+    (1 + tanh y) / 2 = sigmoid(2y) (no cancellation for large negative x)."""
     if approximate:
         for i in range(x.shape[0]):
             v = x[i]
-            out[i] = np.float32(0.5) * v * (np.float32(1.0) + fast_tanh(
-                _SQRT_2_OVER_PI * (v + np.float32(0.044715) * v * v * v)))
+            y = _SQRT_2_OVER_PI * (v + np.float32(0.044715) * v * v * v)
+            out[i] = v * fast_sigmoid(np.float32(2.0) * y)
     else:
         for i in range(x.shape[0]):
-            v = x[i]
-            out[i] = np.float32(0.5) * v * (np.float32(1.0) + fast_erf(v * _INV_SQRT2))
+            out[i] = x[i] * fast_normal_cdf(x[i])
 
 
-@njit(inline="always", fastmath=FASTMATH_KEEP_INF)
+@njit(inline="always", cache=True, fastmath=FASTMATH_KEEP_INF, error_model="numpy")
 def _softmax_row(x, out, r):
     S = x.shape[1]
     mx = -np.inf
@@ -128,7 +127,7 @@ def _softmax_row(x, out, r):
         out[r, s] *= inv
 
 
-@njit(parallel=True, cache=True, fastmath=FASTMATH_KEEP_INF)
+@njit(parallel=True, cache=True, fastmath=FASTMATH_KEEP_INF, error_model="numpy")
 def softmax_rows(x, out):
     """Row-wise softmax of a (R, S) array; -inf entries get exactly 0."""
     R = x.shape[0]
@@ -142,7 +141,7 @@ def softmax_rows(x, out):
 
 # -- position ------------------------------------------------------------------------------
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, error_model="numpy")
 def rope(x, positions, inv_freq, n_heads):
     """Rotate-half RoPE on the first 2*len(inv_freq) dims of each head: (T, H*hd) -> new array."""
     T = x.shape[0]
@@ -186,7 +185,7 @@ def kv_write(cache, k, v, start_pos: int) -> None:
     v_cache[:, start_pos:start_pos + T] = v.reshape(T, n_kv, hd).transpose(1, 0, 2)
 
 
-@njit(inline="always", fastmath=True)
+@njit(inline="always", cache=True, fastmath=True, error_model="numpy")
 def _attend_group(q, k_t, v_cache, start_pos, group, scale, alibi_slopes, out, kv, t, scores, acc):
     """Query t of the `group` heads sharing kv head `kv`: out[t, heads] = softmax(q K^T) V."""
     hd = k_t.shape[1]
@@ -225,7 +224,7 @@ def _attend_group(q, k_t, v_cache, start_pos, group, scale, alibi_slopes, out, k
             out[t, (h0 + g) * hd + i] = acc[g, i]
 
 
-@njit(parallel=True, cache=True, fastmath=True)
+@njit(parallel=True, cache=True, fastmath=True, error_model="numpy")
 def attention(q, k_t, v_cache, start_pos, n_heads, scale, alibi_slopes, parallel):
     """Causal attention of T queries over the cache (query t at position start_pos + t),
     one task per (kv head, query): the heads of a GQA/MQA group read each key once.

@@ -33,7 +33,7 @@ ROW_BLOCK = 16       # weight rows whose bytes stay in L2 while all token tiles 
 
 # -- activation quantization ----------------------------------------------------------
 
-@njit(inline="always")
+@njit(inline="always", cache=True, error_model="numpy")
 def _quantize_block(x, t, b, q):
     """Block b of row t of x -> q[0:32] int32; returns (scale, sum of q). Zero past the row."""
     K = x.shape[1]
@@ -53,7 +53,7 @@ def _quantize_block(x, t, b, q):
     return d, s
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def quantize_planes(x):
     """x (T, K) float32 -> the portable kernels' activation:
     xq (T, 32, nb) int16 plane-major, corr (T, nb) int16 = 8*sum(q) (wrapping),
@@ -76,7 +76,7 @@ def quantize_planes(x):
     return xq, corr, dx, sxf
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def quantize_for_simd(x, width, tile, lo_blocks, hi_blocks):
     """x (T, K) float32 -> numba_simd's activation, tokens padded with zeros to a multiple of tile:
     xq (Tp, nch, 16, 2*width) int8: for chunk c and plane j, the (q[j], q[j+16]) byte pairs of the
@@ -109,9 +109,32 @@ def quantize_for_simd(x, width, tile, lo_blocks, hi_blocks):
     return xq, corr, dx, sxf
 
 
+@njit(cache=True, error_model="numpy")
+def quantize_for_simd_q8(x, width, tile, slots):
+    """x (T, K) -> the q8_0 SIMD kernel's activation: xq (Tp, nch, 16, 2*width) int16 holding,
+    for plane pair j, the (q[j], q[j+16]) pairs of each block at slots[block in chunk];
+    dx (Tp, nch*width) float32 scales."""
+    T, K = x.shape
+    nb = (K + QK - 1) // QK
+    nch = (nb + width - 1) // width
+    Tp = (T + tile - 1) // tile * tile
+    xq = np.zeros((Tp, nch, 16, 2 * width), np.int16)
+    dx = np.zeros((Tp, nch * width), np.float32)
+    q = np.empty(QK, np.int32)
+    for t in range(T):
+        for b in range(nb):
+            d, _ = _quantize_block(x, t, b, q)
+            c, o = b // width, slots[b % width]
+            for j in range(16):
+                xq[t, c, j, o] = q[j]
+                xq[t, c, j, o + 1] = q[j + 16]
+            dx[t, b] = d
+    return xq, dx
+
+
 # -- q4 products: SIMD ------------------------------------------------------------------
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, error_model="numpy")
 def _q4_rows_simd(qs, d, m, xq, corr, dx, sxf, out, width, tt):
     """out (Tp, N) += q4 weight (N, 16, nb) . activations; width, tt: compile-time constants."""
     numba.literally(width)
@@ -132,22 +155,22 @@ def _q4_rows_simd(qs, d, m, xq, corr, dx, sxf, out, width, tt):
 
 # Entry points with the constants fixed (calling a literally() function from Python would
 # re-type it on every call).
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def q4_decode_simd64(qs, d, m, xq, corr, dx, sxf, out):
     _q4_rows_simd(qs, d, m, xq, corr, dx, sxf, out, 64, 1)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def q4_prefill_simd64(qs, d, m, xq, corr, dx, sxf, out):
     _q4_rows_simd(qs, d, m, xq, corr, dx, sxf, out, 64, PREFILL_TILE)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def q4_decode_simd32(qs, d, m, xq, corr, dx, sxf, out):
     _q4_rows_simd(qs, d, m, xq, corr, dx, sxf, out, 32, 1)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def q4_prefill_simd32(qs, d, m, xq, corr, dx, sxf, out):
     _q4_rows_simd(qs, d, m, xq, corr, dx, sxf, out, 32, PREFILL_TILE)
 
@@ -178,9 +201,70 @@ def _pair_blocks(width):
     return _PAIR_CACHE[width]
 
 
+# -- q8_0 products: SIMD ----------------------------------------------------------------------
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def _q8_rows_simd(qs, d, xq, dx, out, width, tt):
+    """out (Tp, N) += q8_0 weight (N, 32, nb) . activations; width, tt: compile-time constants."""
+    numba.literally(width)
+    numba.literally(tt)
+    N, _, nb = qs.shape
+    Tp, nch = xq.shape[0], xq.shape[1]
+    x_tstride = nch * 16 * 2 * width
+    c_tstride = nch * width
+    for rb in prange((N + ROW_BLOCK - 1) // ROW_BLOCK):
+        for t0 in range(0, Tp, tt):
+            for r in range(rb * ROW_BLOCK, min(N, rb * ROW_BLOCK + ROW_BLOCK)):
+                for c in range(nch):
+                    b0 = c * width
+                    numba_simd.q8_chunk_dot(qs, r * 32 * nb + b0, nb, xq, t0 * x_tstride + c * 16 * 2 * width,
+                                            x_tstride, d, r * nb + b0, dx, t0 * c_tstride + b0, c_tstride,
+                                            min(width, nb - b0), out, t0 * N + r, N, width, tt)
+
+
+@njit(cache=True, error_model="numpy")
+def q8_decode_simd64(qs, d, xq, dx, out):
+    _q8_rows_simd(qs, d, xq, dx, out, 64, 1)
+
+
+@njit(cache=True, error_model="numpy")
+def q8_prefill_simd64(qs, d, xq, dx, out):
+    _q8_rows_simd(qs, d, xq, dx, out, 64, PREFILL_TILE)
+
+
+@njit(cache=True, error_model="numpy")
+def q8_decode_simd32(qs, d, xq, dx, out):
+    _q8_rows_simd(qs, d, xq, dx, out, 32, 1)
+
+
+@njit(cache=True, error_model="numpy")
+def q8_prefill_simd32(qs, d, xq, dx, out):
+    _q8_rows_simd(qs, d, xq, dx, out, 32, PREFILL_TILE)
+
+
+Q8_SIMD_KERNELS = {64: (q8_decode_simd64, q8_prefill_simd64), 32: (q8_decode_simd32, q8_prefill_simd32)}
+_Q8_SLOTS: dict = {}
+
+
+def q8_matmul_simd(x, qs, d, width):
+    """(T, K) float32 @ q8_0 weight^T -> (T, N) through the SIMD kernels."""
+    T, N = x.shape[0], qs.shape[0]
+    if width not in _Q8_SLOTS:
+        slots = np.empty(width, np.int64)
+        for r, blocks in enumerate(numba_simd.q8_pair_blocks(width)):
+            for k, b in enumerate(blocks):
+                slots[b] = r * (width // 2) + 2 * k
+        _Q8_SLOTS[width] = slots
+    decode, prefill = Q8_SIMD_KERNELS[width]
+    xq, dx = quantize_for_simd_q8(x, width, 1 if T == 1 else PREFILL_TILE, _Q8_SLOTS[width])
+    out = np.zeros((xq.shape[0], N), np.float32)
+    (decode if T == 1 else prefill)(qs, d, xq, dx, out)
+    return out[:T]
+
+
 # -- q4 products: portable ----------------------------------------------------------------
 
-@njit(parallel=True, cache=True, fastmath=True)
+@njit(parallel=True, cache=True, fastmath=True, error_model="numpy")
 def q4_rows_portable(qs, d, m, xq, corr, dx, sxf, out):
     """out (T, N) = q4 weight (N, 16, nb) . activations from quantize_planes."""
     N, _, nb = qs.shape
@@ -205,7 +289,7 @@ def q4_rows_portable(qs, d, m, xq, corr, dx, sxf, out):
             out[t, r] = s
 
 
-@njit(parallel=True, cache=True, fastmath=True)
+@njit(parallel=True, cache=True, fastmath=True, error_model="numpy")
 def q8_rows_portable(qs, d, xq, dx, out):
     """out (T, N) = q8_0 weight (N, 32, nb) . activations from quantize_planes (int32 sums)."""
     N, _, nb = qs.shape
@@ -227,7 +311,7 @@ def q8_rows_portable(qs, d, xq, dx, out):
 
 # -- dequantization (embedding rows, BLAS tiles) --------------------------------------------
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, error_model="numpy")
 def dequantize_q4_rows(qs, d, m, rows, out):
     """out (len(rows), K) = decoded q4_0 (m None) / q4_1 rows; K = out.shape[1] <= nb*32."""
     K = out.shape[1]
@@ -246,7 +330,7 @@ def dequantize_q4_rows(qs, d, m, rows, out):
                     out[i, base + j + 16] = np.float32(byte >> 4) * scale + offset
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, error_model="numpy")
 def dequantize_q8_rows(qs, d, rows, out):
     K = out.shape[1]
     nb = qs.shape[2]
@@ -258,7 +342,7 @@ def dequantize_q8_rows(qs, d, rows, out):
                 out[i, b * QK + j] = np.float32(qs[r, j, b]) * scale
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, error_model="numpy")
 def f16_rows(w, rows, out):
     """out (len(rows), K) float32 = float16 bits w[rows]."""
     for i in prange(rows.shape[0]):
@@ -267,7 +351,7 @@ def f16_rows(w, rows, out):
             out[i, k] = f16_bits_to_f32(w[r, k])
 
 
-@njit(parallel=True, cache=True, fastmath=True)
+@njit(parallel=True, cache=True, fastmath=True, error_model="numpy")
 def f16_matvec(w, x, out):
     """out (T, N) = x (T, K) @ float16-bits w (N, K)^T, for small T."""
     N, K = w.shape

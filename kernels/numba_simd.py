@@ -38,8 +38,10 @@ from numba.extending import intrinsic
 
 I1, I8, I16, I32, F16, F32 = ir.IntType(1), ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.HalfType(), ir.FloatType()
 
-# LLVM names of pmaddubsw per vector width in blocks (= bytes per load)
+# LLVM names per vector width in blocks (= bytes per load): pmaddubsw (u8 x s8 -> i16 pair
+# sums) and pmaddwd (i16 x i16 -> i32 pair sums)
 _PMADDUBSW = {64: "llvm.x86.avx512.pmaddubs.w.512", 32: "llvm.x86.avx2.pmadd.ub.sw"}
+_PMADDWD = {64: "llvm.x86.avx512.pmaddw.d.512", 32: "llvm.x86.avx2.pmadd.wd"}
 
 
 def compile_features() -> set[str]:
@@ -70,6 +72,15 @@ def pair_blocks(width: int) -> tuple[list[int], list[int]]:
     lo = [16 * (k // 8) + k % 8 for k in range(width // 2)]
     hi = [16 * (k // 8) + 8 + k % 8 for k in range(width // 2)]
     return lo, hi
+
+
+def q8_pair_blocks(width: int) -> list[list[int]]:
+    """q8_0 kernel: the block of each int32 lane of its four pmaddwd results. A plane's W
+    bytes widen to two int16 registers (blocks 0..W/2-1, W/2..W-1); unpacklo/unpackhi of
+    plane j with plane j+16 pair words within 128-bit lanes (8 words: 4 low, 4 high)."""
+    half = width // 2
+    return [[hf * half + 8 * (k // 4) + part * 4 + k % 4 for k in range(width // 4)]
+            for hf in (0, 1) for part in (0, 1)]
 
 
 def _const(t, values):
@@ -166,6 +177,87 @@ def _emit_q4_chunk(context, builder, sig, args, W, tt, has_min, masked):
         optr = builder.gep(context.make_array(at[15])(context, builder, out).data,
                            [builder.add(o_off, builder.mul(o_tstride, ir.Constant(i64, t)))], inbounds=True)
         builder.store(builder.fadd(builder.load(optr), _hsum(builder, v)), optr)
+
+
+def _emit_q8_chunk(context, builder, sig, args, W, tt, masked):
+    """IR for one q8_0 chunk; see q8_chunk_dot."""
+    (qs, q_off, plane_stride, xq, x_off, x_tstride, d, d_off, dx, c_off, c_tstride, nvalid,
+     out, o_off, o_tstride) = args[:15]
+    at = sig.args
+    i64 = q_off.type
+    half = W // 2
+    vb, vw, vd = ir.VectorType(I8, W), ir.VectorType(I16, half), ir.VectorType(I32, W // 4)
+    pmaddwd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vd, [vw, vw]), _PMADDWD[W])
+    mask = None
+    if masked:
+        mask = builder.icmp_signed("<", _const(I32, list(range(W))), _splat(builder, builder.trunc(nvalid, I32), W))
+
+    def load(aryty, ary, offset, vt, align):
+        ptr = _vec_ptr(context, builder, aryty, ary, offset, vt)
+        return _masked_load(builder, ptr, mask, align) if masked else builder.load(ptr, align=align)
+
+    # unpack(lo|hi)_epi16 of registers a, b as one shufflevector over a ++ b
+    unpack = [_const(I32, [i for lane in range(half // 8) for k in range(4) for i in
+                           (8 * lane + 4 * part + k, half + 8 * lane + 4 * part + k)]) for part in (0, 1)]
+    first, second = _const(I32, list(range(half))), _const(I32, list(range(half, W)))
+    order = [b for reg in q8_pair_blocks(W) for b in reg]
+    natural = [order.index(b) for b in range(W)]
+    zero = ir.Constant(vd, [0] * (W // 4))
+    acc = [[zero] * 4 for _ in range(tt)]
+    for j in range(16):
+        wide = []
+        for plane in (j, j + 16):
+            w = load(at[0], qs, builder.add(q_off, builder.mul(plane_stride, ir.Constant(i64, plane))), vb, 1)
+            w16 = builder.sext(w, ir.VectorType(I16, W))
+            wide.append([builder.shuffle_vector(w16, w16, first), builder.shuffle_vector(w16, w16, second)])
+        regs = [builder.shuffle_vector(wide[0][hf], wide[1][hf], unpack[part]) for hf in (0, 1) for part in (0, 1)]
+        for t in range(tt):
+            xo = builder.add(x_off, builder.add(builder.mul(x_tstride, ir.Constant(i64, t)), ir.Constant(i64, 2 * W * j)))
+            for r in range(4):
+                xv = builder.load(_vec_ptr(context, builder, at[3], xq, builder.add(xo, ir.Constant(i64, r * half)), vw),
+                                  align=2)
+                acc[t][r] = builder.add(acc[t][r], builder.call(pmaddwd, [regs[r], xv]))
+    vf = ir.VectorType(F32, W)
+    dw = builder.fpext(builder.bitcast(load(at[6], d, d_off, ir.VectorType(I16, W), 2), ir.VectorType(F16, W)), vf)
+    for t in range(tt):
+        lo = builder.shuffle_vector(acc[t][0], acc[t][1], _const(I32, list(range(W // 2))))
+        hi = builder.shuffle_vector(acc[t][2], acc[t][3], _const(I32, list(range(W // 2))))
+        total = builder.shuffle_vector(lo, hi, _const(I32, natural))
+        co = builder.add(c_off, builder.mul(c_tstride, ir.Constant(i64, t)))
+        v = builder.fmul(builder.fmul(builder.sitofp(total, vf), dw),
+                         builder.load(_vec_ptr(context, builder, at[8], dx, co, vf), align=4))
+        optr = builder.gep(context.make_array(at[12])(context, builder, out).data,
+                           [builder.add(o_off, builder.mul(o_tstride, ir.Constant(i64, t)))], inbounds=True)
+        builder.store(builder.fadd(builder.load(optr), _hsum(builder, v)), optr)
+
+
+@intrinsic
+def q8_chunk_dot(typingctx, qs, q_off, plane_stride, xq, x_off, x_tstride, d, d_off, dx, c_off, c_tstride,
+                 nvalid, out, o_off, o_tstride, width, tt):
+    """As q4_chunk_dot, for q8_0 weights (32 int8 planes): int16 products summed in pairs by
+    pmaddwd into int32 per block (exact), then one float pass. xq: int16 from
+    quantize_for_simd_q8, plane pair j of a chunk at 2*width*j, in q8_pair_blocks order."""
+    if not all(isinstance(a, types.IntegerLiteral) for a in (width, tt)):
+        return None
+    W, TT = width.literal_value, tt.literal_value
+    if W not in _PMADDWD:
+        raise ValueError(f"unsupported SIMD width {W}")
+    sig = types.void(qs, q_off, plane_stride, xq, x_off, x_tstride, d, d_off, dx, c_off, c_tstride,
+                     nvalid, out, o_off, o_tstride, width, tt)
+
+    def codegen(context, builder, signature, args):
+        args = list(args)
+        for i in (1, 2, 4, 5, 7, 9, 10, 11, 13, 14):
+            args[i] = context.cast(builder, args[i], signature.args[i], types.int64)
+        full = builder.icmp_signed(">=", args[11], ir.Constant(args[11].type, W))
+        with builder.if_else(full) as (whole, tail):
+            with whole:
+                _emit_q8_chunk(context, builder, signature, args, W, TT, masked=False)
+            with tail:
+                _emit_q8_chunk(context, builder, signature, args, W, TT, masked=True)
+        return context.get_dummy_value()
+
+    return sig, codegen
 
 
 @intrinsic

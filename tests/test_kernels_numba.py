@@ -1,8 +1,9 @@
 """The Numba CPU backend against the NumPy reference, op by op, on small odd shapes.
 
-Tolerances. Float ops (norms, activations, RoPE, attention) differ from the reference only
-by float32 rounding order and by numba_math's polynomial exp/erf: they must agree to 2e-6
-relative to the largest output (1e-5 where a long reduction feeds an exp). Quantized
+Tolerances, relative to the largest expected magnitude (or 1, if smaller). Float ops (norms,
+activations, RoPE, attention) differ from the reference only by float32 rounding order and
+by numba_math's polynomial exp/erf: they must agree to 2e-6 (1e-5 where a long reduction
+feeds an exp). Quantized
 matmuls also quantize the activation to int8 blocks, so they are checked twice: exactly
 (1e-5) against a NumPy model of the same integer arithmetic, and loosely (3e-2 of the
 largest output) against the reference's float product; that loose bound is ~6x the
@@ -28,8 +29,9 @@ PATHS = [w for w in (64, 32) if w <= numba_simd.native_width()] + [0]
 
 
 def rel_err(got, want) -> float:
+    """Largest difference relative to the largest expected magnitude (at least 1)."""
     want = np.asarray(want, np.float64)
-    return float(np.abs(np.asarray(got, np.float64) - want).max() / max(np.abs(want).max(), 1e-30))
+    return float(np.abs(np.asarray(got, np.float64) - want).max() / max(np.abs(want).max(), 1.0))
 
 
 @pytest.fixture
@@ -64,13 +66,14 @@ def test_activations(rng, shape):
 def test_activations_at_extremes():
     x = np.array([[-1000.0, -90.0, -20.0, 0.0, 1e-8, 20.0, 90.0, 1000.0]], np.float32)
     with np.errstate(over="ignore"):  # the reference's exp overflows to inf, correctly
+        for approximate in (False, True):
+            got, want = nb.gelu(x, approximate), ref.gelu(x, approximate)
+            assert np.allclose(got, want, rtol=1e-6, atol=1e-7) and np.all(np.isfinite(got))
         assert np.allclose(nb.silu(x), ref.silu(x), rtol=1e-6, atol=1e-30)
-        assert np.allclose(nb.gelu(x), ref.gelu(x), rtol=1e-6, atol=1e-30)
-        assert np.allclose(nb.gelu(x, True), ref.gelu(x, True), rtol=1e-6, atol=1e-30)
 
 
 def test_fast_exp_accuracy():
-    x = np.linspace(-87, 88, 200001, dtype=np.float32)
+    x = np.linspace(-87, 88, 200001, dtype=np.float32)  # the unclamped range
     out = np.empty_like(x)
 
     from numba import njit
@@ -190,11 +193,11 @@ def test_q4_matmul_exact_and_close(rng, path, fmt, T, N, K):
 
 
 @pytest.mark.parametrize("T,N,K", MATMUL_SHAPES)
-def test_q8_0_matmul(rng, T, N, K):
+def test_q8_0_matmul(rng, path, T, N, K):
     w = quant.quantize(rng.standard_normal((N, K)).astype(np.float32), "q8_0")
     x = rng.standard_normal((T, K)).astype(np.float32)
     got = nb.matmul(x, nb.prepare(w))
-    want = emulate_int8_matmul(x, w) if T < nb.PORTABLE_BLAS_MIN_TOKENS else ref.matmul(x, w)
+    want = emulate_int8_matmul(x, w) if path or T < nb.PORTABLE_BLAS_MIN_TOKENS else ref.matmul(x, w)
     assert rel_err(got, want) < EXACT_TOL
     assert rel_err(got, ref.matmul(x, w)) < QUANT_TOL
 
