@@ -164,29 +164,33 @@ class GGUFModel:
 
         arch = get_arch(table.arch)
         self.config = arch.Config.from_hf(table.hf_config(get, gtensors))
-        names = table.tensor_names(self.config)
-        unused = sorted(set(gtensors) - set(names) - table.EXTRA_TENSORS)
+        plan = table.plan(self.config)
+        used = {g for _, g, _ in plan}
+        unused = sorted(set(gtensors) - used - table.EXTRA_TENSORS)
         if unused:
             raise UnsupportedError(f"{self.path}: tensors tinyllm's {table.arch} does not use (an unsupported variant?): "
                                    f"{', '.join(unused[:8])}")
-        missing = [g for g in names if g not in gtensors]
+        missing = sorted(used - set(gtensors))
         if missing:
             raise FormatError(f"{self.path}: GGUF file lacks tensor(s) {', '.join(missing[:8])}")
 
-        shapes = table.expected_shapes(self.config)
+        shapes = table.shapes(self.config)
         self.tensors: dict[str, QTensor] = {}
+        loaded: dict[str, QTensor] = {}  # a fused GGUF tensor is read once, then sliced
         recoded = Counter()
-        for gname, name in names.items():
-            g = gtensors[gname]
-            want = shapes[name.split(".", 2)[-1] if name.startswith("layers.") else name]
-            if g.shape != tuple(want):
-                raise FormatError(f"{self.path}: tensor {gname} has shape {g.shape}, expected {tuple(want)}")
-            fmt = g.target_format(name, quant)
-            if LOSSLESS.get(g.type) != fmt:
-                how = ("widened" if g.type == "BF16" else "repacked" if g.repacks_to(fmt)
-                       else "dequantized and requantized")
-                recoded[g.type, how, fmt] += 1
-            self.tensors[name] = table.fix_layout(name, g.load(fmt), self.config)
+        for name, gname, transform in plan:
+            if gname not in loaded:
+                g = gtensors[gname]
+                want = shapes[gname.split(".", 2)[-1] if gname.startswith("blk.") else gname]
+                if g.shape != tuple(want):
+                    raise FormatError(f"{self.path}: tensor {gname} has shape {g.shape}, expected {tuple(want)}")
+                fmt = g.target_format(name, quant)
+                if LOSSLESS.get(g.type) != fmt:
+                    how = ("widened" if g.type == "BF16" else "repacked" if g.repacks_to(fmt)
+                           else "dequantized and requantized")
+                    recoded[g.type, how, fmt] += 1
+                loaded[gname] = g.load(fmt)
+            self.tensors[name] = transform(loaded[gname]) if transform else loaded[gname]
         for (src, how, fmt), n in sorted(recoded.items()):
             notice(f"{self.path.name}: {n} {src} tensor(s) {how} to {fmt}"
                    + ("" if quant else f" (tinyllm has no {src} format)"))

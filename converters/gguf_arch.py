@@ -37,7 +37,29 @@ def unpermute_rope_rows(t: QTensor, n_heads: int) -> QTensor:
     return permute_rows(t, perm)
 
 
-class Llama:
+def row_slice(start: int, stop: int):
+    """A transform taking rows [start, stop) of a fused matrix (views: nothing is copied)."""
+    def take(t: QTensor) -> QTensor:
+        return QTensor(t.format, (stop - start,) + tuple(t.shape[1:]), {k: v[start:stop] for k, v in t.parts.items()})
+    return take
+
+
+class GGUFArch:
+    """A GGUF architecture table. Besides these attributes each provides three classmethods:
+
+        hf_config(get, tensors) -> dict   config.json keys for the tinyllm Config.from_hf;
+                                          ``get(key, default)`` reads "<arch>.<key>", ``tensors``
+                                          maps GGUF names to GGUFTensor (.shape, .load(fmt))
+        plan(cfg) -> [(tinyllm name, GGUF name, transform of the loaded QTensor or None)]
+        shapes(cfg) -> {GGUF name without "blk.N.": numpy-order shape, (out, in) for matrices}
+    """
+
+    arch: str                       # tinyllm architecture name
+    KNOWN_KEYS: set = set()         # "<arch>.<key>" suffixes this table reads or knows to be harmless
+    EXTRA_TENSORS: set = set()      # GGUF tensors read into the config, not weights
+
+
+class Llama(GGUFArch):
     """LLaMA family (LLaMA 1/2/3, Mistral, SmolLM, TinyLlama, ...): llama.cpp arch "llama"."""
 
     arch = "llama"
@@ -48,7 +70,6 @@ class Llama:
         "rope.scaling.type", "rope.scaling.factor", "rope.scaling.original_context_length",
         "rope.scaling.finetuned", "expert_count", "expert_used_count", "tensor_data_layout",
     }
-    GLOBAL_TENSORS = {"token_embd.weight": "tok_embeddings", "output_norm.weight": "norm", "output.weight": "output"}
     LAYER_TENSORS = {
         "attn_norm.weight": "attention_norm",
         "attn_q.weight": "attention.wq",
@@ -60,12 +81,10 @@ class Llama:
         "ffn_down.weight": "feed_forward.w2",
         "ffn_up.weight": "feed_forward.w3",
     }
-    EXTRA_TENSORS = {"rope_freqs.weight"}  # read into the config, not a weight
+    EXTRA_TENSORS = {"rope_freqs.weight"}
 
     @classmethod
     def hf_config(cls, get, tensors: dict) -> dict:
-        """``get(key, default)`` reads ``llama.<key>``; ``tensors`` maps GGUF names to
-        GGUFTensor (``.shape``, ``.load()`` -> QTensor)."""
         if get("expert_count", 0):
             raise UnsupportedError(f"mixture-of-experts GGUF ({get('expert_count')} experts) is not supported")
         hidden, heads = get("embedding_length"), get("attention.head_count")
@@ -119,30 +138,140 @@ class Llama:
         return llama3
 
     @classmethod
-    def tensor_names(cls, cfg) -> dict:
-        """GGUF tensor name -> tinyllm name, for every weight the model needs."""
-        names = {k: v for k, v in cls.GLOBAL_TENSORS.items() if k != "output.weight" or not cfg.tie_word_embeddings}
+    def plan(cls, cfg) -> list:
+        H, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+        fix = {"attention.wq": lambda t: unpermute_rope_rows(t, H), "attention.wk": lambda t: unpermute_rope_rows(t, Hkv)}
+        plan = [("tok_embeddings", "token_embd.weight", None)]
         for i in range(cfg.num_hidden_layers):
-            names.update({f"blk.{i}.{k}": f"layers.{i}.{v}" for k, v in cls.LAYER_TENSORS.items()})
-        return names
+            plan += [(f"layers.{i}.{ours}", f"blk.{i}.{g}", fix.get(ours)) for g, ours in cls.LAYER_TENSORS.items()]
+        plan.append(("norm", "output_norm.weight", None))
+        if not cfg.tie_word_embeddings:
+            plan.append(("output", "output.weight", None))
+        return plan
 
-    @staticmethod
-    def expected_shapes(cfg) -> dict:
-        """tinyllm name (without the layer prefix) -> shape, (out, in) for matrices."""
+    @classmethod
+    def shapes(cls, cfg) -> dict:
         d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
         q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
-        return {"tok_embeddings": (cfg.vocab_size, d), "output": (cfg.vocab_size, d), "norm": (d,),
-                "attention_norm": (d,), "ffn_norm": (d,), "attention.wq": (q, d), "attention.wk": (kv, d),
-                "attention.wv": (kv, d), "attention.wo": (d, q), "feed_forward.w1": (f, d),
-                "feed_forward.w2": (d, f), "feed_forward.w3": (f, d)}
-
-    @staticmethod
-    def fix_layout(name: str, t: QTensor, cfg) -> QTensor:
-        if name.endswith("attention.wq"):
-            return unpermute_rope_rows(t, cfg.num_attention_heads)
-        if name.endswith("attention.wk"):
-            return unpermute_rope_rows(t, cfg.num_key_value_heads)
-        return t
+        return {"token_embd.weight": (cfg.vocab_size, d), "output.weight": (cfg.vocab_size, d),
+                "output_norm.weight": (d,), "attn_norm.weight": (d,), "ffn_norm.weight": (d,),
+                "attn_q.weight": (q, d), "attn_k.weight": (kv, d), "attn_v.weight": (kv, d), "attn_output.weight": (d, q),
+                "ffn_gate.weight": (f, d), "ffn_down.weight": (d, f), "ffn_up.weight": (f, d)}
 
 
-GGUF_ARCHITECTURES = {"llama": Llama}
+class Falcon(GGUFArch):
+    """Falcon 7B/40B/180B-style: llama.cpp arch "falcon". llama.cpp's converter regroups the
+    fused query_key_value rows as all query heads, then all key heads, then all value heads,
+    and keeps Hugging Face's rotate-half RoPE: so q, k, v are three row ranges here."""
+
+    arch = "falcon"
+    KNOWN_KEYS = {"context_length", "embedding_length", "block_count", "feed_forward_length", "vocab_size",
+                  "attention.head_count", "attention.head_count_kv", "attention.layer_norm_epsilon",
+                  "rope.freq_base", "rope.dimension_count", "tensor_data_layout"}
+
+    @classmethod
+    def hf_config(cls, get, tensors: dict) -> dict:
+        if get("tensor_data_layout", "jploski") != "jploski":
+            raise UnsupportedError(f"GGUF falcon tensor_data_layout {get('tensor_data_layout')!r} is not supported "
+                                   "(tinyllm reads llama.cpp's 'jploski' query/key/value grouping)")
+        hidden, heads, kv_heads = get("embedding_length"), get("attention.head_count"), get("attention.head_count_kv", 1)
+        if get("rope.dimension_count", hidden // heads) != hidden // heads:
+            raise UnsupportedError("GGUF falcon with partial rotary is not supported")
+        two_norms = "blk.0.attn_norm_2.weight" in tensors
+        config = {"hidden_size": hidden, "num_hidden_layers": get("block_count"), "num_attention_heads": heads,
+                  "vocab_size": get("vocab_size", None) or tensors["token_embd.weight"].shape[0],
+                  # llama.cpp writes feed_forward_length = 4 * hidden whatever the model has
+                  "ffn_hidden_size": (tensors["blk.0.ffn_up.weight"].shape[0] if "blk.0.ffn_up.weight" in tensors
+                                      else get("feed_forward_length", 4 * hidden)),
+                  "layer_norm_epsilon": clean_float(get("attention.layer_norm_epsilon", 1e-5)),
+                  "max_position_embeddings": get("context_length", 2048),
+                  "rope_theta": clean_float(get("rope.freq_base", 10000.0)),
+                  "tie_word_embeddings": "output.weight" not in tensors, "bias": False, "alibi": False,
+                  "parallel_attn": True}
+        if kv_heads == 1 and not two_norms:  # Falcon-7B: one shared LayerNorm, one kv head
+            config.update(multi_query=True, new_decoder_architecture=False)
+        else:                                # Falcon-40B/180B (two LayerNorms), Falcon2-11B (one)
+            config.update(new_decoder_architecture=True, num_kv_heads=kv_heads,
+                          num_ln_in_parallel_attn=2 if two_norms else 1)
+        return config
+
+    @classmethod
+    def plan(cls, cfg) -> list:
+        q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        split = {"attention.wq": row_slice(0, q), "attention.wk": row_slice(q, q + kv),
+                 "attention.wv": row_slice(q + kv, q + 2 * kv)}
+        norms = [("attn_norm", "attention_norm")] + ([("attn_norm_2", "ffn_norm")] if cfg.norms_per_layer == 2 else [])
+        plan = [("tok_embeddings", "token_embd.weight", None)]
+        for i in range(cfg.num_hidden_layers):
+            b, o = f"blk.{i}.", f"layers.{i}."
+            for g, ours in norms:
+                plan += [(o + ours, b + g + ".weight", None), (o + ours + "_bias", b + g + ".bias", None)]
+            plan += [(o + ours, b + "attn_qkv.weight", fn) for ours, fn in split.items()]
+            plan += [(o + "attention.wo", b + "attn_output.weight", None),
+                     (o + "feed_forward.w1", b + "ffn_up.weight", None), (o + "feed_forward.w2", b + "ffn_down.weight", None)]
+        plan += [("norm", "output_norm.weight", None), ("norm_bias", "output_norm.bias", None)]
+        if not cfg.tie_word_embeddings:
+            plan.append(("output", "output.weight", None))
+        return plan
+
+    @classmethod
+    def shapes(cls, cfg) -> dict:
+        d, f = cfg.hidden_size, cfg.ffn_hidden_size
+        qkv = (cfg.num_attention_heads + 2 * cfg.n_kv_heads) * cfg.head_dim
+        norms = {f"{n}.{k}": (d,) for n in ("attn_norm", "attn_norm_2", "output_norm") for k in ("weight", "bias")}
+        return {**norms, "token_embd.weight": (cfg.vocab_size, d), "output.weight": (cfg.vocab_size, d),
+                "attn_qkv.weight": (qkv, d), "attn_output.weight": (d, d), "ffn_up.weight": (f, d), "ffn_down.weight": (d, f)}
+
+
+class MPT(GGUFArch):
+    """MPT: llama.cpp arch "mpt". The fused Wqkv keeps MosaicML's q | k | v row order."""
+
+    arch = "mpt"
+    KNOWN_KEYS = {"context_length", "embedding_length", "block_count", "feed_forward_length", "vocab_size",
+                  "attention.head_count", "attention.head_count_kv", "attention.layer_norm_epsilon",
+                  "attention.clamp_kqv", "attention.max_alibi_bias"}
+
+    @classmethod
+    def hf_config(cls, get, tensors: dict) -> dict:
+        d, heads = get("embedding_length"), get("attention.head_count")
+        kv_heads = get("attention.head_count_kv", heads)
+        alibi_max = get("attention.max_alibi_bias", 8.0)
+        attn = {"alibi": alibi_max > 0, "alibi_bias_max": clean_float(alibi_max), "clip_qkv": None,
+                "attn_type": "multihead_attention" if kv_heads == heads else "grouped_query_attention",
+                "kv_n_heads": kv_heads}
+        if get("attention.clamp_kqv", None) is not None:
+            attn["clip_qkv"] = clean_float(get("attention.clamp_kqv"))
+        return {"d_model": d, "n_heads": heads, "n_layers": get("block_count"),
+                "vocab_size": get("vocab_size", None) or tensors["token_embd.weight"].shape[0],
+                "max_seq_len": get("context_length", 2048),
+                "layer_norm_epsilon": clean_float(get("attention.layer_norm_epsilon", 1e-5)),
+                "expansion_ratio": get("feed_forward_length", 4 * d) / d,
+                "tie_word_embeddings": "output.weight" not in tensors, "attn_config": attn}
+
+    @classmethod
+    def plan(cls, cfg) -> list:
+        q, kv = cfg.d_model, cfg.kv_n_heads * cfg.head_dim
+        split = {"attention.wq": row_slice(0, q), "attention.wk": row_slice(q, q + kv),
+                 "attention.wv": row_slice(q + kv, q + 2 * kv)}
+        plan = [("tok_embeddings", "token_embd.weight", None)]
+        for i in range(cfg.n_layers):
+            b, o = f"blk.{i}.", f"layers.{i}."
+            plan += [(o + "attention_norm", b + "attn_norm.weight", None)]
+            plan += [(o + ours, b + "attn_qkv.weight", fn) for ours, fn in split.items()]
+            plan += [(o + "attention.wo", b + "attn_output.weight", None), (o + "ffn_norm", b + "ffn_norm.weight", None),
+                     (o + "feed_forward.w1", b + "ffn_up.weight", None), (o + "feed_forward.w2", b + "ffn_down.weight", None)]
+        plan.append(("norm", "output_norm.weight", None))
+        if not cfg.tie_word_embeddings:
+            plan.append(("output", "output.weight", None))
+        return plan
+
+    @classmethod
+    def shapes(cls, cfg) -> dict:
+        d, f = cfg.d_model, 4 * cfg.d_model
+        qkv = d + 2 * cfg.kv_n_heads * cfg.head_dim
+        return {"token_embd.weight": (cfg.vocab_size, d), "output.weight": (cfg.vocab_size, d),
+                "output_norm.weight": (d,), "attn_norm.weight": (d,), "ffn_norm.weight": (d,),
+                "attn_qkv.weight": (qkv, d), "attn_output.weight": (d, d), "ffn_up.weight": (f, d), "ffn_down.weight": (d, f)}
+
+
+GGUF_ARCHITECTURES = {"llama": Llama, "falcon": Falcon, "mpt": MPT}

@@ -125,3 +125,120 @@ def write_llama_gguf(path: Path, model, vocab_dir: Path, matrix_type=T.F32, edge
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+# -- byte-level BPE vocabularies and the Falcon / MPT layouts ------------------------------------
+
+def bpe_vocab_arrays(tokenizer_json: Path) -> tuple[list, list, list]:
+    """(tokens, token types, merges) as convert_hf_to_gguf.py writes a tokenizer.json's
+    vocabulary: added tokens are control (special) or user-defined, gaps become [PADn]."""
+    import json
+
+    j = json.loads(Path(tokenizer_json).read_text(encoding="utf-8"))
+    vocab = dict(j["model"]["vocab"])
+    added = {t["id"]: t for t in j["added_tokens"]}
+    vocab.update({t["content"]: i for i, t in added.items()})
+    by_id = {i: s for s, i in vocab.items()}
+    tokens, types = [], []
+    for i in range(max(by_id) + 1):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")
+            types.append(int(gguf.TokenType.UNUSED))
+        else:
+            tokens.append(by_id[i])
+            kind = (gguf.TokenType.CONTROL if added[i]["special"] else gguf.TokenType.USER_DEFINED) if i in added \
+                else gguf.TokenType.NORMAL
+            types.append(int(kind))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in j["model"]["merges"]]
+    return tokens, types, merges
+
+
+def _write(path: Path, arch: str, metadata, tensors: list, tokenizer_json: Path, pre: str, matrix_type, edge_type):
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name(f"tiny-random-{arch}")
+    metadata(w)
+    tokens, types, merges = bpe_vocab_arrays(tokenizer_json)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_eos_token_id(11 if arch == "falcon" else 0)
+    for name, x in tensors:
+        edge = name in ("token_embd.weight", "output.weight")
+        qtype = T.F32 if x.ndim == 1 else (edge_type or matrix_type) if edge else matrix_type
+        data, raw_dtype = encode(x, qtype)
+        w.add_tensor(name, data, raw_shape=data.shape if raw_dtype is not None else None, raw_dtype=raw_dtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def write_falcon_gguf(path: Path, model, tokenizer_json: Path, matrix_type=T.F32, edge_type=None) -> Path:
+    """convert_hf_to_gguf.py FalconModel: fused QKV regrouped to all q | all k | all v."""
+    cfg = model.config
+    H, hd = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
+    Hkv = cfg.num_kv_heads if cfg.new_decoder_architecture else 1
+
+    def metadata(w):
+        w.add_context_length(2048)  # llama.cpp writes 2048: config.json has no such key
+        w.add_tensor_data_layout("jploski")
+        w.add_embedding_length(cfg.hidden_size)
+        w.add_feed_forward_length(4 * cfg.hidden_size)
+        w.add_block_count(cfg.num_hidden_layers)
+        w.add_head_count(H)
+        w.add_head_count_kv(Hkv)
+        w.add_layer_norm_eps(cfg.layer_norm_epsilon)
+        theta = (getattr(cfg, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
+        if theta != 10000.0:
+            w.add_rope_freq_base(theta)
+
+    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    names = {"input_layernorm": "attn_norm", "ln_attn": "attn_norm", "ln_mlp": "attn_norm_2",
+             "self_attention.dense": "attn_output", "mlp.dense_h_to_4h": "ffn_up", "mlp.dense_4h_to_h": "ffn_down"}
+    tensors = [("token_embd.weight", sd["transformer.word_embeddings.weight"])]
+    for i in range(cfg.num_hidden_layers):
+        p = f"transformer.h.{i}."
+        qkv = sd[p + "self_attention.query_key_value.weight"].reshape(Hkv, H // Hkv + 2, hd, -1)
+        regrouped = np.concatenate([qkv[:, :-2].reshape(H * hd, -1), qkv[:, -2].reshape(Hkv * hd, -1),
+                                    qkv[:, -1].reshape(Hkv * hd, -1)])
+        layer = [(f"blk.{i}.attn_qkv.weight", regrouped)]
+        for hf, g in names.items():
+            for kind in ("weight", "bias"):
+                if p + f"{hf}.{kind}" in sd:
+                    layer.append((f"blk.{i}.{g}.{kind}", sd[p + f"{hf}.{kind}"]))
+        tensors += layer
+    tensors += [("output_norm.weight", sd["transformer.ln_f.weight"]), ("output_norm.bias", sd["transformer.ln_f.bias"])]
+    if not cfg.tie_word_embeddings:
+        tensors.append(("output.weight", sd["lm_head.weight"]))
+    return _write(path, "falcon", metadata, tensors, tokenizer_json, "falcon", matrix_type, edge_type)
+
+
+def write_mpt_gguf(path: Path, model, tokenizer_json: Path, matrix_type=T.F32, edge_type=None) -> Path:
+    """convert_hf_to_gguf.py MPTModel: tensors renamed, Wqkv kept fused (q | k | v)."""
+    cfg = model.config
+    attn = cfg.attn_config if isinstance(cfg.attn_config, dict) else cfg.attn_config.to_dict()
+
+    def metadata(w):
+        w.add_context_length(cfg.max_seq_len)
+        w.add_embedding_length(cfg.d_model)
+        w.add_block_count(cfg.n_layers)
+        w.add_feed_forward_length(4 * cfg.d_model)
+        w.add_head_count(cfg.n_heads)
+        w.add_layer_norm_eps(1e-5)
+        if attn.get("clip_qkv") is not None:
+            w.add_clamp_kqv(attn["clip_qkv"])
+        w.add_max_alibi_bias(attn.get("alibi_bias_max", 8))
+
+    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    names = {"norm_1": "attn_norm", "attn.Wqkv": "attn_qkv", "attn.out_proj": "attn_output", "norm_2": "ffn_norm",
+             "ffn.up_proj": "ffn_up", "ffn.down_proj": "ffn_down"}
+    tensors = [("token_embd.weight", sd["transformer.wte.weight"])]
+    for i in range(cfg.n_layers):
+        tensors += [(f"blk.{i}.{g}.weight", sd[f"transformer.blocks.{i}.{hf}.weight"]) for hf, g in names.items()]
+    tensors.append(("output_norm.weight", sd["transformer.norm_f.weight"]))
+    if not cfg.tie_word_embeddings:
+        tensors.append(("output.weight", sd["lm_head.weight"]))
+    return _write(path, "mpt", metadata, tensors, tokenizer_json, "mpt", matrix_type, edge_type)

@@ -3,13 +3,11 @@
 llama.cpp's tokenizer test vectors; and the errors for files tinyllm cannot read."""
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 
 import tinyllm
-from tinyllm.converters.convert import convert_hf
+from tinyllm.converters.convert import config_dict, convert_hf
 from tinyllm.converters.gguf import convert_gguf, open_gguf
 from tinyllm.converters.gguf_tokenizer import tokenizer_spec_from_gguf
 from tinyllm.errors import FormatError, TinyLLMError, UnsupportedError
@@ -19,7 +17,8 @@ from tinyllm.tokenizer import Tokenizer
 from .conftest import shared
 from tinyllm.converters.llama import LAYER_TENSORS as HF_LAYER
 
-from .gguf_writer import LLAMA_LAYER, T, gguf, llama_cpp_unpermute, random_k_blocks, write_llama_gguf
+from .gguf_writer import (LLAMA_LAYER, T, bpe_vocab_arrays, gguf, llama_cpp_unpermute, random_k_blocks, write_falcon_gguf,
+                          write_llama_gguf, write_mpt_gguf)
 from .hf_oracle import hf_logits, save_random_model
 
 torch = pytest.importorskip("torch")
@@ -264,6 +263,65 @@ def test_llama3_rope_freqs_tensor(vocab_dir, tmp_path):
         open_gguf(bad)
 
 
+# -- Falcon and MPT GGUF files ------------------------------------------------------------------
+
+FALCON = dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, vocab_size=512,
+              max_position_embeddings=128, bos_token_id=1, eos_token_id=2)
+MPT = dict(d_model=96, n_heads=6, n_layers=2, vocab_size=512, max_seq_len=128, bos_token_id=1, eos_token_id=2)
+OTHER_ARCHS = {  # case -> (transformers class, config, GGUF writer, tokenizer folder)
+    "falcon-7b-style": ("FalconForCausalLM", dict(FALCON, multi_query=True, parallel_attn=True),
+                        write_falcon_gguf, "falcon-7b-instruct-tokenizer"),
+    "falcon-40b-style": ("FalconForCausalLM", dict(FALCON, new_decoder_architecture=True, num_kv_heads=2,
+                         rope_theta=25000.0, tie_word_embeddings=False), write_falcon_gguf, "falcon-7b-instruct-tokenizer"),
+    "falcon-one-norm-ffn96": ("FalconForCausalLM", dict(FALCON, new_decoder_architecture=True, num_kv_heads=2,
+                              num_ln_in_parallel_attn=1, ffn_hidden_size=96), write_falcon_gguf,
+                              "falcon-7b-instruct-tokenizer"),
+    "mpt-6-heads-clip-qkv": ("MptForCausalLM", dict(MPT, attn_config={"clip_qkv": 0.25}), write_mpt_gguf,
+                             "gpt-neox-20b-tokenizer-mpt"),
+    "mpt-untied": ("MptForCausalLM", dict(MPT, n_heads=4, tie_word_embeddings=False), write_mpt_gguf,
+                   "gpt-neox-20b-tokenizer-mpt"),
+}
+
+
+@pytest.fixture(scope="module")
+def other_arch(request, tmp_path_factory):
+    cls, config, writer, tok = OTHER_ARCHS[request.param]
+    tok_dir = shared(tok)
+    torch.manual_seed(0)
+    model = getattr(transformers, cls)(getattr(transformers, cls.replace("ForCausalLM", "Config"))(**config)).eval()
+    files = [tok_dir / f for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+             if (tok_dir / f).is_file()]
+    folder = save_random_model(model, tmp_path_factory.mktemp(request.param), files)
+    return model, folder, writer, tok_dir / "tokenizer.json"
+
+
+# every case in f32; two also in q4_0 (row slices of a fused quantized q/k/v)
+OTHER_ARCH_RUNS = [(case, T.F32) for case in OTHER_ARCHS] + [("falcon-40b-style", T.Q4_0), ("mpt-6-heads-clip-qkv", T.Q4_0)]
+
+
+@pytest.mark.parametrize("other_arch,qtype", OTHER_ARCH_RUNS, indirect=["other_arch"],
+                         ids=[f"{case}-{q.name}" for case, q in OTHER_ARCH_RUNS])
+def test_falcon_and_mpt_gguf_equal_hf_conversion(other_arch, tmp_path, qtype):
+    model, folder, writer, tokenizer_json = other_arch
+    quant = QUANT_OF[qtype]
+    edge = T.Q8_0 if quant == "q4_0" else qtype
+    g = _load(writer(tmp_path / "m.gguf", model, tokenizer_json, qtype, edge))
+    h = _load(convert_hf(folder, tmp_path / "m.q4", quant=quant))
+    gc, hc = config_dict(g.config), config_dict(h.config)
+    gc.pop("max_position_embeddings", None), hc.pop("max_position_embeddings", None)  # llama.cpp: Falcon 2048
+    assert gc == hc
+    assert g.file_tensors.keys() == h.file_tensors.keys()
+    for name, want in h.file_tensors.items():
+        for part in want.parts:
+            assert np.array_equal(g.file_tensors[name].parts[part], want.parts[part]), f"{name}.{part}"
+    ours = g.logits(PROMPT)
+    assert np.array_equal(ours, h.logits(PROMPT))
+    if qtype == T.F32:
+        assert np.abs(ours - hf_logits(model, PROMPT)).max() < 1e-4
+        text = "Hello world, 12345 times!\n  indented"
+        assert g.tokenize(text) == h.tokenize(text)
+
+
 # -- vocabularies against llama.cpp's tokenizer test vectors ------------------------------------
 
 def _vectors(folder, name):
@@ -273,21 +331,7 @@ def _vectors(folder, name):
 
 
 def _bpe_metadata(tokenizer_json, pre: str) -> dict:
-    """The vocabulary arrays convert_hf_to_gguf.py writes for a byte-level BPE tokenizer.json."""
-    j = json.loads(tokenizer_json.read_text(encoding="utf-8"))
-    vocab = dict(j["model"]["vocab"])
-    added = {t["id"]: t for t in j["added_tokens"]}
-    vocab.update({t["content"]: i for i, t in added.items()})
-    by_id = {i: s for s, i in vocab.items()}
-    tokens, types = [], []
-    for i in range(max(by_id) + 1):
-        if i not in by_id:
-            tokens.append(f"[PAD{i}]")
-            types.append(5)
-        else:
-            tokens.append(by_id[i])
-            types.append((3 if added[i]["special"] else 4) if i in added else 1)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in j["model"]["merges"]]
+    tokens, types, merges = bpe_vocab_arrays(tokenizer_json)
     return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre, "tokenizer.ggml.tokens": tokens,
             "tokenizer.ggml.token_type": types, "tokenizer.ggml.merges": merges}
 
