@@ -6,7 +6,7 @@ import importlib
 
 # backend name -> module implementing the reference op signatures
 BACKENDS = {"numpy": "reference", "numba": "numba_cpu", "cuda": "cuda"}
-DEFAULT_BACKEND = "numpy"
+DEFAULT_BACKEND = "numba"
 
 
 def get_backend(name: str | None = None):

@@ -1,0 +1,178 @@
+"""The benchmark model: a TinyLlama-1.1B-shaped LLaMA with random q4_0 weights, written
+once as a .q4 file and as a GGUF Q4_0 file holding the very same quantized blocks (for
+llama.cpp), both cached outside the repository (``$TINYLLM_BENCH_DIR``, default
+``~/.cache/tinyllm/bench``).
+
+Random *quantized* weights are drawn directly (uniform nibbles / int8 values, float16 scales
+giving a weight std of ~0.02) rather than quantizing random floats: 1.1 billion weights
+are written in seconds and both files encode identical numbers. As in `tinyllm convert
+--quant q4_0`, the embedding table and the output head are q8_0, norms f32. The tokenizer is
+the real Llama 2 one (TinyLlama's) from ../shared/models/llama2-tokenizer.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from tinyllm.arch.llama import Config
+from tinyllm.converters.convert import config_dict
+from tinyllm.converters.hf_tokenizer import tokenizer_spec_from_hf_dir
+from tinyllm.converters.llama import tensor_plan
+from tinyllm.fileformat import ModelWriter
+from tinyllm.kernels.quant import QTensor, n_blocks, to_ggml_blocks
+
+TINYLLAMA = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                 num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-5,
+                 rope_theta=10000.0, tie_word_embeddings=False)
+REPO = Path(__file__).resolve().parents[1]
+TOKENIZER_DIR = REPO.parent / "shared" / "models" / "llama2-tokenizer"
+NAME = "tinyllama-1.1b-random"
+SEED = 1
+
+
+def bench_dir() -> Path:
+    d = Path(os.environ.get("TINYLLM_BENCH_DIR", Path.home() / ".cache" / "tinyllm" / "bench"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def tensor_shapes(cfg: Config) -> dict:
+    """tinyllm tensor name -> shape (out_features, in_features) or (n,), for a LLaMA config."""
+    D, F, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    per_layer = {"attention_norm": (D,), "attention.wq": (cfg.num_attention_heads * hd, D),
+                 "attention.wk": (cfg.n_kv_heads * hd, D), "attention.wv": (cfg.n_kv_heads * hd, D),
+                 "attention.wo": (D, cfg.num_attention_heads * hd), "ffn_norm": (D,),
+                 "feed_forward.w1": (F, D), "feed_forward.w2": (D, F), "feed_forward.w3": (F, D)}
+    shapes = {"tok_embeddings": (cfg.vocab_size, D), "norm": (D,), "output": (cfg.vocab_size, D)}
+    for name, _, _ in tensor_plan(cfg):
+        if name.startswith("layers."):
+            shapes[name] = per_layer[name.split(".", 2)[2]]
+    return {name: shapes[name] for name, _, _ in tensor_plan(cfg)}
+
+
+def random_tensor(shape, fmt: str, rng, std: float = 0.02) -> QTensor:
+    """Random weights already in ``fmt`` (q4_0, q8_0, or f32 around 1 for norms)."""
+    if len(shape) == 1:
+        return QTensor("f32", shape, {"w": rng.uniform(0.8, 1.2, shape).astype(np.float32)})
+    rows, cols = shape
+    nb = n_blocks(cols)
+    if fmt == "q4_0":   # q uniform on 0..15: (q - 8) has std ~4.6
+        d = rng.uniform(0.5, 1.5, (rows, nb)) * (std / 4.6)
+        qs = rng.integers(0, 256, (rows, 16, nb), dtype=np.uint8)
+    elif fmt == "q8_0":  # q uniform on -127..127: std ~73
+        d = rng.uniform(0.5, 1.5, (rows, nb)) * (std / 73)
+        qs = rng.integers(-127, 128, (rows, 32, nb), dtype=np.int8)
+    else:
+        raise ValueError(fmt)
+    return QTensor(fmt, tuple(shape), {"d": d.astype(np.float16), "qs": qs})
+
+
+def _format(name: str) -> str:
+    return "q8_0" if name in ("tok_embeddings", "output") else "q4_0"
+
+
+def write_q4(path: Path, cfg: Config, seed: int = SEED) -> Path:
+    rng = np.random.default_rng(seed)
+    hf_config = {"architectures": ["LlamaForCausalLM"], "bos_token_id": 1, "eos_token_id": 2, **TINYLLAMA}
+    metadata = {"architecture": "llama", "config": config_dict(cfg),
+                "tokenizer": tokenizer_spec_from_hf_dir(TOKENIZER_DIR, hf_config),
+                "chat_template": None, "generation": {}, "quant": "q4_0",
+                "source": {"format": "random", "name": NAME, "seed": seed}}
+    with ModelWriter(path, metadata) as out:
+        for name, shape in tensor_shapes(cfg).items():
+            out.add(name, random_tensor(shape, _format(name), rng))
+    return path
+
+
+# GGUF: llama.cpp's names, and its RoPE pairing (Meta's adjacent pairs) for q and k rows
+GGUF_LAYER = {"attention_norm": "attn_norm", "attention.wq": "attn_q", "attention.wk": "attn_k",
+              "attention.wv": "attn_v", "attention.wo": "attn_output", "ffn_norm": "ffn_norm",
+              "feed_forward.w1": "ffn_gate", "feed_forward.w2": "ffn_down", "feed_forward.w3": "ffn_up"}
+
+
+def _gguf_name(name: str) -> str:
+    if name.startswith("layers."):
+        _, i, rest = name.split(".", 2)
+        return f"blk.{i}.{GGUF_LAYER[rest]}.weight"
+    return {"tok_embeddings": "token_embd.weight", "norm": "output_norm.weight", "output": "output.weight"}[name]
+
+
+def rope_rows_for_llama_cpp(rows: int, n_heads: int) -> np.ndarray:
+    """Row order turning rotate-half q/k rows into llama.cpp's interleaved pairs
+    (convert_hf_to_gguf.py's LlamaModel.permute, applied to row indices)."""
+    return np.arange(rows).reshape(n_heads, 2, rows // n_heads // 2).swapaxes(1, 2).reshape(-1)
+
+
+def write_gguf(q4_path: Path, path: Path) -> Path:
+    """The .q4 file's tensors, block for block, as GGUF (llama.cpp's Q4_0 / Q8_0 / F32)."""
+    import gguf
+
+    from tinyllm.fileformat import ModelFile
+
+    src = ModelFile(q4_path, verify=False)
+    cfg = Config(**src.metadata["config"])
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name(NAME)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.n_kv_heads)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0)
+    vocab = gguf.vocab.SentencePieceVocab(TOKENIZER_DIR)
+    tokens, scores, types = zip(*vocab.all_tokens())
+    w.add_tokenizer_model("llama")
+    w.add_token_list(list(tokens))
+    w.add_token_scores(list(scores))
+    w.add_token_types([int(t) for t in types])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_add_bos_token(True)
+    qtypes = {"q4_0": gguf.GGMLQuantizationType.Q4_0, "q8_0": gguf.GGMLQuantizationType.Q8_0}
+    for name, t in src.tensors.items():
+        if t.format == "f32":
+            w.add_tensor(_gguf_name(name), np.asarray(t.parts["w"], np.float32))
+            continue
+        rows = t.shape[0]
+        blocks = to_ggml_blocks(t).reshape(rows, -1)
+        if name.endswith("attention.wq"):
+            blocks = blocks[rope_rows_for_llama_cpp(rows, cfg.num_attention_heads)]
+        elif name.endswith("attention.wk"):
+            blocks = blocks[rope_rows_for_llama_cpp(rows, cfg.n_kv_heads)]
+        w.add_tensor(_gguf_name(name), blocks, raw_shape=blocks.shape, raw_dtype=qtypes[t.format])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def bench_model(gguf_too: bool = False) -> tuple[Path, Path | None]:
+    """Paths of the cached benchmark model (.q4, and .gguf when asked), created on first use."""
+    if not (TOKENIZER_DIR / "tokenizer.model").is_file():
+        raise FileNotFoundError(f"the Llama 2 tokenizer is needed to build the benchmark model: {TOKENIZER_DIR}")
+    d = bench_dir()
+    q4 = d / f"{NAME}-q4_0.q4"
+    if not q4.exists():
+        write_q4(q4, Config(**TINYLLAMA))
+    gg = None
+    if gguf_too:
+        gg = d / f"{NAME}-q4_0.gguf"
+        if not gg.exists() or gg.stat().st_mtime < q4.stat().st_mtime:
+            tmp = gg.with_suffix(".gguf.partial")
+            write_gguf(q4, tmp)
+            os.replace(tmp, gg)
+    return q4, gg
+
+
+if __name__ == "__main__":
+    for p in bench_model(gguf_too=True):
+        print(p, f"{p.stat().st_size / 1e6:.1f} MB")
