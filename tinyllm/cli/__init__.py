@@ -33,3 +33,4 @@ from . import info  # noqa: E402,F401
 from . import serve  # noqa: E402,F401
 from . import perplexity  # noqa: E402,F401
 from . import pull  # noqa: E402,F401
+from . import bench  # noqa: E402,F401
