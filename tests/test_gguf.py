@@ -362,6 +362,25 @@ def test_llama_spm_vocab_matches_llama_cpp_vectors():
         assert tok.encode(text, add_bos=False) == ids, text
 
 
+# llama.cpp's LLAMA3 pre-tokenizer regex (src/llama-vocab.cpp), its case-insensitive
+# contractions spelled out as llama.cpp adapted them from the tokenizer.json original
+LLAMA_CPP_LLAMA3_REGEX = ("(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+"
+                          "|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
+
+
+def test_llama3_pre_tokenizer_splits_as_llama_cpp():
+    """No Llama 3 vocabulary is at hand, so the "llama-bpe" pre-tokenizer is checked on its
+    own: it splits llama.cpp's tokenizer test strings exactly where llama.cpp's regex does."""
+    regex = pytest.importorskip("regex")
+    tokenizers = pytest.importorskip("tokenizers")
+    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "llama-bpe", "tokenizer.ggml.tokens": ["a", "b", "ab"],
+            "tokenizer.ggml.merges": ["a b"]}
+    pre = tokenizers.Tokenizer.from_str(tokenizer_spec_from_gguf(meta)["json"]).pre_tokenizer
+    texts = [t for t, _ in _vectors(shared("llama2-tokenizer"), "llama-spm")]
+    for text in texts + ["I'LL say: it's 12345 o'Clock!\r\n\n  x"]:
+        assert [text[a:b] for _, (a, b) in pre.pre_tokenize_str(text)] == regex.findall(LLAMA_CPP_LLAMA3_REGEX, text)
+
+
 def test_pre_tokenizer_guessed_from_architecture_or_refused():
     meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["a", "b", "ab"], "tokenizer.ggml.merges": ["a b"]}
     spec = tokenizer_spec_from_gguf(meta, "falcon")  # old files have no tokenizer.ggml.pre
