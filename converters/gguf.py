@@ -40,7 +40,7 @@ from ..errors import FormatError, TinyLLMError, UnsupportedError
 from ..fileformat import ModelWriter
 from ..kernels.quant import FORMATS, QTensor, from_ggml_blocks, quantize
 from .convert import _ROW_CHUNK, config_dict, tensor_format
-from .gguf_arch import GGUF_ARCHITECTURES
+from .gguf_arch import GGUF_ARCHITECTURES, clean_float
 from .gguf_kquants import q4_k_to_q4_1_blocks
 from .gguf_tokenizer import tokenizer_spec_from_gguf
 
@@ -52,6 +52,10 @@ REQUANT = {"BF16": "f32", "Q2_K": "q4_1", "Q3_K": "q4_1", "Q4_K": "q4_1",
 SAMPLING_KEYS = {"temp": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
                  "penalty_repeat": "repetition_penalty"}
 _REQUIRED = object()
+
+
+def _clean(value):
+    return clean_float(value) if isinstance(value, float) else value
 
 
 def _stderr(line: str) -> None:
@@ -201,7 +205,7 @@ class GGUFModel:
             "config": config_dict(self.config),
             "tokenizer": tokenizer_spec_from_gguf(meta, arch_name),
             "chat_template": meta.get("tokenizer.chat_template"),
-            "generation": {ours: meta[f"general.sampling.{k}"] for k, ours in SAMPLING_KEYS.items()
+            "generation": {ours: _clean(meta[f"general.sampling.{k}"]) for k, ours in SAMPLING_KEYS.items()
                            if f"general.sampling.{k}" in meta},
             "quant": quant or matrix_formats.most_common(1)[0][0],
             "source": {"format": "gguf", "name": meta.get("general.name") or self.path.stem},

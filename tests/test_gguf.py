@@ -80,8 +80,16 @@ def test_gguf_equals_hf_conversion(hf_llama, vocab_dir, tmp_path, qtype):
 
 def test_gguf_tokenizer_and_chat_metadata(hf_llama, vocab_dir, tmp_path):
     model, folder = hf_llama
-    g = _load(write_llama_gguf(tmp_path / "m.gguf", model, vocab_dir, T.F32))
+
+    def sampling(w):  # the file author's recommended sampling (general.sampling.*)
+        w.add_sampling_temp(0.3)
+        w.add_sampling_top_k(20)
+        w.add_sampling_penalty_repeat(1.1)
+
+    g = _load(write_llama_gguf(tmp_path / "m.gguf", model, vocab_dir, T.F32, metadata=sampling))
     h = _load(convert_hf(folder, tmp_path / "m.q4", quant="f32"))
+    assert g.generation_defaults == {"temperature": 0.3, "top_k": 20, "repetition_penalty": 1.1}
+    assert g.sampling_params().top_k == 20
     # single spaces only: GGUF (like llama.cpp) drops this tokenizer.model's remove_extra_whitespaces
     for text in ("Once upon a time, there was a dog.", "Lily said: \"Hi!\" 123<s>x</s>", "ü€ 🦙 日本"):
         assert g.tokenize(text) == h.tokenize(text)
