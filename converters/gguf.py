@@ -6,6 +6,11 @@
 converted in memory at load time, nothing is written to disk. ``convert_gguf(src, out)``
 writes the same tensors as a .q4 file (memory-mapped at load, no conversion work).
 
+Architectures (converters/gguf_arch.py): llama (LLaMA 1-3, Mistral, SmolLM, ...: GQA, tied
+embeddings, q/k un-permuted back to rotate-half), falcon and mpt (fused q/k/v split into row
+ranges), gptj. Vocabularies (converters/gguf_tokenizer.py): "llama" SentencePiece-style and
+"gpt2" byte-level BPE.
+
 Tensor types (GGUF -> tinyllm), decided per tensor by ``GGUFTensor.target_format``:
 
     F32, F16, Q4_0, Q4_1, Q8_0   the same format, without loss: ggml's interleaved blocks

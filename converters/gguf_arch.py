@@ -274,4 +274,55 @@ class MPT(GGUFArch):
                 "attn_qkv.weight": (qkv, d), "attn_output.weight": (d, d), "ffn_up.weight": (f, d), "ffn_down.weight": (d, f)}
 
 
-GGUF_ARCHITECTURES = {"llama": Llama, "falcon": Falcon, "mpt": MPT}
+class GPTJ(GGUFArch):
+    """GPT-J: arch "gptj" as convert_hf_to_gguf.py's GPTJModel writes it: the Hugging Face
+    tensors renamed (biases included), q/k rows untouched. GPT-J rotates adjacent pairs, so
+    the Hugging Face converter's row reordering (converters/gptj.py) applies here too."""
+
+    arch = "gptj"
+    KNOWN_KEYS = {"context_length", "embedding_length", "block_count", "feed_forward_length", "vocab_size",
+                  "attention.head_count", "attention.layer_norm_epsilon", "rope.dimension_count", "rope.freq_base"}
+    LAYER_TENSORS = {"attn_norm.weight": "attention_norm", "attn_norm.bias": "attention_norm_bias",
+                     "attn_q.weight": "attention.wq", "attn_k.weight": "attention.wk", "attn_v.weight": "attention.wv",
+                     "attn_output.weight": "attention.wo", "ffn_up.weight": "feed_forward.w1",
+                     "ffn_up.bias": "feed_forward.w1_bias", "ffn_down.weight": "feed_forward.w2",
+                     "ffn_down.bias": "feed_forward.w2_bias"}
+
+    @classmethod
+    def hf_config(cls, get, tensors: dict) -> dict:
+        d, heads = get("embedding_length"), get("attention.head_count")
+        if clean_float(get("rope.freq_base", 10000.0)) != 10000.0:
+            raise UnsupportedError(f"GGUF gptj rope.freq_base={get('rope.freq_base')} is not supported (GPT-J uses 10000)")
+        return {"n_embd": d, "n_layer": get("block_count"), "n_head": heads,
+                "vocab_size": get("vocab_size", None) or tensors["token_embd.weight"].shape[0],
+                "rotary_dim": get("rope.dimension_count", d // heads),
+                "n_inner": (tensors["blk.0.ffn_up.weight"].shape[0] if "blk.0.ffn_up.weight" in tensors
+                            else get("feed_forward_length", 4 * d)),
+                "n_positions": get("context_length", 2048),
+                "layer_norm_epsilon": clean_float(get("attention.layer_norm_epsilon", 1e-5)),
+                "tie_word_embeddings": "output.weight" not in tensors}
+
+    @classmethod
+    def plan(cls, cfg) -> list:
+        from .gptj import rotary_row_order
+
+        order = rotary_row_order(cfg.n_head, cfg.head_dim, cfg.rotary_dim)
+        fix = {"attention.wq": lambda t: permute_rows(t, order), "attention.wk": lambda t: permute_rows(t, order)}
+        plan = [("tok_embeddings", "token_embd.weight", None)]
+        for i in range(cfg.n_layer):
+            plan += [(f"layers.{i}.{ours}", f"blk.{i}.{g}", fix.get(ours)) for g, ours in cls.LAYER_TENSORS.items()]
+        plan += [("norm", "output_norm.weight", None), ("norm_bias", "output_norm.bias", None)]
+        if not cfg.tie_word_embeddings:
+            plan.append(("output", "output.weight", None))
+        return plan + [("output_bias", "output.bias", None)]
+
+    @classmethod
+    def shapes(cls, cfg) -> dict:
+        d, f, v = cfg.n_embd, cfg.n_inner, cfg.vocab_size
+        square = {f"attn_{n}.weight": (d, d) for n in ("q", "k", "v", "output")}
+        return {**square, "token_embd.weight": (v, d), "output.weight": (v, d), "output.bias": (v,),
+                "attn_norm.weight": (d,), "attn_norm.bias": (d,), "output_norm.weight": (d,), "output_norm.bias": (d,),
+                "ffn_up.weight": (f, d), "ffn_up.bias": (f,), "ffn_down.weight": (d, f), "ffn_down.bias": (d,)}
+
+
+GGUF_ARCHITECTURES = {"llama": Llama, "falcon": Falcon, "mpt": MPT, "gptj": GPTJ}

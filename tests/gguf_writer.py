@@ -163,7 +163,7 @@ def _write(path: Path, arch: str, metadata, tensors: list, tokenizer_json: Path,
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_merges(merges)
-    w.add_eos_token_id(11 if arch == "falcon" else 0)
+    w.add_eos_token_id({"falcon": 11, "gptj": 50256}.get(arch, 0))
     for name, x in tensors:
         edge = name in ("token_embd.weight", "output.weight")
         qtype = T.F32 if x.ndim == 1 else (edge_type or matrix_type) if edge else matrix_type
@@ -242,3 +242,33 @@ def write_mpt_gguf(path: Path, model, tokenizer_json: Path, matrix_type=T.F32, e
     if not cfg.tie_word_embeddings:
         tensors.append(("output.weight", sd["lm_head.weight"]))
     return _write(path, "mpt", metadata, tensors, tokenizer_json, "mpt", matrix_type, edge_type)
+
+
+def write_gptj_gguf(path: Path, model, tokenizer_json: Path, matrix_type=T.F32, edge_type=None) -> Path:
+    """convert_hf_to_gguf.py GPTJModel: the tensors renamed, biases kept, nothing permuted."""
+    cfg = model.config
+
+    def metadata(w):
+        w.add_block_count(cfg.n_layer)
+        w.add_context_length(cfg.n_positions)
+        w.add_embedding_length(cfg.n_embd)
+        w.add_feed_forward_length(4 * cfg.n_embd)
+        w.add_head_count(cfg.n_head)
+        w.add_layer_norm_eps(cfg.layer_norm_epsilon)
+        if cfg.rotary_dim < cfg.n_embd // cfg.n_head:
+            w.add_rope_dimension_count(cfg.rotary_dim)
+
+    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    names = {"ln_1": "attn_norm", "attn.q_proj": "attn_q", "attn.k_proj": "attn_k", "attn.v_proj": "attn_v",
+             "attn.out_proj": "attn_output", "mlp.fc_in": "ffn_up", "mlp.fc_out": "ffn_down"}
+    tensors = [("token_embd.weight", sd["transformer.wte.weight"])]
+    for i in range(cfg.n_layer):
+        for hf, g in names.items():
+            for kind in ("weight", "bias"):
+                if f"transformer.h.{i}.{hf}.{kind}" in sd:
+                    tensors.append((f"blk.{i}.{g}.{kind}", sd[f"transformer.h.{i}.{hf}.{kind}"]))
+    tensors += [("output_norm.weight", sd["transformer.ln_f.weight"]), ("output_norm.bias", sd["transformer.ln_f.bias"])]
+    if not cfg.tie_word_embeddings:
+        tensors.append(("output.weight", sd["lm_head.weight"]))
+    tensors.append(("output.bias", sd["lm_head.bias"]))
+    return _write(path, "gptj", metadata, tensors, tokenizer_json, "gpt-2", matrix_type, edge_type)

@@ -18,7 +18,7 @@ from .conftest import shared
 from tinyllm.converters.llama import LAYER_TENSORS as HF_LAYER
 
 from .gguf_writer import (LLAMA_LAYER, T, bpe_vocab_arrays, gguf, llama_cpp_unpermute, random_k_blocks, write_falcon_gguf,
-                          write_llama_gguf, write_mpt_gguf)
+                          write_gptj_gguf, write_llama_gguf, write_mpt_gguf)
 from .hf_oracle import hf_logits, save_random_model
 
 torch = pytest.importorskip("torch")
@@ -271,11 +271,12 @@ def test_llama3_rope_freqs_tensor(vocab_dir, tmp_path):
         open_gguf(bad)
 
 
-# -- Falcon and MPT GGUF files ------------------------------------------------------------------
+# -- Falcon, MPT and GPT-J GGUF files ------------------------------------------------------------------
 
 FALCON = dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, vocab_size=512,
               max_position_embeddings=128, bos_token_id=1, eos_token_id=2)
 MPT = dict(d_model=96, n_heads=6, n_layers=2, vocab_size=512, max_seq_len=128, bos_token_id=1, eos_token_id=2)
+GPTJ = dict(n_embd=64, n_head=4, n_layer=2, vocab_size=512, n_positions=128, bos_token_id=1, eos_token_id=2)
 OTHER_ARCHS = {  # case -> (transformers class, config, GGUF writer, tokenizer folder)
     "falcon-7b-style": ("FalconForCausalLM", dict(FALCON, multi_query=True, parallel_attn=True),
                         write_falcon_gguf, "falcon-7b-instruct-tokenizer"),
@@ -288,6 +289,7 @@ OTHER_ARCHS = {  # case -> (transformers class, config, GGUF writer, tokenizer f
                              "gpt-neox-20b-tokenizer-mpt"),
     "mpt-untied": ("MptForCausalLM", dict(MPT, n_heads=4, tie_word_embeddings=False), write_mpt_gguf,
                    "gpt-neox-20b-tokenizer-mpt"),
+    "gptj-partial-rotary": ("GPTJForCausalLM", dict(GPTJ, rotary_dim=8), write_gptj_gguf, "gpt-j-6b-tokenizer"),
 }
 
 
@@ -304,12 +306,13 @@ def other_arch(request, tmp_path_factory):
 
 
 # every case in f32; two also in q4_0 (row slices of a fused quantized q/k/v)
-OTHER_ARCH_RUNS = [(case, T.F32) for case in OTHER_ARCHS] + [("falcon-40b-style", T.Q4_0), ("mpt-6-heads-clip-qkv", T.Q4_0)]
+OTHER_ARCH_RUNS = [(case, T.F32) for case in OTHER_ARCHS] + [("falcon-40b-style", T.Q4_0), ("mpt-6-heads-clip-qkv", T.Q4_0),
+                                                             ("gptj-partial-rotary", T.Q4_0)]
 
 
 @pytest.mark.parametrize("other_arch,qtype", OTHER_ARCH_RUNS, indirect=["other_arch"],
                          ids=[f"{case}-{q.name}" for case, q in OTHER_ARCH_RUNS])
-def test_falcon_and_mpt_gguf_equal_hf_conversion(other_arch, tmp_path, qtype):
+def test_falcon_mpt_gptj_gguf_equal_hf_conversion(other_arch, tmp_path, qtype):
     model, folder, writer, tokenizer_json = other_arch
     quant = QUANT_OF[qtype]
     edge = T.Q8_0 if quant == "q4_0" else qtype
@@ -435,7 +438,7 @@ def test_unsupported_tensor_type_named(small_gguf, vocab_dir, tmp_path):
 
 
 @pytest.mark.parametrize("case,error,match", [
-    ("arch", UnsupportedError, "GGUF architecture 'gemma'"),
+    ("arch", UnsupportedError, "GGUF architecture 'gemma' is not supported"),
     ("option", UnsupportedError, r"llama\.attention\.sliding_window"),
     ("experts", UnsupportedError, "mixture-of-experts"),
     ("yarn", UnsupportedError, "rope scaling type 'yarn'"),
