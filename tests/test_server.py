@@ -230,7 +230,7 @@ def test_client_disconnect_mid_stream_frees_the_model(model_path):
         next_request = time.monotonic() - start
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
     assert calls_at_stop < 40, "generation went on after the client left"
-    assert freed < 0.5 and next_request < 0.5, (freed, next_request)
+    assert freed < 1.0 and next_request < 1.0, (freed, next_request)  # vs ~3.9 s had it run on
     assert server.worker.counts["cancelled"] == 1
     print(f"\nstream disconnect: model free {freed * 1000:.0f} ms after the client left, after {calls_at_stop} of 400 "
           f"forward passes; next request answered in {next_request * 1000:.0f} ms "
