@@ -153,42 +153,40 @@ def _q4_rows_simd(qs, d, m, xq, corr, dx, sxf, out, width, tt):
                                             c_tstride, min(width, nb - b0), out, t0 * N + r, N, width, tt)
 
 
-# Entry points with the constants fixed (calling a literally() function from Python would
-# re-type it on every call).
+# Entry points: activation in, product out, the constants fixed (calling a literally()
+# function from Python would re-type it on every call). One call per matmul: quantizing the
+# activation and allocating inside the same compiled function keeps the per-call overhead
+# of a decode step's ~150 matmuls small.
 @njit(cache=True, error_model="numpy")
-def q4_decode_simd64(qs, d, m, xq, corr, dx, sxf, out):
-    _q4_rows_simd(qs, d, m, xq, corr, dx, sxf, out, 64, 1)
-
-
-@njit(cache=True, error_model="numpy")
-def q4_prefill_simd64(qs, d, m, xq, corr, dx, sxf, out):
-    _q4_rows_simd(qs, d, m, xq, corr, dx, sxf, out, 64, PREFILL_TILE)
-
-
-@njit(cache=True, error_model="numpy")
-def q4_decode_simd32(qs, d, m, xq, corr, dx, sxf, out):
-    _q4_rows_simd(qs, d, m, xq, corr, dx, sxf, out, 32, 1)
+def q4_simd64(qs, d, m, x, tile, lo, hi):
+    xq, corr, dx, sxf = quantize_for_simd(x, 64, tile, lo, hi)
+    out = np.zeros((xq.shape[0], qs.shape[0]), np.float32)
+    if tile == 1:
+        _q4_rows_simd(qs, d, m, xq, corr, dx, sxf, out, 64, 1)
+    else:
+        _q4_rows_simd(qs, d, m, xq, corr, dx, sxf, out, 64, PREFILL_TILE)
+    return out
 
 
 @njit(cache=True, error_model="numpy")
-def q4_prefill_simd32(qs, d, m, xq, corr, dx, sxf, out):
-    _q4_rows_simd(qs, d, m, xq, corr, dx, sxf, out, 32, PREFILL_TILE)
+def q4_simd32(qs, d, m, x, tile, lo, hi):
+    xq, corr, dx, sxf = quantize_for_simd(x, 32, tile, lo, hi)
+    out = np.zeros((xq.shape[0], qs.shape[0]), np.float32)
+    if tile == 1:
+        _q4_rows_simd(qs, d, m, xq, corr, dx, sxf, out, 32, 1)
+    else:
+        _q4_rows_simd(qs, d, m, xq, corr, dx, sxf, out, 32, PREFILL_TILE)
+    return out
 
 
-SIMD_KERNELS = {64: (q4_decode_simd64, q4_prefill_simd64), 32: (q4_decode_simd32, q4_prefill_simd32)}
+SIMD_KERNELS = {64: q4_simd64, 32: q4_simd32}
 
 
 def q4_matmul_simd(x, qs, d, m, width):
     """(T, K) float32 @ q4 weight^T -> (T, N) through the SIMD kernels."""
     T = x.shape[0]
-    N = qs.shape[0]
-    decode, prefill = SIMD_KERNELS[width]
-    tile = 1 if T == 1 else PREFILL_TILE
     lo, hi = _pair_blocks(width)
-    xq, corr, dx, sxf = quantize_for_simd(x, width, tile, lo, hi)
-    out = np.zeros((xq.shape[0], N), np.float32)
-    (decode if T == 1 else prefill)(qs, d, m, xq, corr, dx, sxf, out)
-    return out[:T]
+    return SIMD_KERNELS[width](qs, d, m, x, 1 if T == 1 else PREFILL_TILE, lo, hi)[:T]
 
 
 _PAIR_CACHE: dict = {}
@@ -223,43 +221,41 @@ def _q8_rows_simd(qs, d, xq, dx, out, width, tt):
 
 
 @njit(cache=True, error_model="numpy")
-def q8_decode_simd64(qs, d, xq, dx, out):
-    _q8_rows_simd(qs, d, xq, dx, out, 64, 1)
+def q8_simd64(qs, d, x, tile, slots):
+    xq, dx = quantize_for_simd_q8(x, 64, tile, slots)
+    out = np.zeros((xq.shape[0], qs.shape[0]), np.float32)
+    if tile == 1:
+        _q8_rows_simd(qs, d, xq, dx, out, 64, 1)
+    else:
+        _q8_rows_simd(qs, d, xq, dx, out, 64, PREFILL_TILE)
+    return out
 
 
 @njit(cache=True, error_model="numpy")
-def q8_prefill_simd64(qs, d, xq, dx, out):
-    _q8_rows_simd(qs, d, xq, dx, out, 64, PREFILL_TILE)
+def q8_simd32(qs, d, x, tile, slots):
+    xq, dx = quantize_for_simd_q8(x, 32, tile, slots)
+    out = np.zeros((xq.shape[0], qs.shape[0]), np.float32)
+    if tile == 1:
+        _q8_rows_simd(qs, d, xq, dx, out, 32, 1)
+    else:
+        _q8_rows_simd(qs, d, xq, dx, out, 32, PREFILL_TILE)
+    return out
 
 
-@njit(cache=True, error_model="numpy")
-def q8_decode_simd32(qs, d, xq, dx, out):
-    _q8_rows_simd(qs, d, xq, dx, out, 32, 1)
-
-
-@njit(cache=True, error_model="numpy")
-def q8_prefill_simd32(qs, d, xq, dx, out):
-    _q8_rows_simd(qs, d, xq, dx, out, 32, PREFILL_TILE)
-
-
-Q8_SIMD_KERNELS = {64: (q8_decode_simd64, q8_prefill_simd64), 32: (q8_decode_simd32, q8_prefill_simd32)}
+Q8_SIMD_KERNELS = {64: q8_simd64, 32: q8_simd32}
 _Q8_SLOTS: dict = {}
 
 
 def q8_matmul_simd(x, qs, d, width):
     """(T, K) float32 @ q8_0 weight^T -> (T, N) through the SIMD kernels."""
-    T, N = x.shape[0], qs.shape[0]
+    T = x.shape[0]
     if width not in _Q8_SLOTS:
         slots = np.empty(width, np.int64)
         for r, blocks in enumerate(numba_simd.q8_pair_blocks(width)):
             for k, b in enumerate(blocks):
                 slots[b] = r * (width // 2) + 2 * k
         _Q8_SLOTS[width] = slots
-    decode, prefill = Q8_SIMD_KERNELS[width]
-    xq, dx = quantize_for_simd_q8(x, width, 1 if T == 1 else PREFILL_TILE, _Q8_SLOTS[width])
-    out = np.zeros((xq.shape[0], N), np.float32)
-    (decode if T == 1 else prefill)(qs, d, xq, dx, out)
-    return out[:T]
+    return Q8_SIMD_KERNELS[width](qs, d, x, 1 if T == 1 else PREFILL_TILE, _Q8_SLOTS[width])[:T]
 
 
 # -- q4 products: portable ----------------------------------------------------------------
