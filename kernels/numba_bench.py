@@ -7,6 +7,8 @@ import numba
 import numpy as np
 from numba import njit, prange
 
+from . import numba_cache  # noqa: F401  (before any @njit(cache=True): see numba_cache.py)
+
 
 def sum_words(buf):
     """Sum of a uint64 buffer (wrapping), read as one slice per kernel thread."""

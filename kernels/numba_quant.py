@@ -23,7 +23,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from . import numba_simd
+from . import numba_cache, numba_simd  # noqa: F401  (numba_cache first: see numba_cache.py)
 from .numba_math import f16_bits_to_f32
 
 QK = 32

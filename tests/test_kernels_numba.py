@@ -286,3 +286,13 @@ def test_interface_matches_reference():
                "layernorm", "silu", "swiglu", "gelu", "clip", "softmax", "rope", "kv_write", "attention"):
         assert callable(getattr(nb, fn)), fn
     assert nb.name == "numba"
+
+
+def test_kernel_cache_is_stamped_with_every_kernel_source():
+    """A cached kernel must not outlive an edit of a helper module it inlines (numba_cache.py)."""
+    from tinyllm.kernels import numba_cache
+
+    for fn in (numba_ops.rmsnorm, numba_quant.q4_simd64, numba_quant.q8_rows_portable):
+        locator = fn._cache._impl._locator
+        assert type(locator).__name__.startswith("Kernels")
+        assert locator.get_source_stamp() == numba_cache.kernels_stamp()
