@@ -49,9 +49,18 @@ def machine() -> dict:
             "simd_width": numba_cpu.SIMD_WIDTH, "load_average_at_end": load}
 
 
+def add_ratios() -> None:
+    """For every "<what> tinyllm" measured next to "<what> llama.cpp": the speed ratio."""
+    for name in list(RESULTS):
+        if name.endswith(" tinyllm") and f"{name[:-8]} llama.cpp" in RESULTS:
+            ours, theirs = RESULTS[name], RESULTS[f"{name[:-8]} llama.cpp"]
+            record(f"{name[:-8]}: tinyllm / llama.cpp", ratio=ours["median_tok_s"] / theirs["median_tok_s"])
+
+
 def pytest_terminal_summary(terminalreporter):
     if not RESULTS:
         return
+    add_ratios()
     tr = terminalreporter
     tr.section("tinyllm benchmark summary")
     info = machine()

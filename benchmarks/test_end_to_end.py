@@ -7,7 +7,7 @@ with llama.cpp (llama-cpp-python) on the same weights in GGUF Q4_0 with the same
     start     `tinyllm generate -n 1`, wall time, first-ever (empty kernel cache) and second
     memory    peak RSS of `tinyllm generate -n 128` vs file + KV cache + 300 MB
 
-The ratios tinyllm / llama.cpp are recorded by the last test, in the summary.
+The summary (benchmarks/conftest.py) prints every figure and the ratios tinyllm / llama.cpp.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import tinyllm
 from tinyllm.benchmark import memory_bandwidth, prompt_ids, weight_bytes_per_token
 
 from .bench_model import bench_model
-from .conftest import RESULTS, bench_threads, record
+from .conftest import bench_threads, record
 
 PREFILL = [128, 512]
 DECODE = 128
@@ -171,26 +171,15 @@ def test_start_to_first_token(benchmark, paths):
            second_start_median_s=benchmark.stats.stats.median, second_start_max_s=benchmark.stats.stats.max)
 
 
-def test_peak_memory_while_decoding(paths):
+def test_peak_memory_while_decoding(benchmark, paths):
     m = tinyllm.load(paths[0], backend="numpy")  # just for the sizes
     cfg = m.config
     kv_bytes = cfg.num_hidden_layers * 2 * cfg.n_kv_heads * m.n_ctx * cfg.head_dim * 4
     file_bytes = paths[0].stat().st_size
     del m
-    _, rss = _cli(["generate", str(paths[0]), "-p", "Once upon a time", "-n", str(DECODE), "--temperature", "0",
-                   "--threads", str(bench_threads())])
+    args = ["generate", str(paths[0]), "-p", "Once upon a time", "-n", str(DECODE), "--temperature", "0",
+            "--threads", str(bench_threads())]
+    _, rss = benchmark.pedantic(_cli, args=(args,), rounds=1, iterations=1)
     bound = file_bytes + kv_bytes + 300e6
     record("peak RSS decoding (tinyllm generate -n 128)", rss_mb=rss / 1e6, file_mb=file_bytes / 1e6,
            kv_cache_mb=kv_bytes / 1e6, bound_mb=bound / 1e6, within_bound=bool(rss <= bound))
-
-
-def test_side_by_side_ratios():
-    pairs = [(f"prefill {n}", "median_tok_s") for n in PREFILL] + [(f"decode {DECODE}", "median_tok_s")]
-    found = False
-    for name, key in pairs:
-        ours, theirs = RESULTS.get(f"{name} tinyllm"), RESULTS.get(f"{name} llama.cpp")
-        if ours and theirs:
-            found = True
-            record(f"{name} tinyllm / llama.cpp", ratio=ours[key] / theirs[key])
-    if not found:
-        pytest.skip("no llama.cpp measurements in this session")

@@ -25,10 +25,10 @@ from .reference import add, clip, from_numpy, to_numpy  # noqa: F401
 name = "numba"
 
 # Prefill (T > 1) on quantized weights: the SIMD integer kernels beat dequantize-a-tile-
-# then-BLAS at every measured shape (BENCHMARKS.md); without SIMD, BLAS wins from this many
-# tokens on.
-PORTABLE_BLAS_MIN_TOKENS = 8
-BLAS_TILE_ROWS = 256          # rows dequantized per BLAS call (256 x 11008 floats = 11 MB)
+# then-BLAS at every measured shape (BENCHMARKS.md). The portable integer loops (no SIMD) and
+# the float-weight loops re-read the weights per token: BLAS wins from about this many on.
+PORTABLE_BLAS_MIN_TOKENS = 16
+BLAS_TILE_ROWS = 512          # rows dequantized per BLAS call (512 x 11008 floats = 23 MB)
 # Attention spreads over the threads from this many multiply-adds in q.K (waking the pool
 # costs microseconds on an idle machine, up to a scheduler tick on a busy one).
 ATTENTION_PARALLEL_MIN_MACS = 1 << 16
@@ -160,13 +160,13 @@ def _matmul_nobias(x, w):
             numba_quant.q8_rows_portable(v["qs"], v["d"], xq, dx, out)
             return out
         return _matmul_blas_tiles(x, w)
+    if T < PORTABLE_BLAS_MIN_TOKENS:  # float weights (f16 bits or f32), few tokens
+        out = np.empty((T, w.shape[0]), np.float32)
+        (numba_quant.f16_matvec if w.format == "f16" else numba_quant.f32_matvec)(v["w"].reshape(w.shape), x, out)
+        return out
     if w.format == "f16":
-        if T < PORTABLE_BLAS_MIN_TOKENS:
-            out = np.empty((T, w.shape[0]), np.float32)
-            numba_quant.f16_matvec(v["w"], x, out)
-            return out
         return _matmul_blas_tiles(x, w)
-    return x @ np.asarray(v["w"], dtype=np.float32).reshape(w.shape).T
+    return x @ v["w"].reshape(w.shape).T
 
 
 def dequantize_rows_into(w: NumbaTensor, rows: np.ndarray, out: np.ndarray) -> None:
