@@ -31,7 +31,7 @@ PORTABLE_BLAS_MIN_TOKENS = 16
 BLAS_TILE_ROWS = 512          # rows dequantized per BLAS call (512 x 11008 floats = 23 MB)
 # Attention spreads over the threads from this many multiply-adds in q.K (waking the pool
 # costs microseconds on an idle machine, up to a scheduler tick on a busy one).
-ATTENTION_PARALLEL_MIN_MACS = 1 << 16
+ATTENTION_PARALLEL_MIN_MACS = 1 << 13
 
 
 def _simd_width() -> int:
@@ -140,12 +140,18 @@ def matmul(x: np.ndarray, w, bias: np.ndarray | None = None) -> np.ndarray:
     return y
 
 
+def _chunk_width(w) -> int:
+    """SIMD chunk (blocks per vector) for a weight: rows of at most 32 blocks (K <= 1024)
+    would leave most of a 64-block AVX-512 chunk empty; 32-block (AVX2-width) chunks waste less."""
+    return 32 if SIMD_WIDTH == 64 and w.views["qs"].shape[2] <= 32 else SIMD_WIDTH
+
+
 def _matmul_nobias(x, w):
     T = x.shape[0]
     v = w.views
     if w.format in ("q4_0", "q4_1"):
         if SIMD_WIDTH:
-            return numba_quant.q4_matmul_simd(x, v["qs"], v["d"], v.get("m"), SIMD_WIDTH)
+            return numba_quant.q4_matmul_simd(x, v["qs"], v["d"], v.get("m"), _chunk_width(w))
         if T < PORTABLE_BLAS_MIN_TOKENS:
             out = np.empty((T, w.shape[0]), np.float32)
             numba_quant.q4_rows_portable(v["qs"], v["d"], v.get("m"), *numba_quant.quantize_planes(x), out)
@@ -153,7 +159,7 @@ def _matmul_nobias(x, w):
         return _matmul_blas_tiles(x, w)
     if w.format == "q8_0":
         if SIMD_WIDTH:
-            return numba_quant.q8_matmul_simd(x, v["qs"], v["d"], SIMD_WIDTH)
+            return numba_quant.q8_matmul_simd(x, v["qs"], v["d"], _chunk_width(w))
         if T < PORTABLE_BLAS_MIN_TOKENS:
             xq, _, dx, _ = numba_quant.quantize_planes(x)
             out = np.empty((T, w.shape[0]), np.float32)
