@@ -27,7 +27,8 @@ from . import numba_cache, numba_simd  # noqa: F401  (numba_cache first: see num
 from .numba_math import f16_bits_to_f32
 
 QK = 32
-PREFILL_TILE = 4     # tokens per weight-chunk pass in the SIMD prefill kernel
+PREFILL_TILE = 8     # tokens per weight-chunk pass in the SIMD q4 prefill kernel
+Q8_PREFILL_TILE = 4  # q8_0 keeps 4 int32 accumulators per token: 8 tokens would spill registers
 ROW_BLOCK = 16       # weight rows whose bytes stay in L2 while all token tiles pass over them
 
 
@@ -227,7 +228,7 @@ def q8_simd64(qs, d, x, tile, slots):
     if tile == 1:
         _q8_rows_simd(qs, d, xq, dx, out, 64, 1)
     else:
-        _q8_rows_simd(qs, d, xq, dx, out, 64, PREFILL_TILE)
+        _q8_rows_simd(qs, d, xq, dx, out, 64, Q8_PREFILL_TILE)
     return out
 
 
@@ -238,7 +239,7 @@ def q8_simd32(qs, d, x, tile, slots):
     if tile == 1:
         _q8_rows_simd(qs, d, xq, dx, out, 32, 1)
     else:
-        _q8_rows_simd(qs, d, xq, dx, out, 32, PREFILL_TILE)
+        _q8_rows_simd(qs, d, xq, dx, out, 32, Q8_PREFILL_TILE)
     return out
 
 
@@ -255,7 +256,7 @@ def q8_matmul_simd(x, qs, d, width):
             for k, b in enumerate(blocks):
                 slots[b] = r * (width // 2) + 2 * k
         _Q8_SLOTS[width] = slots
-    return Q8_SIMD_KERNELS[width](qs, d, x, 1 if T == 1 else PREFILL_TILE, _Q8_SLOTS[width])[:T]
+    return Q8_SIMD_KERNELS[width](qs, d, x, 1 if T == 1 else Q8_PREFILL_TILE, _Q8_SLOTS[width])[:T]
 
 
 # -- q4 products: portable ----------------------------------------------------------------
