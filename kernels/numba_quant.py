@@ -27,8 +27,8 @@ from . import numba_cache, numba_simd  # noqa: F401  (numba_cache first: see num
 from .numba_math import f16_bits_to_f32
 
 QK = 32
-PREFILL_TILE = 8     # tokens per weight-chunk pass in the SIMD q4 prefill kernel
-Q8_PREFILL_TILE = 4  # q8_0 keeps 4 int32 accumulators per token: 8 tokens would spill registers
+PREFILL_TILE = 4     # tokens per weight-chunk pass in the SIMD q4 prefill kernel (8 measured slower end to end)
+Q8_PREFILL_TILE = 4  # q8_0 keeps 4 int32 accumulators per token: 8 tokens spill registers
 ROW_BLOCK = 16       # weight rows whose bytes stay in L2 while all token tiles pass over them
 
 
