@@ -33,6 +33,14 @@ def threads():
     numba_cpu.set_threads()
 
 
+@pytest.fixture(autouse=True)
+def quiet_thread_pools():
+    """Let the previous test's thread pools go idle first: OpenBLAS's and OpenMP's workers
+    spin for a while after each call, and a Numba kernel timed right after a BLAS call
+    measured up to 2x slower (their spinning threads hold the cores)."""
+    time.sleep(0.5)
+
+
 def record(name: str, **metrics) -> None:
     RESULTS.setdefault(name, {}).update(metrics)
 
