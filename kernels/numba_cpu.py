@@ -17,6 +17,7 @@ import os
 import numba
 import numpy as np
 
+from ..errors import TinyLLMError
 from . import numba_ops, numba_quant, numba_simd
 from .quant import QTensor
 from .numba_ops import kv_write, new_kv_cache  # noqa: F401  (keys stored transposed, see numba_ops)
@@ -40,7 +41,7 @@ def _simd_width() -> int:
     if forced is None:
         return native
     if forced not in ("0", "32", "64"):
-        raise ValueError(f"TINYLLM_SIMD={forced!r}: expected 0, 32 or 64")
+        raise TinyLLMError(f"TINYLLM_SIMD={forced!r}: expected 0 (portable loops), 32 (AVX2 width) or 64 (AVX-512)")
     return min(int(forced), native) if int(forced) else 0
 
 
@@ -60,7 +61,7 @@ def set_threads(n: int | None = None) -> int:
     """Threads for the parallel kernels (default: every core this process may use)."""
     n = available_cores() if n is None else int(n)
     if n < 1:
-        raise ValueError(f"threads must be at least 1, got {n}")
+        raise TinyLLMError(f"threads must be at least 1, got {n}")
     n = min(n, numba.config.NUMBA_NUM_THREADS)
     numba.set_num_threads(n)
     return n

@@ -11,9 +11,14 @@ measured activation-rounding error, so a wrong block, nibble or scale still fail
 """
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
+from tinyllm.errors import TinyLLMError
 from tinyllm.kernels import numba_cpu as nb
 from tinyllm.kernels import numba_math, numba_ops, numba_quant, numba_simd
 from tinyllm.kernels import quant
@@ -277,8 +282,17 @@ def test_threads_default_to_all_cores_and_results_do_not_depend_on_them(rng):
         assert np.array_equal(nb.matmul(x, w), before)
     finally:
         nb.set_threads()
-    with pytest.raises(ValueError, match="at least 1"):
+    with pytest.raises(TinyLLMError, match="at least 1"):
         nb.set_threads(0)
+
+
+def test_simd_override_is_checked():
+    code = "import tinyllm.kernels.numba_cpu as nb; print(nb.SIMD_WIDTH)"
+    run = [sys.executable, "-c", code]
+    assert subprocess.run(run, env={**os.environ, "TINYLLM_SIMD": "0"}, capture_output=True,
+                          text=True).stdout.strip() == "0"
+    bad = subprocess.run(run, env={**os.environ, "TINYLLM_SIMD": "48"}, capture_output=True, text=True)
+    assert bad.returncode != 0 and "TINYLLM_SIMD='48'" in bad.stderr
 
 
 def test_interface_matches_reference():
