@@ -105,17 +105,22 @@ def _masked_load(builder, ptr, mask, align):
     return builder.call(fn, [ptr, ir.Constant(I32, align), mask, ir.Constant(vt, [0] * vt.count)])
 
 
-# Software prefetch distance (bytes ahead in the weight stream). Decode streams each weight
-# byte from DRAM exactly once; with two cores the hardware prefetchers alone keep too few
-# misses in flight on the plane-strided reads (measured: 16-20 GB/s -> see BENCHMARKS.md).
-PREFETCH_BYTES = 4096
+# Software prefetch of the weight stream: decode reads each weight byte from DRAM exactly
+# once, and with two cores the hardware prefetchers alone keep too few misses in flight on
+# the plane-strided reads. Each plane load also prefetches 4 KiB ahead into L1 and 16 KiB
+# ahead into L2 (streaming 24 matrices of 5632x2048, too big for the cache: 20 GB/s without,
+# 22-24 with the L1 hint alone, 24-30 with both; BENCHMARKS.md).
+PREFETCH_L1_BYTES = 4096
+PREFETCH_L2_BYTES = 16384
 
 
-def _prefetch(builder, ptr, distance):
+def _prefetch(builder, ptr):
     fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [ir.PointerType(I8), I32, I32, I32]),
                                         "llvm.prefetch.p0")
-    p = builder.gep(builder.bitcast(ptr, ir.PointerType(I8)), [ir.Constant(ir.IntType(64), distance)])
-    builder.call(fn, [p, ir.Constant(I32, 0), ir.Constant(I32, 3), ir.Constant(I32, 1)])
+    base = builder.bitcast(ptr, ir.PointerType(I8))
+    for distance, locality in ((PREFETCH_L1_BYTES, 3), (PREFETCH_L2_BYTES, 2)):
+        p = builder.gep(base, [ir.Constant(ir.IntType(64), distance)])
+        builder.call(fn, [p, ir.Constant(I32, 0), ir.Constant(I32, locality), ir.Constant(I32, 1)])  # read, data
 
 
 def _hsum(builder, v):
@@ -161,8 +166,7 @@ def _emit_q4_chunk(context, builder, sig, args, W, tt, has_min, masked):
     acc1, acc2 = [zero] * tt, [zero] * tt
     for j in range(16):
         offset = builder.add(q_off, builder.mul(plane_stride, ir.Constant(i64, j)))
-        if PREFETCH_BYTES:
-            _prefetch(builder, _vec_ptr(context, builder, at[0], qs, offset, vb), PREFETCH_BYTES)
+        _prefetch(builder, _vec_ptr(context, builder, at[0], qs, offset, vb))
         w = load(at[0], qs, offset, vb, 1)
         lo = builder.and_(w, fifteen)
         hi = builder.and_(builder.lshr(w, four), fifteen)
@@ -224,8 +228,7 @@ def _emit_q8_chunk(context, builder, sig, args, W, tt, masked):
         wide = []
         for plane in (j, j + 16):
             offset = builder.add(q_off, builder.mul(plane_stride, ir.Constant(i64, plane)))
-            if PREFETCH_BYTES:
-                _prefetch(builder, _vec_ptr(context, builder, at[0], qs, offset, vb), PREFETCH_BYTES)
+            _prefetch(builder, _vec_ptr(context, builder, at[0], qs, offset, vb))
             w = load(at[0], qs, offset, vb, 1)
             w16 = builder.sext(w, ir.VectorType(I16, W))
             wide.append([builder.shuffle_vector(w16, w16, first), builder.shuffle_vector(w16, w16, second)])
