@@ -108,8 +108,8 @@ def _masked_load(builder, ptr, mask, align):
 # Software prefetch of the weight stream: decode reads each weight byte from DRAM exactly
 # once, and with two cores the hardware prefetchers alone keep too few misses in flight on
 # the plane-strided reads. Each plane load also prefetches 4 KiB ahead into L1 and 16 KiB
-# ahead into L2 (streaming 24 matrices of 5632x2048, too big for the cache: 20 GB/s without,
-# 22-24 with the L1 hint alone, 24-30 with both; BENCHMARKS.md).
+# ahead into L2 (matvec over 160 matrices of 5632x2048, 1 GB, more than the last-level
+# cache: 19 GB/s without, 25 GB/s with both; see BENCHMARKS.md).
 PREFETCH_L1_BYTES = 4096
 PREFETCH_L2_BYTES = 16384
 
