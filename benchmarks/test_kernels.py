@@ -108,3 +108,23 @@ def test_attention(benchmark, backend, T, start):
     q = _x(T, H * HD)
     benchmark(m.attention, q, cache, start, H, HD ** -0.5)
     record(f"attention T={T} start={start} {backend}", median_us=benchmark.stats.stats.median * 1e6)
+
+
+@pytest.mark.parametrize("fmt", ["q4_0", "q8_0"])
+def test_matvec_decode_from_dram(benchmark, fmt):
+    """The decode matvec over ~1.1 GB of distinct 5632x2048 matrices, more than the last-level
+    cache: each call streams its weights from memory, as in a real decode step."""
+    base = random_tensor((5632, 2048), fmt, np.random.default_rng(0))
+    n = (1100 << 20) // base.nbytes + 1
+    ws = [numba_cpu.prepare(type(base)(fmt, base.shape, {k: v.copy() for k, v in base.parts.items()}))
+          for _ in range(n)]
+    x = np.random.default_rng(1).standard_normal((1, 2048)).astype(np.float32)
+
+    def sweep():
+        for w in ws:
+            numba_cpu.matmul(x, w)
+
+    benchmark.pedantic(sweep, rounds=5, iterations=1, warmup_rounds=1)
+    gbs = n * base.nbytes / benchmark.stats.stats.median / 1e9
+    benchmark.extra_info["GB/s"] = round(gbs, 2)
+    record(f"matvec {fmt} 5632x2048 x{n} matrices (from DRAM) numba", gb_s=gbs)
