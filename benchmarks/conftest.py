@@ -14,7 +14,6 @@ import platform
 import time
 
 import pytest
-
 from tinyllm.kernels import numba_cpu
 
 from .bench_model import bench_dir

@@ -19,8 +19,8 @@ import numpy as np
 
 from ..errors import TinyLLMError
 from . import numba_ops, numba_quant, numba_simd
-from .quant import QTensor
 from .numba_ops import kv_write, new_kv_cache  # noqa: F401  (keys stored transposed, see numba_ops)
+from .quant import QTensor
 from .reference import add, clip, from_numpy, to_numpy  # noqa: F401
 
 name = "numba"
@@ -132,8 +132,7 @@ def matmul(x: np.ndarray, w, bias: np.ndarray | None = None) -> np.ndarray:
     """(T, K) @ W(N, K)^T (+ bias) -> (T, N)."""
     w = prepare(w)
     x = _rows_f32(x)
-    N, K = w.shape
-    if x.ndim != 2 or x.shape[1] != K:
+    if x.ndim != 2 or x.shape[1] != w.shape[1]:
         raise ValueError(f"matmul: activation {x.shape} does not match weight {w.shape}")
     y = _matmul_nobias(x, w)
     if bias is not None:

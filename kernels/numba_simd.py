@@ -115,8 +115,8 @@ PREFETCH_L2_BYTES = 16384
 
 
 def _prefetch(builder, ptr):
-    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [ir.PointerType(I8), I32, I32, I32]),
-                                        "llvm.prefetch.p0")
+    fnty = ir.FunctionType(ir.VoidType(), [ir.PointerType(I8), I32, I32, I32])
+    fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
     base = builder.bitcast(ptr, ir.PointerType(I8))
     for distance, locality in ((PREFETCH_L1_BYTES, 3), (PREFETCH_L2_BYTES, 2)):
         p = builder.gep(base, [ir.Constant(ir.IntType(64), distance)])
@@ -173,7 +173,8 @@ def _emit_q4_chunk(context, builder, sig, args, W, tt, has_min, masked):
         p1 = builder.shuffle_vector(lo, hi, unpack_lo)
         p2 = builder.shuffle_vector(lo, hi, unpack_hi)
         for t in range(tt):
-            xo = builder.add(x_off, builder.add(builder.mul(x_tstride, ir.Constant(i64, t)), ir.Constant(i64, 2 * W * j)))
+            xo = builder.add(x_off, builder.add(builder.mul(x_tstride, ir.Constant(i64, t)),
+                                                ir.Constant(i64, 2 * W * j)))
             x1 = builder.load(_vec_ptr(context, builder, at[3], xq, xo, vb), align=1)
             x2 = builder.load(_vec_ptr(context, builder, at[3], xq, builder.add(xo, ir.Constant(i64, W)), vb), align=1)
             acc1[t] = builder.add(acc1[t], builder.call(pmaddubsw, [p1, x1]))
@@ -193,7 +194,8 @@ def _emit_q4_chunk(context, builder, sig, args, W, tt, has_min, masked):
         v = builder.fmul(builder.fmul(builder.sitofp(centered, vf), dw),
                          builder.load(_vec_ptr(context, builder, at[10], dx, co, vf), align=4))
         if has_min:
-            v = builder.fadd(v, builder.fmul(mw, builder.load(_vec_ptr(context, builder, at[11], sxf, co, vf), align=4)))
+            sx = builder.load(_vec_ptr(context, builder, at[11], sxf, co, vf), align=4)
+            v = builder.fadd(v, builder.fmul(mw, sx))
         optr = builder.gep(context.make_array(at[15])(context, builder, out).data,
                            [builder.add(o_off, builder.mul(o_tstride, ir.Constant(i64, t)))], inbounds=True)
         builder.store(builder.fadd(builder.load(optr), _hsum(builder, v)), optr)
@@ -234,10 +236,11 @@ def _emit_q8_chunk(context, builder, sig, args, W, tt, masked):
             wide.append([builder.shuffle_vector(w16, w16, first), builder.shuffle_vector(w16, w16, second)])
         regs = [builder.shuffle_vector(wide[0][hf], wide[1][hf], unpack[part]) for hf in (0, 1) for part in (0, 1)]
         for t in range(tt):
-            xo = builder.add(x_off, builder.add(builder.mul(x_tstride, ir.Constant(i64, t)), ir.Constant(i64, 2 * W * j)))
+            xo = builder.add(x_off, builder.add(builder.mul(x_tstride, ir.Constant(i64, t)),
+                                                ir.Constant(i64, 2 * W * j)))
             for r in range(4):
-                xv = builder.load(_vec_ptr(context, builder, at[3], xq, builder.add(xo, ir.Constant(i64, r * half)), vw),
-                                  align=2)
+                xp = _vec_ptr(context, builder, at[3], xq, builder.add(xo, ir.Constant(i64, r * half)), vw)
+                xv = builder.load(xp, align=2)
                 acc[t][r] = builder.add(acc[t][r], builder.call(pmaddwd, [regs[r], xv]))
     vf = ir.VectorType(F32, W)
     dw = builder.fpext(builder.bitcast(load(at[6], d, d_off, ir.VectorType(I16, W), 2), ir.VectorType(F16, W)), vf)

@@ -17,12 +17,11 @@ import sys
 
 import numpy as np
 import pytest
+from tinyllm.kernels import numba_cpu as nb
+from tinyllm.kernels import numba_math, numba_ops, numba_quant, numba_simd, quant
+from tinyllm.kernels import reference as ref
 
 from tinyllm.errors import TinyLLMError
-from tinyllm.kernels import numba_cpu as nb
-from tinyllm.kernels import numba_math, numba_ops, numba_quant, numba_simd
-from tinyllm.kernels import quant
-from tinyllm.kernels import reference as ref
 
 FLOAT_TOL = 2e-6
 REDUCTION_TOL = 1e-5
@@ -289,9 +288,9 @@ def test_threads_default_to_all_cores_and_results_do_not_depend_on_them(rng):
 def test_simd_override_is_checked():
     code = "import tinyllm.kernels.numba_cpu as nb; print(nb.SIMD_WIDTH)"
     run = [sys.executable, "-c", code]
-    assert subprocess.run(run, env={**os.environ, "TINYLLM_SIMD": "0"}, capture_output=True,
-                          text=True).stdout.strip() == "0"
-    bad = subprocess.run(run, env={**os.environ, "TINYLLM_SIMD": "48"}, capture_output=True, text=True)
+    ok = subprocess.run(run, env={**os.environ, "TINYLLM_SIMD": "0"}, capture_output=True, text=True, check=True)
+    assert ok.stdout.strip() == "0"
+    bad = subprocess.run(run, env={**os.environ, "TINYLLM_SIMD": "48"}, capture_output=True, text=True, check=False)
     assert bad.returncode != 0 and "TINYLLM_SIMD='48'" in bad.stderr
 
 

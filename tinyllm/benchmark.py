@@ -114,8 +114,8 @@ class BenchReport:
 
     def lines(self) -> list[str]:
         threads = f", {self.threads} threads" if self.threads else ""
-        rows = [f"model      {self.model} ({self.file_bytes / 1e6:.0f} MB; {self.weight_bytes / 1e6:.0f} MB "
-                f"of weights read per decoded token){threads}"]
+        rows = [(f"model      {self.model} ({self.file_bytes / 1e6:.0f} MB; {self.weight_bytes / 1e6:.0f} MB "
+                 f"of weights read per decoded token){threads}")]
         for n, s in self.prefill.items():
             lo, hi = s.spread
             rows.append(f"prefill    {n:4d} tokens  {s.tokens_per_second:8.1f} tok/s   (range {lo:.1f}-{hi:.1f}, "
