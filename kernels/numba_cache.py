@@ -48,6 +48,8 @@ def _covering_all_kernels(base):
     return Locator
 
 
-if not any(getattr(c, "__name__", "").startswith("Kernels") for c in caching.CacheImpl._locator_classes):
-    caching.CacheImpl._locator_classes[:0] = [_covering_all_kernels(c) for c in (
+# Numba internals (0.59-0.68): without them the kernels still cache, per file, as Numba does.
+_locators = getattr(getattr(caching, "CacheImpl", None), "_locator_classes", None)
+if isinstance(_locators, list) and not any(getattr(c, "__name__", "").startswith("Kernels") for c in _locators):
+    _locators[:0] = [_covering_all_kernels(c) for c in (
         caching.UserProvidedCacheLocator, caching.InTreeCacheLocator, caching.UserWideCacheLocator)]
