@@ -48,7 +48,7 @@ def _covering_all_kernels(base):
     return Locator
 
 
-# Numba internals (0.59-0.68): without them the kernels still cache, per file, as Numba does.
+# Numba internals (as of 0.68): without them the kernels still cache, per file, as Numba does.
 _locators = getattr(getattr(caching, "CacheImpl", None), "_locator_classes", None)
 if isinstance(_locators, list) and not any(getattr(c, "__name__", "").startswith("Kernels") for c in _locators):
     _locators[:0] = [_covering_all_kernels(c) for c in (
