@@ -16,7 +16,10 @@ from .options import load_model, model_argument, runtime_options, sampling_optio
 @runtime_options
 def generate(model, prompt, max_tokens, stop, temperature, top_k, top_p, min_p, repeat_penalty, seed,
              backend, threads, n_ctx, device):
-    """Generate a continuation of --prompt with MODEL (default: the bundled model)."""
+    """Generate a continuation of --prompt with MODEL.
+
+    With no MODEL: the cached SmolLM2 chat model, else the bundled story model.
+    """
     m = load_model(model, backend, threads, n_ctx, device)
     click.echo(prompt, nl=False)
     for piece in m.generate(prompt, max_new_tokens=max_tokens, temperature=temperature, top_k=top_k,

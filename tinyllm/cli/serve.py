@@ -24,7 +24,10 @@ from .options import load_model, model_argument, runtime_options
 @click.option("--model-id", default=None, help="Model name clients send (default: the file name without extension).")
 @runtime_options
 def serve(model, host, port, api_key, max_queue, max_tokens, template, model_id, backend, threads, n_ctx, device):
-    """Serve MODEL (default: the bundled model) over an OpenAI-compatible API, with a chat page at /."""
+    """Serve MODEL over an OpenAI-compatible API, with a chat page at /.
+
+    With no MODEL: the cached SmolLM2 chat model, else the bundled story model.
+    """
     import uvicorn
 
     from ..server import create_app
