@@ -62,6 +62,25 @@ def n_blocks(cols: int) -> int:
     return (cols + QK - 1) // QK
 
 
+def part_layout(fmt: str, shape: tuple) -> dict:
+    """The parts a tensor of ``fmt`` and logical ``shape`` consists of: name -> (dtype, shape).
+    The one statement of the layout above: writers produce exactly this, and the loader
+    refuses a file whose parts differ in any dtype or dimension (so no kernel indexes past one)."""
+    if fmt == "f32":
+        return {"w": (np.dtype("<f4"), tuple(shape))}
+    if fmt == "f16":
+        return {"w": (np.dtype("<f2"), tuple(shape))}
+    if fmt not in QUANT_FORMATS:
+        raise ValueError(f"unknown quant format {fmt!r}; expected one of {FORMATS}")
+    if len(shape) != 2:
+        raise ValueError(f"{fmt} needs a 2-D matrix, got shape {tuple(shape)}")
+    rows, cols = shape
+    nb = n_blocks(cols)
+    scales = {name: (np.dtype("<f2"), (rows, nb)) for name in _GGML_HEAD[fmt]}
+    qs = (np.dtype("i1"), (rows, QK, nb)) if fmt == "q8_0" else (np.dtype("u1"), (rows, QK // 2, nb))
+    return {**scales, "qs": qs}
+
+
 def _blocks(w: np.ndarray) -> np.ndarray:
     """(rows, cols) float -> (rows, nb, 32) float32, zero-padded."""
     w = np.asarray(w, dtype=np.float32)

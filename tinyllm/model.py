@@ -12,6 +12,7 @@ from .fileformat import ModelFile
 from .kernels import get_backend
 from .sampling import Sampler, SamplingParams
 from .tokenizer import Tokenizer
+from .validate import build_config, check_allocation, check_metadata, check_weights
 
 DEFAULT_MAX_CTX = 4096  # KV cache positions allocated unless n_ctx asks for more
 
@@ -31,12 +32,23 @@ class Model:
     def __init__(self, source, backend: str | None = None, threads: int | None = None,
                  n_ctx: int | None = None, device: str | None = None):
         self.path = Path(source.path)
+        where = str(self.path)
+        # validate, then map: nothing from the source reaches a kernel before these checks
+        check_metadata(source.metadata, where)
         self.metadata = source.metadata
         self.arch = get_arch(self.metadata["architecture"])
-        self.config = self.arch.Config(**self.metadata["config"])
+        self.config = build_config(self.arch, self.metadata["config"], where)
+        check_weights(self.arch.weights(self.config), source.tensors, where)
         self.tokenizer = Tokenizer.from_spec(self.metadata["tokenizer"])
         self.chat_template = self.metadata.get("chat_template")
         self.generation_defaults = dict(self.metadata.get("generation") or {})
+        if n_ctx is not None and (not isinstance(n_ctx, int) or isinstance(n_ctx, bool) or n_ctx < 1):
+            raise TinyLLMError(f"n_ctx must be a positive integer, got {n_ctx!r}")
+        context = self.config.context_length
+        self.n_ctx = min(n_ctx or min(context, DEFAULT_MAX_CTX), context)
+        cfg = self.config
+        kv_bytes = 2 * 4 * cfg.num_hidden_layers * cfg.n_kv_heads * cfg.head_dim * self.n_ctx
+        check_allocation(kv_bytes, f"the KV cache for {self.n_ctx} positions", "load with a smaller n_ctx (--ctx)")
         if device == "cuda":
             backend = "cuda"
         self.ops = get_backend(backend)
@@ -46,10 +58,7 @@ class Model:
         self.weights = {name: self.ops.prepare(_runtime_tensor(t)) for name, t in source.tensors.items()}
         if "output" not in self.weights:  # tied embeddings
             self.weights["output"] = self.weights["tok_embeddings"]
-        context = self.config.context_length
-        self.n_ctx = min(n_ctx or min(context, DEFAULT_MAX_CTX), context)
-        self.cache = self.ops.new_kv_cache(self.config.num_hidden_layers, self.config.n_kv_heads,
-                                           self.n_ctx, self.config.head_dim)
+        self.cache = self.ops.new_kv_cache(cfg.num_hidden_layers, cfg.n_kv_heads, self.n_ctx, cfg.head_dim)
         self.tokens: list[int] = []  # what the KV cache holds, position by position
 
     @classmethod

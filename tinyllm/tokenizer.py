@@ -73,6 +73,7 @@ from .errors import FormatError, TinyLLMError, UnsupportedError
 SPACE_SYMBOL = "\u2581"  # '▁', SentencePiece's visible space
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 _COMMON_KEYS = ("bos_id", "eos_ids", "pad_id", "add_bos")
+MAX_VOCAB = 1 << 24  # no real vocabulary comes near; a file claiming more is refused
 
 
 def _replace_per_byte(error: UnicodeDecodeError) -> tuple[str, int]:
@@ -131,10 +132,16 @@ class Tokenizer:
         if not isinstance(spec, dict):
             raise FormatError(f"tokenizer spec must be a dict, got {type(spec).__name__}")
         kind = spec.get("kind")
-        if kind == "sentencepiece":
-            return SentencePieceTokenizer(spec)
-        if kind == "tokenizer.json":
-            return TokenizersJsonTokenizer(spec)
+        kinds = {"sentencepiece": SentencePieceTokenizer, "tokenizer.json": TokenizersJsonTokenizer}
+        if kind in kinds:
+            try:
+                tokenizer = kinds[kind](spec)
+            except (TypeError, KeyError, AttributeError, ValueError, IndexError, OverflowError, RecursionError) as e:
+                # a spec from a model file whose values have the wrong shape somewhere
+                raise FormatError(f"malformed {kind} tokenizer spec ({type(e).__name__}: {e})") from None
+            if tokenizer.vocab_size > MAX_VOCAB:
+                raise FormatError(f"tokenizer has {tokenizer.vocab_size} tokens (at most {MAX_VOCAB} are supported)")
+            return tokenizer
         raise UnsupportedError(
             f"tokenizer spec kind {kind!r} is not supported (known kinds: 'sentencepiece', 'tokenizer.json')"
         )
@@ -158,7 +165,7 @@ class Tokenizer:
         self.add_bos = spec["add_bos"]
         # HF counts bos/eos/pad among the special tokens whatever the vocabulary says.
         self._special_ids |= {i for i in (self.bos_id, self.pad_id, *self.eos_ids) if i is not None}
-        self._bytes_cache: list[bytes | None] = [None] * self.vocab_size
+        self._bytes_cache: dict[int, bytes] = {}
 
     def _check_id(self, key: str, value, optional: bool) -> int | None:
         if value is None and optional:
@@ -184,6 +191,11 @@ class Tokenizer:
         """Text -> ids; BOS first when add_bos (default: the spec's add_bos)."""
         if not isinstance(text, str):
             raise TinyLLMError(f"encode() needs a str, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # lone surrogates: undecodable command-line bytes, bad JSON escapes
+            raise TinyLLMError(f"text is not valid Unicode (character {e.start} is a lone surrogate, "
+                               "as from invalid UTF-8 input)") from None
         ids = self._encode_text(text, parse_special)
         if self.add_bos if add_bos is None else add_bos:
             if self.bos_id is None:
@@ -207,7 +219,7 @@ class Tokenizer:
     def token_bytes(self, token_id: int) -> bytes:
         """The raw bytes this token adds to the output stream (b"" for special tokens)."""
         token_id = self._check_token(token_id)
-        data = self._bytes_cache[token_id]
+        data = self._bytes_cache.get(token_id)
         if data is None:
             data = b"" if token_id in self._special_ids else self._piece_bytes(token_id)
             self._bytes_cache[token_id] = data
@@ -350,7 +362,8 @@ class SentencePieceTokenizer(Tokenizer):
                 lstrip, rstrip = bool(entry.get("lstrip", False)), bool(entry.get("rstrip", False))
             except (TypeError, KeyError):
                 raise FormatError(f"sentencepiece tokenizer spec: bad added token {entry!r} (needs id, content)") from None
-            if not isinstance(token_id, int) or token_id < 0 or not isinstance(content, str) or not content:
+            if (not isinstance(token_id, int) or not 0 <= token_id < MAX_VOCAB or not isinstance(content, str)
+                    or not content):
                 raise FormatError(f"sentencepiece tokenizer spec: bad added token {entry!r}")
             self._added_text[token_id] = content
             literals[content] = (token_id, special, lstrip, rstrip)

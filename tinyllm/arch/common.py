@@ -3,10 +3,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 
 import numpy as np
 
-from ..errors import UnsupportedError
+from ..errors import FormatError, UnsupportedError
+
+# Bounds on any config value (a header or config.json from a stranger must not size an
+# allocation or a loop by itself): every size and count, and the number of layers.
+MAX_SIZE = 1 << 24
+MAX_LAYERS = 1024
+LAYER_FIELDS = ("num_hidden_layers", "n_layer", "n_layers")
 
 # config.json keys that describe the checkpoint or training, never the forward pass.
 METADATA_KEYS = {
@@ -52,6 +59,53 @@ def config_from_hf(cls, config: dict, known: dict, must_equal: dict | None = Non
     return cls(**kwargs)
 
 
+def check_config(cfg) -> None:
+    """Every init field of a Config dataclass has the type its annotation names and a sane
+    value: sizes and counts are integers in 1..MAX_SIZE (layers 1..MAX_LAYERS), floats are
+    finite and positive, flags are booleans. Called first thing in each ``__post_init__``,
+    so a config from a .q4 header, a config.json or GGUF metadata is checked the same way
+    before anything is derived from it. Raises FormatError naming the field."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        if not f.init:
+            continue
+        value, allowed = getattr(cfg, f.name), typing.get_args(hints[f.name]) or (hints[f.name],)
+        if value is None:
+            if type(None) in allowed:
+                continue
+            raise FormatError(f"config {f.name} is required (got null)")
+        if bool in allowed:
+            ok, want = isinstance(value, bool), "true or false"
+        elif int in allowed:
+            top = MAX_LAYERS if f.name in LAYER_FIELDS else MAX_SIZE
+            ok, want = isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= top, f"an integer in 1..{top}"
+        elif float in allowed:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+            want = "a finite number > 0"
+        elif str in allowed:
+            ok, want = isinstance(value, str), "a string"
+        elif dict in allowed:
+            ok, want = isinstance(value, dict), "an object"
+        else:  # pragma: no cover - a field type this checker does not know is a programming error
+            raise TypeError(f"check_config: field {f.name} has unsupported type {hints[f.name]}")
+        if not ok:
+            raise FormatError(f"config {f.name}={value!r} is invalid: must be {want}")
+
+
+def require(ok: bool, message: str) -> None:
+    """An invariant the forward pass and the kernels rely on; refused as an unsupported config."""
+    if not ok:
+        raise UnsupportedError(f"unsupported config option {message}")
+
+
+def weight_set(n_layers: int, per_layer: dict, top: dict) -> dict:
+    """The full weight set {name: shape} from the per-layer tensors and the top-level ones."""
+    names = dict(top)
+    for i in range(n_layers):
+        names.update({f"layers.{i}.{name}": shape for name, shape in per_layer.items()})
+    return names
+
+
 def rope_inv_freq(rotary_dim: int, theta: float, scaling: dict | None = None) -> np.ndarray:
     """Per-pair rotation frequencies theta^(-2i/d), (rotary_dim/2,) float32, with the
     context-extension schemes folded in (they only rescale frequencies)."""
@@ -60,10 +114,12 @@ def rope_inv_freq(rotary_dim: int, theta: float, scaling: dict | None = None) ->
     if kind == "default":
         pass
     elif kind == "linear":  # positions / factor
-        inv = inv / scaling["factor"]
+        inv = inv / _scaling_number(scaling, "factor")
     elif kind == "llama3":  # Llama 3.1: long wavelengths slowed down, short ones kept, smooth between
-        factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
-        old_ctx = scaling["original_max_position_embeddings"]
+        factor, lo, hi, old_ctx = (_scaling_number(scaling, k) for k in (
+            "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"))
+        if not hi > lo:
+            raise FormatError(f"rope_scaling high_freq_factor={hi} must exceed low_freq_factor={lo}")
         wavelen = 2 * math.pi / inv
         smooth = (old_ctx / wavelen - lo) / (hi - lo)
         mid = (1 - smooth) * inv / factor + smooth * inv
@@ -71,6 +127,13 @@ def rope_inv_freq(rotary_dim: int, theta: float, scaling: dict | None = None) ->
     else:
         raise UnsupportedError(f"unsupported rope scaling type {kind!r} (tinyllm implements linear and llama3)")
     return inv.astype(np.float32)
+
+
+def _scaling_number(scaling: dict, key: str) -> float:
+    value = scaling.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise FormatError(f"rope_scaling {key}={value!r} is invalid: must be a finite number > 0")
+    return float(value)
 
 
 def rope_settings(config: dict) -> tuple[float, dict | None]:

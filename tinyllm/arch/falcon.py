@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import UnsupportedError
-from .common import alibi_slopes, config_from_hf, lm_head, rope_inv_freq, rope_settings
+from .common import (alibi_slopes, check_config, config_from_hf, lm_head, require, rope_inv_freq, rope_settings,
+                     weight_set)
 
 ARCH = "falcon"
 # activation -> use the tanh approximation of GELU?
@@ -60,10 +61,17 @@ class Config:
     alibi_slopes: np.ndarray | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
+        check_config(self)
         self.num_kv_heads = self.num_kv_heads or self.num_attention_heads
         self.ffn_hidden_size = self.ffn_hidden_size or 4 * self.hidden_size
         if self.num_ln_in_parallel_attn is None:
             self.num_ln_in_parallel_attn = 2 if self.new_decoder_architecture else 1
+        H = self.num_attention_heads
+        require(self.activation in ACTIVATIONS, f"activation={self.activation!r} (tinyllm implements {', '.join(ACTIVATIONS)})")
+        require(self.num_ln_in_parallel_attn in (1, 2), f"num_ln_in_parallel_attn={self.num_ln_in_parallel_attn} (1 or 2)")
+        require(self.hidden_size % H == 0, f"num_attention_heads={H} (must divide hidden_size={self.hidden_size})")
+        require(self.alibi or self.head_dim % 2 == 0, f"head_dim={self.head_dim} (RoPE needs it even)")
+        require(H % self.n_kv_heads == 0, f"num_kv_heads={self.n_kv_heads} (must divide num_attention_heads={H})")
         self.inv_freq = rope_inv_freq(self.head_dim, self.rope_theta, self.rope_scaling)
         self.alibi_slopes = (bfloat16_round(alibi_slopes(self.num_attention_heads)) * self.head_dim ** -0.5
                              if self.alibi else None)
@@ -117,6 +125,20 @@ class Config:
 
     head_dim = property(lambda self: self.hidden_size // self.num_attention_heads)
     context_length = property(lambda self: self.max_position_embeddings)
+
+
+def weights(cfg: Config) -> dict:
+    """The weight set: every tensor this config needs, name -> shape ((out, in) for matrices)."""
+    D, F, V = cfg.hidden_size, cfg.ffn_hidden_size, cfg.vocab_size
+    kv = cfg.n_kv_heads * cfg.head_dim
+    linears = {"attention.wq": (D, D), "attention.wk": (kv, D), "attention.wv": (kv, D), "attention.wo": (D, D),
+               "feed_forward.w1": (F, D), "feed_forward.w2": (D, F)}
+    norms = ["attention_norm"] + (["ffn_norm"] if cfg.norms_per_layer == 2 else [])
+    layer = {**{n + s: (D,) for n in norms for s in ("", "_bias")}, **linears,
+             **({n + "_bias": (shape[0],) for n, shape in linears.items()} if cfg.bias else {})}
+    top = {"tok_embeddings": (V, D), "norm": (D,), "norm_bias": (D,),
+           **({} if cfg.tie_word_embeddings else {"output": (V, D)})}
+    return weight_set(cfg.num_hidden_layers, layer, top)
 
 
 def forward(cfg: Config, w: dict, ops, cache, tokens: np.ndarray, start_pos: int, last_only: bool = False):

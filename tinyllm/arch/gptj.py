@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import UnsupportedError
-from .common import config_from_hf, lm_head, rope_inv_freq
+from .common import check_config, config_from_hf, lm_head, require, rope_inv_freq, weight_set
 
 ARCH = "gptj"
 # activation_function -> use the tanh approximation of GELU?
@@ -40,7 +40,13 @@ class Config:
     inv_freq: np.ndarray = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
+        check_config(self)
         self.n_inner = self.n_inner or 4 * self.n_embd
+        require(self.activation_function in ACTIVATIONS, f"activation_function={self.activation_function!r} "
+                f"(tinyllm implements {', '.join(ACTIVATIONS)})")
+        require(self.n_embd % self.n_head == 0, f"n_head={self.n_head} (must divide n_embd={self.n_embd})")
+        require(self.rotary_dim % 2 == 0 and self.rotary_dim <= self.head_dim,
+                f"rotary_dim={self.rotary_dim} (must be even and at most head_dim={self.head_dim})")
         self.inv_freq = rope_inv_freq(self.rotary_dim, 10000.0)
 
     @classmethod
@@ -53,13 +59,8 @@ class Config:
             # transformers' GPT-J then builds sin/cos of width n_embd against heads of
             # width head_dim: it only runs with a single head
             raise UnsupportedError("unsupported config option rotary_dim=None (tinyllm needs an explicit rotary_dim)")
-        cfg = config_from_hf(cls, {"rotary_dim": 64, **config}, known, must_equal={
+        return config_from_hf(cls, {"rotary_dim": 64, **config}, known, must_equal={
             "activation_function": tuple(ACTIVATIONS), "rotary": True, "scale_attn_weights": True})
-        head_dim = cfg.n_embd // cfg.n_head
-        if cfg.rotary_dim % 2 or not 0 < cfg.rotary_dim <= head_dim:
-            raise UnsupportedError(f"unsupported config option rotary_dim={cfg.rotary_dim} "
-                                   f"(must be even and at most head_dim={head_dim})")
-        return cfg
 
     hidden_size = property(lambda self: self.n_embd)
     num_hidden_layers = property(lambda self: self.n_layer)
@@ -67,6 +68,17 @@ class Config:
     n_kv_heads = property(lambda self: self.n_head)
     head_dim = property(lambda self: self.n_embd // self.n_head)
     context_length = property(lambda self: self.n_positions)
+
+
+def weights(cfg: Config) -> dict:
+    """The weight set: every tensor this config needs, name -> shape ((out, in) for matrices)."""
+    D, F, V = cfg.n_embd, cfg.n_inner, cfg.vocab_size
+    layer = {"attention_norm": (D,), "attention_norm_bias": (D,),
+             **{f"attention.{n}": (D, D) for n in ("wq", "wk", "wv", "wo")},
+             "feed_forward.w1": (F, D), "feed_forward.w1_bias": (F,), "feed_forward.w2": (D, F), "feed_forward.w2_bias": (D,)}
+    top = {"tok_embeddings": (V, D), "norm": (D,), "norm_bias": (D,), "output_bias": (V,),
+           **({} if cfg.tie_word_embeddings else {"output": (V, D)})}
+    return weight_set(cfg.n_layer, layer, top)
 
 
 def forward(cfg: Config, w: dict, ops, cache, tokens: np.ndarray, start_pos: int, last_only: bool = False):

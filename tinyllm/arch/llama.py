@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .common import config_from_hf, lm_head, rope_inv_freq, rope_settings
+from .common import check_config, config_from_hf, lm_head, require, rope_inv_freq, rope_settings, weight_set
 
 ARCH = "llama"
 
@@ -35,8 +35,12 @@ class Config:
     inv_freq: np.ndarray = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
+        check_config(self)
         self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
         self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+        H, Hkv = self.num_attention_heads, self.num_key_value_heads
+        require(self.head_dim >= 2 and self.head_dim % 2 == 0, f"head_dim={self.head_dim} (RoPE needs it even)")
+        require(H % Hkv == 0, f"num_key_value_heads={Hkv} (must divide num_attention_heads={H})")
         self.inv_freq = rope_inv_freq(self.head_dim, self.rope_theta, self.rope_scaling)
 
     @classmethod
@@ -60,6 +64,17 @@ class Config:
     @property
     def n_kv_heads(self) -> int:
         return self.num_key_value_heads
+
+
+def weights(cfg: Config) -> dict:
+    """The weight set: every tensor this config needs, name -> shape ((out, in) for matrices)."""
+    D, F, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    layer = {"attention_norm": (D,), "attention.wq": (q, D), "attention.wk": (kv, D), "attention.wv": (kv, D),
+             "attention.wo": (D, q), "ffn_norm": (D,),
+             "feed_forward.w1": (F, D), "feed_forward.w2": (D, F), "feed_forward.w3": (F, D)}
+    top = {"tok_embeddings": (V, D), "norm": (D,), **({} if cfg.tie_word_embeddings else {"output": (V, D)})}
+    return weight_set(cfg.num_hidden_layers, layer, top)
 
 
 def forward(cfg: Config, w: dict, ops, cache, tokens: np.ndarray, start_pos: int, last_only: bool = False):

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import UnsupportedError
-from .common import METADATA_KEYS, alibi_slopes, config_from_hf, lm_head
+from .common import METADATA_KEYS, alibi_slopes, check_config, config_from_hf, lm_head, require, weight_set
 
 ARCH = "mpt"
 
@@ -66,7 +66,11 @@ class Config:
     alibi_slopes: np.ndarray = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
+        check_config(self)
         self.kv_n_heads = self.kv_n_heads or self.n_heads
+        require(self.d_model % self.n_heads == 0, f"n_heads={self.n_heads} (must divide d_model={self.d_model})")
+        require(self.n_heads % self.kv_n_heads == 0,
+                f"attn_config.kv_n_heads={self.kv_n_heads} (must divide n_heads={self.n_heads})")
         self.softmax_scale = self.softmax_scale or self.head_dim ** -0.5
         self.alibi_slopes = alibi_slopes(self.n_heads, self.alibi_bias_max)
 
@@ -77,6 +81,9 @@ class Config:
             for key, value in (config.get(section) or {}).items():
                 if key not in METADATA_KEYS:  # transformers saves sub-configs with its own bookkeeping
                     flat[f"{section}.{key}"] = value
+        clip = flat.get("attn_config.clip_qkv")
+        if clip is not None and not (isinstance(clip, (int, float)) and clip > 0):
+            raise UnsupportedError(f"unsupported config option attn_config.clip_qkv={clip!r} (must be > 0)")
         cfg = config_from_hf(cls, flat, KNOWN, MUST_EQUAL)
         attn_type = flat.get("attn_config.attn_type", "multihead_attention")
         cfg.kv_n_heads = {"multihead_attention": cfg.n_heads, "multiquery_attention": 1,
@@ -84,8 +91,6 @@ class Config:
         if cfg.kv_n_heads < 1 or cfg.n_heads % cfg.kv_n_heads:
             raise UnsupportedError(f"unsupported config option attn_config.kv_n_heads={cfg.kv_n_heads} "
                                    f"(must divide n_heads={cfg.n_heads})")
-        if cfg.clip_qkv is not None and cfg.clip_qkv <= 0:
-            raise UnsupportedError(f"unsupported config option attn_config.clip_qkv={cfg.clip_qkv} (must be > 0)")
         return cfg
 
     hidden_size = property(lambda self: self.d_model)
@@ -94,6 +99,15 @@ class Config:
     n_kv_heads = property(lambda self: self.kv_n_heads)
     head_dim = property(lambda self: self.d_model // self.n_heads)
     context_length = property(lambda self: self.max_seq_len)
+
+
+def weights(cfg: Config) -> dict:
+    """The weight set: every tensor this config needs, name -> shape ((out, in) for matrices)."""
+    D, V, kv = cfg.d_model, cfg.vocab_size, cfg.kv_n_heads * cfg.head_dim
+    layer = {"attention_norm": (D,), "attention.wq": (D, D), "attention.wk": (kv, D), "attention.wv": (kv, D),
+             "attention.wo": (D, D), "ffn_norm": (D,), "feed_forward.w1": (4 * D, D), "feed_forward.w2": (D, 4 * D)}
+    top = {"tok_embeddings": (V, D), "norm": (D,), **({} if cfg.tie_word_embeddings else {"output": (V, D)})}
+    return weight_set(cfg.n_layers, layer, top)
 
 
 def forward(cfg: Config, w: dict, ops, cache, tokens: np.ndarray, start_pos: int, last_only: bool = False):
