@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 
 from ..arch import arch_from_hf_config, get_arch
-from ..errors import TinyLLMError
+from ..errors import TinyLLMError, reading
 from ..fileformat import ModelWriter
 from ..kernels.quant import FORMATS, QTensor, quantize
+from ..validate import check_metadata
 from .hf import Checkpoint, generation_defaults, read_json
 from .hf_tokenizer import chat_template_from_hf_dir, tokenizer_spec_from_hf_dir
 
@@ -44,6 +45,30 @@ def quantize_chunked(w: np.ndarray, fmt: str) -> QTensor:
     return QTensor(fmt, tuple(w.shape), parts)
 
 
+def refuse_overwriting_input(src: Path, out: Path) -> None:
+    """A conversion never writes over what it reads: not the source file, nor anything in
+    the source directory (its weights, its tokenizer)."""
+    s, o = Path(src).resolve(), Path(out).resolve()
+    inside = s.is_dir() and s in o.parents
+    same = o == s or (o.exists() and s.exists() and o.samefile(s))
+    if inside or same:
+        raise TinyLLMError(f"output {str(out)!r} would overwrite the input {str(src)!r}: write it somewhere else")
+
+
+def check_checkpoint_shapes(ckpt, plan, expected: dict, where: str) -> None:
+    """Before anything is written: every tensor the plan reads exists, and those taken as they
+    are have the shape the config implies (the fused ones are checked after their split)."""
+    names = set(ckpt.names())
+    missing = sorted({hf for _, hf, _ in plan if hf not in names})
+    if missing:
+        raise TinyLLMError(f"{where}: checkpoint lacks tensor(s) {', '.join(missing[:8])}")
+    for name, hf_name, transform in plan:
+        shape = tuple(ckpt.shape(hf_name))
+        if transform is None and shape != tuple(expected[name]):
+            raise TinyLLMError(f"{where}: tensor {hf_name} has shape {shape} but config.json implies "
+                               f"{tuple(expected[name])} (config and weights disagree)")
+
+
 def config_dict(cfg) -> dict:
     """The dataclass's init fields, as stored in the .q4 header."""
     return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.init}
@@ -59,14 +84,31 @@ def convert_hf(src, out, quant: str = "q4_0", progress=None) -> Path:
         raise TinyLLMError(f"{str(src)!r} is not a Hugging Face checkpoint directory")
     if not out.parent.is_dir():
         raise TinyLLMError(f"output directory {str(out.parent)!r} does not exist")
-    hf_config = read_json(src / "config.json")
-    arch_name = arch_from_hf_config(hf_config)
-    arch = get_arch(arch_name)
-    table = importlib.import_module(f"{__package__}.{arch_name}")
-    cfg = arch.Config.from_hf(hf_config)
-    tokenizer = tokenizer_spec_from_hf_dir(src, hf_config)
-    ckpt = Checkpoint(src)
-    plan = table.tensor_plan(cfg)
+    refuse_overwriting_input(src, out)
+    with reading(src / "config.json"):
+        hf_config = read_json(src / "config.json")
+        if not isinstance(hf_config, dict):
+            raise TinyLLMError(f"{src / 'config.json'}: must hold a JSON object, not {type(hf_config).__name__}")
+        arch_name = arch_from_hf_config(hf_config)
+        arch = get_arch(arch_name)
+        table = importlib.import_module(f"{__package__}.{arch_name}")
+        cfg = arch.Config.from_hf(hf_config)
+        expected = arch.weights(cfg)
+    with reading(src):
+        tokenizer = tokenizer_spec_from_hf_dir(src, hf_config)
+        ckpt = Checkpoint(src)
+        plan = table.tensor_plan(cfg)
+        check_checkpoint_shapes(ckpt, plan, expected, str(src))
+        metadata = {
+            "architecture": arch_name,
+            "config": config_dict(cfg),
+            "tokenizer": tokenizer,
+            "chat_template": chat_template_from_hf_dir(src),
+            "generation": generation_defaults(src),
+            "quant": quant,
+            "source": {"format": "huggingface", "name": str(hf_config.get("_name_or_path") or src.name)},
+        }
+        check_metadata(metadata, str(src))
 
     used = {hf for _, hf, _ in plan}
     ignored = [re.compile(p) for p in table.IGNORED]
@@ -76,20 +118,16 @@ def convert_hf(src, out, quant: str = "q4_0", progress=None) -> Path:
         raise TinyLLMError(f"checkpoint has tensors tinyllm's {arch_name} does not use "
                            f"(an unsupported variant?): {', '.join(unexpected[:8])}")
 
-    metadata = {
-        "architecture": arch_name,
-        "config": config_dict(cfg),
-        "tokenizer": tokenizer,
-        "chat_template": chat_template_from_hf_dir(src),
-        "generation": generation_defaults(src),
-        "quant": quant,
-        "source": {"format": "huggingface", "name": hf_config.get("_name_or_path") or src.name},
-    }
-    with ModelWriter(out, metadata) as writer:
+    with ModelWriter(out, metadata) as writer, reading(src):
         for done, (name, hf_name, transform) in enumerate(plan, 1):
             w = ckpt.get(hf_name)
             if transform is not None:
                 w = transform(w)
+            if tuple(w.shape) != tuple(expected[name]):
+                raise TinyLLMError(f"{src}: tensor {hf_name} gives {name} of shape {tuple(w.shape)}, but config.json "
+                                   f"implies {tuple(expected[name])} (config and weights disagree)")
+            if not np.isfinite(w).all():
+                raise TinyLLMError(f"{src}: tensor {hf_name} holds NaN or infinite values")
             writer.add(name, quantize_chunked(w, tensor_format(name, w.ndim, quant)))
             if progress:
                 progress(done, len(plan))

@@ -41,10 +41,11 @@ from pathlib import Path
 import numpy as np
 
 from ..arch import get_arch
-from ..errors import FormatError, TinyLLMError, UnsupportedError
+from ..errors import FormatError, TinyLLMError, UnsupportedError, reading
 from ..fileformat import ModelWriter
 from ..kernels.quant import FORMATS, QTensor, from_ggml_blocks, quantize
-from .convert import _ROW_CHUNK, config_dict, tensor_format
+from ..validate import check_metadata, check_weights
+from .convert import _ROW_CHUNK, config_dict, refuse_overwriting_input, tensor_format
 from .gguf_arch import GGUF_ARCHITECTURES, clean_float
 from .gguf_kquants import q4_k_to_q4_1_blocks
 from .gguf_tokenizer import tokenizer_spec_from_gguf
@@ -53,6 +54,9 @@ GGUF_MAGIC = b"GGUF"
 LOSSLESS = {"F32": "f32", "F16": "f16", "Q4_0": "q4_0", "Q4_1": "q4_1", "Q8_0": "q8_0"}
 REQUANT = {"BF16": "f32", "Q2_K": "q4_1", "Q3_K": "q4_1", "Q4_K": "q4_1",
            "Q5_0": "q8_0", "Q5_1": "q8_0", "Q5_K": "q8_0", "Q6_K": "q8_0"}
+# metadata values that are strings (or flags); every other "<arch>.<key>" tinyllm reads is a number
+STRING_KEYS = {"rope.scaling.type", "tensor_data_layout"}
+FLAG_KEYS = {"rope.scaling.finetuned"}
 # general.sampling.* (the file author's recommended sampling) -> generation_config.json keys
 SAMPLING_KEYS = {"temp": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
                  "penalty_repeat": "repetition_penalty"}
@@ -155,6 +159,10 @@ class GGUFModel:
         self.path = Path(path)
         if quant is not None and quant not in FORMATS:
             raise TinyLLMError(f"unknown quant format {quant!r}; choose one of {', '.join(FORMATS)}")
+        with reading(self.path):
+            self._read(quant, notice)
+
+    def _read(self, quant: str | None, notice) -> None:
         meta, gtensors = _read_gguf(self.path)
         arch_name = meta.get("general.architecture")
         if arch_name not in GGUF_ARCHITECTURES:
@@ -169,6 +177,12 @@ class GGUFModel:
             value = meta.get(f"{arch_name}.{key}", default)
             if value is _REQUIRED:
                 raise FormatError(f"{self.path}: GGUF metadata {arch_name}.{key} is missing")
+            if value is default:
+                return value
+            kinds = (str,) if key in STRING_KEYS else (bool,) if key in FLAG_KEYS else (int, float)
+            if not isinstance(value, kinds) or (kinds == (int, float) and isinstance(value, bool)):
+                raise FormatError(f"{self.path}: GGUF metadata {arch_name}.{key}={value!r:.60} has the wrong type "
+                                  f"(expected {' or '.join(k.__name__ for k in kinds)})")
             return value
 
         arch = get_arch(table.arch)
@@ -226,7 +240,10 @@ def convert_gguf(src, out, quant: str | None = None, progress=None, notice=_stde
     """Write GGUF file ``src`` as the .q4 file ``out``: the file's own formats where tinyllm
     has them (quant=None), or every matrix requantized to ``quant``."""
     out = Path(out)
+    refuse_overwriting_input(Path(src), out)
     model = open_gguf(src, quant=quant, notice=notice)
+    check_metadata(model.metadata, str(src))
+    check_weights(get_arch(model.metadata["architecture"]).weights(model.config), model.tensors, str(src))
     with ModelWriter(out, model.metadata) as writer:
         for name, t in model.tensors.items():
             writer.add(name, t)

@@ -7,6 +7,7 @@ installed: a pickle is never unpickled any other way).
 from __future__ import annotations
 
 import json
+import math
 import struct
 from pathlib import Path
 
@@ -33,20 +34,46 @@ class SafetensorsFile:
     """A .safetensors file mapped read-only; ``get(name)`` returns float32 without
     reading other tensors (bf16 is widened by a 16-bit shift, exactly)."""
 
+    MAX_HEADER = 100 << 20  # the safetensors library's own limit
+
     def __init__(self, path: Path):
         self.path = path
+        size = path.stat().st_size
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
                 raise TinyLLMError(f"{path}: truncated safetensors file")
             (n,) = struct.unpack("<Q", head)
+            if n > min(self.MAX_HEADER, size - 8):
+                raise TinyLLMError(f"{path}: corrupt safetensors file (header length {n} in a {size}-byte file)")
             try:
                 self.header = json.loads(f.read(n))
-            except json.JSONDecodeError as e:
+            except (ValueError, RecursionError) as e:
                 raise TinyLLMError(f"{path}: corrupt safetensors header ({e})") from None
+        if not isinstance(self.header, dict):
+            raise TinyLLMError(f"{path}: corrupt safetensors header (not a JSON object)")
         self.header.pop("__metadata__", None)
         self.data_start = 8 + n
-        self._raw = np.memmap(path, dtype=np.uint8, mode="r")
+        for name, info in self.header.items():
+            self._check_entry(name, info, size - self.data_start)
+        self._raw = np.memmap(path, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
+
+    def _check_entry(self, name: str, info, data_size: int) -> None:
+        """dtype known, shape a list of sizes, data_offsets [begin, end] inside the data and
+        exactly as long as the shape needs."""
+        ok = (isinstance(info, dict) and info.get("dtype") in _ST_DTYPES and isinstance(info.get("shape"), list)
+              and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in info["shape"])
+              and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2
+              and all(isinstance(o, int) and not isinstance(o, bool) for o in info["data_offsets"]))
+        if not ok:
+            raise TinyLLMError(f"{self.path}: corrupt safetensors header entry for {name!r}")
+        begin, end = info["data_offsets"]
+        need = math.prod(info["shape"]) * np.dtype(_ST_DTYPES[info["dtype"]]).itemsize
+        if not 0 <= begin <= end or end - begin != need:
+            raise TinyLLMError(f"{self.path}: tensor {name} has data_offsets {info['data_offsets']} that do not "
+                               f"match its shape {info['shape']} ({info['dtype']})")
+        if end > data_size:
+            raise TinyLLMError(f"{self.path}: truncated (tensor {name} ends past the end of the file)")
 
     def names(self):
         return list(self.header)
@@ -56,11 +83,7 @@ class SafetensorsFile:
 
     def get(self, name: str) -> np.ndarray:
         info = self.header[name]
-        if info["dtype"] not in _ST_DTYPES:
-            raise TinyLLMError(f"{self.path}: tensor {name} has unsupported dtype {info['dtype']}")
         begin, end = (self.data_start + o for o in info["data_offsets"])
-        if end > len(self._raw):
-            raise TinyLLMError(f"{self.path}: truncated (tensor {name} ends past the end of the file)")
         arr = self._raw[begin:end].view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
         if info["dtype"] == "BF16":
             return (arr.astype(np.uint32) << 16).view(np.float32)
@@ -99,7 +122,14 @@ class Checkpoint:
         self._where: dict[str, object] = {}
         index = directory / "model.safetensors.index.json"
         if index.is_file():
-            files = sorted(set(read_json(index)["weight_map"].values()))
+            index_data = read_json(index)
+            weight_map = index_data.get("weight_map") if isinstance(index_data, dict) else None
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise TinyLLMError(f"{index}: needs a weight_map object of tensor name -> shard file name")
+            files = sorted(set(weight_map.values()))
+            for f in files:
+                if Path(f).name != f or not (directory / f).is_file():
+                    raise TinyLLMError(f"{index} names shard {f!r}, which is not a file in {str(directory)!r}")
             opened = [SafetensorsFile(directory / f) for f in files]
         elif (directory / "model.safetensors").is_file():
             opened = [SafetensorsFile(directory / "model.safetensors")]

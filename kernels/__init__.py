@@ -13,5 +13,7 @@ def get_backend(name: str | None = None):
     """Return the module implementing the ops for ``name`` (default: the fastest available)."""
     name = name or DEFAULT_BACKEND
     if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+        from tinyllm.errors import TinyLLMError  # absolute: tools import this folder as "kernels" too
+
+        raise TinyLLMError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     return importlib.import_module(f"{__name__}.{BACKENDS[name]}")

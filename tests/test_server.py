@@ -54,7 +54,8 @@ def client(server):
 
 def post(server, path, body, **kw) -> httpx.Response:
     data = body if isinstance(body, (bytes, str)) else json.dumps(body)
-    return httpx.post(server.url + path, content=data, **{"timeout": 30, **kw})
+    headers = {"Content-Type": "application/json", **kw.pop("headers", {})}
+    return httpx.post(server.url + path, content=data, headers=headers, **{"timeout": 30, **kw})
 
 
 def assert_openai_error(response: httpx.Response, status: int, param=None, code=None) -> dict:
@@ -371,7 +372,8 @@ def test_oversized_bodies_are_413(model_path):
                 yield b"y" * 500
             yield b'"}'
 
-        r = httpx.post(server.url + "/v1/completions", content=chunked(), timeout=30)
+        r = httpx.post(server.url + "/v1/completions", content=chunked(), timeout=30,
+                       headers={"Content-Type": "application/json"})
         assert "content-length" not in r.request.headers
         assert_openai_error(r, 413, code="request_too_large")
         assert post(server, "/v1/completions", {"prompt": "x" * 100, "max_tokens": 2}).status_code == 200

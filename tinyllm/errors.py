@@ -11,3 +11,31 @@ class FormatError(TinyLLMError):
 
 class UnsupportedError(TinyLLMError):
     """An architecture, config option or tensor type tinyllm does not implement."""
+
+
+# Python errors that a value of the wrong type, shape or size provokes while untrusted input
+# (a model file, a checkpoint's config.json, GGUF metadata) is being interpreted.
+MALFORMED_INPUT_ERRORS = (TypeError, ValueError, KeyError, IndexError, AttributeError, OverflowError,
+                          RecursionError, ZeroDivisionError, UnicodeError, MemoryError)
+
+
+class reading:
+    """Context manager for the boundary where untrusted input is interpreted: the explicit
+    checks there raise clear errors; whatever they did not foresee still leaves as a
+    FormatError naming the input, never as a raw Python exception.
+
+        with reading(path):
+            config = parse(untrusted)
+    """
+
+    def __init__(self, where):
+        self.where = str(where)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None and issubclass(exc_type, MALFORMED_INPUT_ERRORS) and not issubclass(exc_type, TinyLLMError):
+            what = "too large to load" if issubclass(exc_type, MemoryError) else f"malformed ({exc_type.__name__}: {exc})"
+            raise FormatError(f"{self.where}: {what}") from None
+        return False

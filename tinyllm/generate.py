@@ -90,10 +90,17 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, sampler: Sam
 
 class StopStringFilter:
     """Holds text back while it could still become a stop string, so a stop string
-    split across tokens is never printed and then retracted."""
+    split across tokens is never printed and then retracted.
+
+    Each stop string runs a Knuth-Morris-Pratt matcher over the text as it streams in: its
+    state is the length of the longest prefix of that stop string the text ends with, which
+    is exactly how much must be held back for it. Work per character is amortized constant
+    per stop string, so a generation costs time linear in its text, whatever the stops."""
 
     def __init__(self, stops):
-        self.stops = [s for s in (stops or []) if s]
+        self.stops = list(dict.fromkeys(s for s in (stops or []) if s))
+        self._fail = [_failure_table(s) for s in self.stops]
+        self._state = [0] * len(self.stops)
         self.pending = ""
         self.stopped = False
 
@@ -101,14 +108,26 @@ class StopStringFilter:
         """Return what can be shown now; sets ``stopped`` once a stop string appears."""
         if not self.stops:
             return text
+        base = len(self.pending)
         self.pending += text
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
-        if hits:
+        cut = None  # where the earliest stop string completed in this piece begins
+        for k, (stop, fail) in enumerate(zip(self.stops, self._fail)):
+            state = self._state[k]
+            for i, ch in enumerate(text):
+                while state and stop[state] != ch:
+                    state = fail[state - 1]
+                if stop[state] == ch:
+                    state += 1
+                if state == len(stop):
+                    begin = base + i + 1 - len(stop)
+                    cut = begin if cut is None else min(cut, begin)
+                    break
+            self._state[k] = state
+        if cut is not None:
             self.stopped = True
-            out, self.pending = self.pending[:min(hits)], ""
+            out, self.pending = self.pending[:cut], ""
             return out
-        # hold back the longest tail that is the start of some stop string
-        hold = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
+        hold = max(self._state)
         out = self.pending[:len(self.pending) - hold]
         self.pending = self.pending[len(out):]
         return out
@@ -116,6 +135,18 @@ class StopStringFilter:
     def flush(self) -> str:
         out, self.pending = self.pending, ""
         return out
+
+
+def _failure_table(s: str) -> list[int]:
+    """KMP: fail[i] = length of the longest proper prefix of s[:i+1] that is also its suffix."""
+    fail, k = [0] * len(s), 0
+    for i in range(1, len(s)):
+        while k and s[i] != s[k]:
+            k = fail[k - 1]
+        if s[i] == s[k]:
+            k += 1
+        fail[i] = k
+    return fail
 
 
 def stream_text(model, ids: Iterator[int], stop=None, skip_leading_space: bool = False,

@@ -7,7 +7,7 @@ from typing import Iterator
 import numpy as np
 
 from .arch import get_arch
-from .errors import TinyLLMError
+from .errors import TinyLLMError, reading
 from .fileformat import ModelFile
 from .kernels import get_backend
 from .sampling import Sampler, SamplingParams
@@ -69,12 +69,13 @@ class Model:
         if device == "cuda":
             from .device import check_cuda
             check_cuda()
-        if path.suffix.lower() == ".gguf":
-            from .converters.gguf import open_gguf
-            source = open_gguf(path)
-        else:
-            source = ModelFile(path, verify=verify)
-        return cls(source, backend=backend, threads=threads, n_ctx=n_ctx, device=device)
+        with reading(path):
+            if path.suffix.lower() == ".gguf":
+                from .converters.gguf import open_gguf
+                source = open_gguf(path)
+            else:
+                source = ModelFile(path, verify=verify)
+            return cls(source, backend=backend, threads=threads, n_ctx=n_ctx, device=device)
 
     @property
     def name(self) -> str:

@@ -1,6 +1,7 @@
 """Choosing the next token from logits: greedy, or sampled with the usual filters."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +20,14 @@ class SamplingParams:
     seed: int | None = None       # None: a fresh random seed
 
     def __post_init__(self):
+        for name in ("temperature", "top_p", "min_p", "repeat_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise TinyLLMError(f"{name} must be a finite number, got {value!r}")
+        for name in ("top_k", "repeat_last_n", "seed"):
+            value = getattr(self, name)
+            if not (value is None and name == "seed") and (isinstance(value, bool) or not isinstance(value, int)):
+                raise TinyLLMError(f"{name} must be an integer, got {value!r}")
         checks = [
             (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
             (0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}"),
@@ -26,6 +35,7 @@ class SamplingParams:
             (self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}"),
             (self.repeat_penalty > 0, f"repeat_penalty must be > 0, got {self.repeat_penalty}"),
             (self.repeat_last_n >= 0, f"repeat_last_n must be >= 0, got {self.repeat_last_n}"),
+            (self.seed is None or 0 <= self.seed < 2**64, f"seed must be in 0..2^64-1, got {self.seed}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -63,7 +73,8 @@ class Sampler:
         if p.min_p > 0:
             keep = probs >= p.min_p * probs[0]
             order, probs = order[keep], probs[keep]
-        scaled = logits[order] / p.temperature
-        probs = np.exp(scaled - scaled.max())
+        with np.errstate(over="ignore"):  # a tiny temperature: every gap to the top becomes -inf
+            scaled = (logits[order] - logits[order].max()) / p.temperature
+        probs = np.exp(scaled)
         probs /= probs.sum()
         return int(order[self.rng.choice(len(order), p=probs)])

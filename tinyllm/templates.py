@@ -9,12 +9,16 @@ built-ins here are chosen explicitly (``tinyllm chat --template chatml``).
 from __future__ import annotations
 
 import json
+import re
+import sys
+import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
 import jinja2
 import jinja2.ext
+from jinja2.compiler import CodeGenerator
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .errors import TinyLLMError
@@ -93,12 +97,101 @@ def _strftime_now(fmt):
     return datetime.now().strftime(fmt)
 
 
-def _environment() -> ImmutableSandboxedEnvironment:
+# Limits on rendering a template (it comes from a model file: a stranger's program).
+TEMPLATE_SECONDS = 2.0          # wall time of one render
+TEMPLATE_MAX_CHARS = 1 << 22    # the output, and any one string or list a template builds
+_BIG_WIDTH = re.compile(r"[%{][^%{}]*?\d{6,}")  # a printf/format width or precision of 6+ digits
+
+
+class TemplateLimitError(TinyLLMError):
+    """A chat template ran past a resource limit."""
+
+
+def _limit(message: str):
+    raise TemplateLimitError(f"chat template error: {message}")
+
+
+def _check_size(value):
+    if isinstance(value, (str, list, tuple, dict)) and len(value) > TEMPLATE_MAX_CHARS:
+        _limit(f"it built a value of {len(value)} items (the limit is {TEMPLATE_MAX_CHARS})")
+    return value
+
+
+def _check_args(args, kwargs) -> None:
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, int) and not isinstance(a, bool) and abs(a) > TEMPLATE_MAX_CHARS:
+            _limit(f"argument {a} is out of range")
+        if isinstance(a, str) and _BIG_WIDTH.search(a):
+            _limit("a format width of six or more digits")
+
+
+class _LimitedCodeGenerator(CodeGenerator):
+    """The ``~`` operator goes through the environment, which checks the result's size."""
+
+    def visit_Concat(self, node, frame) -> None:
+        self.write("environment.checked_concat((")
+        for arg in node.nodes:
+            self.visit(arg, frame)
+            self.write(", ")
+        self.write("))")
+
+
+class LimitedEnvironment(ImmutableSandboxedEnvironment):
+    """The sandbox (no Python internals reachable) plus resource limits: arithmetic, calls,
+    filters and concatenation that would build strings or lists past TEMPLATE_MAX_CHARS, or
+    numbers past a few thousand digits, are refused before they run; a render runs under a
+    deadline (checked on every line the template executes) and an output limit."""
+
+    code_generator_class = _LimitedCodeGenerator
+    intercepted_binops = frozenset(["+", "*", "**", "%"])
+
+    def call_binop(self, context, operator, left, right):
+        if operator == "*":
+            for seq, n in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > TEMPLATE_MAX_CHARS:
+                    _limit(f"repeating a sequence {n} times")
+        elif operator == "**":
+            if isinstance(right, int) and isinstance(left, int) and abs(left) > 1 and right > 10_000:
+                _limit(f"{left} ** {right} is too large")
+        elif operator == "+":
+            if isinstance(left, (str, list, tuple)) and isinstance(right, (str, list, tuple)):
+                if len(left) + len(right) > TEMPLATE_MAX_CHARS:
+                    _limit("concatenation too long")
+        elif operator == "%" and isinstance(left, str) and _BIG_WIDTH.search(left):
+            _limit("a format width of six or more digits")
+        return _check_size(super().call_binop(context, operator, left, right))
+
+    def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja2's own signature)
+        _check_args(args, kwargs)
+        return _check_size(super().call(__context, __obj, *args, **kwargs))
+
+    def wrap_str_format(self, value):
+        wrapped = super().wrap_str_format(value)  # str.format / format_map, as the sandbox runs them
+        if wrapped is not None and _BIG_WIDTH.search(value.__self__):
+            return lambda *args, **kwargs: _limit("a format width of six or more digits")
+        return wrapped
+
+    def checked_concat(self, parts):
+        return _check_size("".join(map(str, parts)))
+
+
+def _checked_filter(f):
+    def checked(*args, **kwargs):
+        _check_args(args[1:] if getattr(f, "jinja_pass_arg", None) else args, kwargs)
+        return _check_size(f(*args, **kwargs))
+    for attr in ("jinja_pass_arg",):
+        if hasattr(f, attr):
+            setattr(checked, attr, getattr(f, attr))
+    return checked
+
+
+def _environment() -> LimitedEnvironment:
     """The environment transformers' apply_chat_template uses: sandboxed (a template from a
     model file cannot reach Python internals), trim_blocks/lstrip_blocks, loop controls,
-    raise_exception, strftime_now and a tojson that does not escape HTML."""
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    raise_exception, strftime_now and a tojson that does not escape HTML; with limits."""
+    env = LimitedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
+    env.filters = {name: _checked_filter(f) for name, f in env.filters.items()}
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = _strftime_now
     return env
@@ -107,16 +200,48 @@ def _environment() -> ImmutableSandboxedEnvironment:
 _ENV = _environment()
 
 
+class _Deadline:
+    """A trace function for the rendering thread only: past the deadline, the next line the
+    template executes raises. (Jinja compiles templates to Python, so every loop iteration
+    and macro call runs lines; the C-level operations that could run long are refused above.)"""
+
+    def __init__(self, seconds: float):
+        self.deadline = time.monotonic() + seconds
+
+    def __call__(self, frame, event, arg):
+        if time.monotonic() > self.deadline:
+            _limit(f"rendering took longer than {TEMPLATE_SECONDS:g} s")
+        return self
+
+
 def render_template(template: str, messages: list[dict], add_generation_prompt: bool = True, **extra) -> str:
-    """Render a Hugging Face chat template as transformers does. ``extra`` carries the special
-    token strings (bos_token, eos_token, ...) and anything else the template reads."""
+    """Render a Hugging Face chat template as transformers does, within the limits above.
+    ``extra`` carries the special token strings (bos_token, eos_token, ...) and anything else
+    the template reads. Every failure is a TinyLLMError."""
     _check_messages(messages)
+    previous = sys.gettrace()
+    sys.settrace(_Deadline(TEMPLATE_SECONDS))
     try:
-        return _ENV.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt, **extra)
+        out, size = [], 0
+        for piece in _ENV.from_string(template).generate(messages=messages,
+                                                         add_generation_prompt=add_generation_prompt, **extra):
+            size += len(piece)
+            if size > TEMPLATE_MAX_CHARS:
+                _limit(f"its output passed {TEMPLATE_MAX_CHARS} characters")
+            out.append(piece)
+        return "".join(out)
     except TinyLLMError:
         raise
     except jinja2.TemplateError as e:  # syntax errors, sandbox violations, undefined calls
         raise TinyLLMError(f"chat template error: {type(e).__name__}: {e}") from None
+    except RecursionError:
+        raise TemplateLimitError("chat template error: recursion too deep") from None
+    except MemoryError:
+        raise TemplateLimitError("chat template error: out of memory") from None
+    except Exception as e:  # a template can provoke any Python error (a stranger's program)
+        raise TinyLLMError(f"chat template error: {type(e).__name__}: {e}") from None
+    finally:
+        sys.settrace(previous)
 
 
 def _check_messages(messages) -> None:

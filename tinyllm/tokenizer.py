@@ -66,6 +66,7 @@ import codecs
 import json
 import operator
 import re
+import threading
 from typing import Iterable
 
 from .errors import FormatError, TinyLLMError, UnsupportedError
@@ -487,6 +488,7 @@ class TokenizersJsonTokenizer(Tokenizer):
         try:
             parsed = json.loads(text)
             self._tok = tokenizers.Tokenizer.from_str(text)
+            self._lock = threading.Lock()
         except Exception as e:  # tokenizers raises a bare Exception on malformed files
             raise FormatError(f"tokenizer.json tokenizer spec: 'json' is not a valid tokenizer.json ({e})") from None
         self._style, self._start_rule = _decoder_style(parsed.get("decoder"))
@@ -499,8 +501,10 @@ class TokenizersJsonTokenizer(Tokenizer):
 
     def _encode_text(self, text: str, parse_special: bool) -> list[int]:
         # encode_special_tokens=True: special tokens are ordinary text; non-special added tokens still match.
-        self._tok.encode_special_tokens = not parse_special
-        return self._tok.encode(text, add_special_tokens=False).ids
+        # The flag lives on the shared tokenizer object: one encode at a time sets and uses it.
+        with self._lock:
+            self._tok.encode_special_tokens = not parse_special
+            return self._tok.encode(text, add_special_tokens=False).ids
 
     def token_text(self, token_id: int) -> str:
         token_id = self._check_token(token_id)

@@ -22,26 +22,37 @@ from .options import load_model, model_argument, runtime_options
 @click.option("--template", default=None,
               help=f"Chat template: {', '.join(BUILTIN)}, or a Jinja file (default: the model's own; plain if it has none).")
 @click.option("--model-id", default=None, help="Model name clients send (default: the file name without extension).")
+@click.option("--timeout", type=click.FloatRange(min=0.1, max=3600), default=30, show_default=True,
+              help="Seconds a client may take to send a request's headers, and again its body.")
+@click.option("--max-connections", type=click.IntRange(min=1, max=10000), default=128, show_default=True,
+              help="Open connections at most; more are closed on arrival.")
 @runtime_options
-def serve(model, host, port, api_key, max_queue, max_tokens, template, model_id, backend, threads, n_ctx, device):
+def serve(model, host, port, api_key, max_queue, max_tokens, template, model_id, timeout, max_connections,
+          backend, threads, n_ctx, device):
     """Serve MODEL over an OpenAI-compatible API, with a chat page at /.
 
     With no MODEL: the cached SmolLM2 chat model, else the bundled story model.
     """
-    import uvicorn
-
+    from ..errors import TinyLLMError
     from ..server import create_app
+    from ..server.guards import LOOPBACK_HOSTS
+    from ..server.http import listen, serve_app
 
+    if api_key is not None and not api_key.strip():
+        raise TinyLLMError("--api-key is empty: give a key, or leave the option out for no authentication")
+    loopback = host in LOOPBACK_HOSTS
     m = load_model(model, backend, threads, n_ctx, device)
+    sock = listen(host, port)  # a used port fails here, before the banner
+    port = sock.getsockname()[1]
     app = create_app(m, api_key=api_key, max_queue=max_queue, max_tokens=max_tokens, model_id=model_id,
-                     chat_template=template)
+                     chat_template=template, allowed_hosts=LOOPBACK_HOSTS if loopback else None, timeout=timeout)
     service = app.state.service
     model_id = service.model_id
     shown = f"[{host}]" if ":" in host else host
     click.echo(f"Serving {model_id} (context {m.n_ctx}, template {service.template.name}) at http://{shown}:{port}/  "
                f"(OpenAI API at http://{shown}:{port}/v1{', API key required' if api_key else ''}). Ctrl-C stops.",
                err=True)
-    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+    if not loopback and not api_key:
         click.secho(f"warning: listening on {host} without --api-key: anyone who can reach this port can use the model",
                     err=True, fg="yellow")
-    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=3)
+    serve_app(app, sock, timeout=timeout, max_connections=max_connections)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -28,14 +27,17 @@ from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 
 from .. import __version__
+from ..errors import TinyLLMError
 from ..templates import resolve_template
 from .errors import APIError, bad_request
 from .generation import GenerationRun
+from .guards import LOOPBACK_HOSTS, GuardMiddleware
 from .schemas import GenerationRequest, parse_chat, parse_completion
 from .worker import GenerationFailed, Job, ModelWorker, QueueFull
 
 DEFAULT_MAX_QUEUE = 16
 DEFAULT_MAX_BODY_BYTES = 1 << 20
+DEFAULT_TIMEOUT = 30.0  # seconds a client may take to send its request body
 FINGERPRINT = f"tinyllm-{__version__}"
 
 
@@ -59,26 +61,40 @@ class BearerAuth:
         await self.app(scope, receive, send)
 
 
-async def read_json_body(request: Request, limit: int) -> dict:
-    """The request body as a JSON object; 413 past ``limit`` bytes (counted, not trusted)."""
+async def read_json_body(request: Request, limit: int, timeout: float = DEFAULT_TIMEOUT) -> dict:
+    """The request body as a JSON object; 413 past ``limit`` bytes (counted, not trusted),
+    408 when it takes longer than ``timeout`` seconds to arrive, 400 for anything that is not
+    valid JSON text (deep nesting and lone surrogates included)."""
     too_big = APIError(413, f"Request body too large: the limit is {limit} bytes.", code="request_too_large")
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > limit:
         raise too_big
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_big
-        chunks.append(chunk)
+
+    async def read() -> bytes:
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_big
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    try:
+        raw = await asyncio.wait_for(read(), timeout)
+    except asyncio.TimeoutError:
+        raise APIError(408, f"The request body did not arrive within {timeout:g} s (tinyllm serve --timeout).",
+                       code="request_timeout") from None
 
     def no_constants(name):
         raise ValueError(f"{name} is not valid JSON")
 
     try:
-        body = json.loads(b"".join(chunks), parse_constant=no_constants)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise bad_request(f"The request body is not valid JSON: {e}", code="invalid_json") from None
+        body = json.loads(raw, parse_constant=no_constants)
+        json.dumps(body, ensure_ascii=False).encode("utf-8")  # lone surrogates (\ud800) cannot be text
+    except RecursionError:
+        raise bad_request("The request body is nested too deeply.", code="invalid_json") from None
+    except (ValueError, UnicodeError) as e:
+        raise bad_request(f"The request body is not valid JSON text: {e}", code="invalid_json") from None
     if not isinstance(body, dict):
         raise bad_request("The request body must be a JSON object.", code="invalid_json")
     return body
@@ -110,8 +126,10 @@ class JobStreamingResponse(StreamingResponse):
 class Service:
     """The endpoints, sharing one model, one worker and the server's limits."""
 
-    def __init__(self, model, api_key, max_queue, max_tokens, max_body_bytes, model_id, chat_template):
+    def __init__(self, model, api_key, max_queue, max_tokens, max_body_bytes, model_id, chat_template, timeout):
         self.model = model
+        self.timeout = timeout
+        self.shutting_down = False
         self.chat_template = chat_template
         self.template = resolve_template(chat_template, model.chat_template)  # a bad name fails here, at startup
         self.model_id = model_id or model.name
@@ -119,8 +137,14 @@ class Service:
         self.max_body_bytes = max_body_bytes
         self.api_key = api_key
         self.worker = ModelWorker(max_queue)
-        self._tokenizer_lock = threading.Lock()  # tokenizers keep per-call flags; one encode at a time
         self._page = (resources.files("tinyllm") / "web" / "index.html").read_text(encoding="utf-8")
+
+    def begin_shutdown(self) -> None:
+        """The server is stopping: every running or waiting request ends now, open streams with
+        an error event, so clients learn why and the server has nothing left to cancel.
+        Safe to call from a signal handler (it only sets flags)."""
+        self.shutting_down = True
+        self.worker.cancel_all()
 
     # -- informational routes ---------------------------------------------------------
 
@@ -152,16 +176,23 @@ class Service:
     # -- generation -----------------------------------------------------------------------
 
     async def completions(self, request: Request) -> Response:
-        return await self._generate(request, parse_completion(await read_json_body(request, self.max_body_bytes)))
+        body = await read_json_body(request, self.max_body_bytes, self.timeout)
+        return await self._generate(request, parse_completion(body))
 
     async def chat_completions(self, request: Request) -> Response:
-        return await self._generate(request, parse_chat(await read_json_body(request, self.max_body_bytes)))
+        body = await read_json_body(request, self.max_body_bytes, self.timeout)
+        return await self._generate(request, parse_chat(body))
 
     def _prepare(self, req: GenerationRequest) -> GenerationRun:
-        with self._tokenizer_lock:
-            return GenerationRun(self.model, req, self.max_tokens, self.chat_template)
+        # on a thread-pool thread: a slow chat template (time-limited) delays only this request
+        return GenerationRun(self.model, req, self.max_tokens, self.chat_template)
+
+    def _shutdown_error(self) -> APIError:
+        return APIError(503, "The server is shutting down.", type="server_error", code="server_shutdown")
 
     async def _generate(self, request: Request, req: GenerationRequest) -> Response:
+        if self.shutting_down:
+            raise self._shutdown_error()
         self._check_model(req.model)
         run = await run_in_threadpool(self._prepare, req)
         job = Job(run.pieces)
@@ -195,6 +226,8 @@ class Service:
                 text_task.cancel()
         if not text_task.done() or text_task.cancelled():
             return Response(status_code=499)  # the client closed the connection; nobody reads this
+        if self.shutting_down:
+            raise self._shutdown_error()
         try:
             text = text_task.result()
         except GenerationFailed as e:
@@ -226,6 +259,10 @@ class Service:
         except GenerationFailed as e:
             yield sse(APIError(500, f"Generation failed: {e}", type="server_error", code="generation_failed").body())
         else:
+            if self.shutting_down:
+                yield sse(self._shutdown_error().body())
+                yield "data: [DONE]\n\n"
+                return
             yield chunk({} if chat else "", run.finish_reason)
             if req.include_usage:
                 yield sse({**head, "choices": [], "usage": run.usage})
@@ -237,18 +274,21 @@ def _http_error(request: Request, exc: HTTPException) -> Response:
     return APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code=code).response()
 
 
-def _server_error(request: Request, exc: Exception) -> Response:
-    return APIError(500, f"Internal server error: {type(exc).__name__}: {exc}", type="server_error").response()
-
-
 def create_app(model, api_key: str | None = None, max_queue: int = DEFAULT_MAX_QUEUE, max_tokens: int | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, model_id: str | None = None,
-               chat_template: str | None = None) -> Starlette:
+               chat_template: str | None = None, allowed_hosts=LOOPBACK_HOSTS,
+               timeout: float = DEFAULT_TIMEOUT) -> Starlette:
     """The server for one loaded ``model``. ``max_queue``: requests that may wait behind the
     running one (more get 503); ``max_tokens``: the most one request may generate (default and
     ceiling: the context length); ``model_id``: the name clients use (default: the file's stem);
-    ``chat_template``: a built-in template name or Jinja file instead of the model's own."""
-    service = Service(model, api_key, max_queue, max_tokens, max_body_bytes, model_id, chat_template)
+    ``chat_template``: a built-in template name or Jinja file instead of the model's own;
+    ``allowed_hosts``: the Host header values answered (default: loopback names; None: any);
+    ``timeout``: seconds a client may take to send its request body."""
+    if api_key is not None and not api_key.strip():
+        raise TinyLLMError("the API key is empty: give a non-empty --api-key (or none, for no authentication)")
+    if not (isinstance(timeout, (int, float)) and 0 < timeout < float("inf")):
+        raise TinyLLMError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    service = Service(model, api_key, max_queue, max_tokens, max_body_bytes, model_id, chat_template, timeout)
     routes = [
         Route("/", service.index),
         Route("/health", service.health),
@@ -267,9 +307,9 @@ def create_app(model, api_key: str | None = None, max_queue: int = DEFAULT_MAX_Q
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={
         APIError: lambda request, exc: exc.response(),
         HTTPException: _http_error,
-        Exception: _server_error,
     })
-    if api_key:
+    if api_key is not None:
         app.add_middleware(BearerAuth, api_key=api_key)
+    app.add_middleware(GuardMiddleware, allowed_hosts=allowed_hosts)  # outermost: checked first
     app.state.service = service
     return app

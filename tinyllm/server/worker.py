@@ -94,11 +94,17 @@ class ModelWorker:
         self._thread = threading.Thread(target=self._loop, name="tinyllm-model", daemon=True)
         self._thread.start()
 
+    def cancel_all(self) -> None:
+        """Cancel the running job and every waiting one (the lock is reentrant: a signal
+        handler interrupting this thread inside it cannot deadlock)."""
+        with self._cond:
+            for job in [*self._waiting, *([self._current] if self._current else [])]:
+                job.cancel()
+
     def stop(self, timeout: float = 10.0) -> None:
         with self._cond:
             self._stopping = True
-            for job in [*self._waiting, *([self._current] if self._current else [])]:
-                job.cancel()
+            self.cancel_all()
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
