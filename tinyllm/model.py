@@ -89,8 +89,11 @@ class Model:
         ids = np.asarray(tokens, dtype=np.int64)
         if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
             raise TinyLLMError(f"token id out of range 0..{self.config.vocab_size - 1}")
-        out = self.arch.forward(self.config, self.weights, self.ops, self.cache, ids, start_pos, last_only)
-        return self.ops.to_numpy(out)
+        out = self.ops.to_numpy(self.arch.forward(self.config, self.weights, self.ops, self.cache, ids, start_pos,
+                                                  last_only))
+        if not np.isfinite(out).all():  # weights that overflow float32: say so, never sample from NaN
+            raise TinyLLMError("the model computed NaN or infinite logits (its weights overflow float32 arithmetic)")
+        return out
 
     def eval(self, tokens: list[int]) -> np.ndarray:
         """Make the cache hold ``tokens``; return the next-token logits (vocab,).

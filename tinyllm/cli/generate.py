@@ -4,14 +4,15 @@ from __future__ import annotations
 import click
 
 from . import main
-from .options import load_model, model_argument, runtime_options, sampling_options
+from .options import load_model, model_argument, runtime_options, sampling_options, valid_text
 
 
 @main.command()
 @model_argument
-@click.option("-p", "--prompt", default="", help="Text to continue (default: start from BOS).")
-@click.option("-n", "--max-tokens", "max_tokens", type=int, default=256, show_default=True, help="Tokens to generate.")
-@click.option("--stop", multiple=True, help="Stop when this string appears (repeatable).")
+@click.option("-p", "--prompt", default="", callback=valid_text, help="Text to continue (default: start from BOS).")
+@click.option("-n", "--max-tokens", "max_tokens", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Tokens to generate.")
+@click.option("--stop", multiple=True, callback=valid_text, help="Stop when this string appears (repeatable).")
 @sampling_options
 @runtime_options
 def generate(model, prompt, max_tokens, stop, temperature, top_k, top_p, min_p, repeat_penalty, seed,

@@ -14,21 +14,41 @@ def runtime_options(f):
     """--backend, --threads, --ctx, --device: how and where the model runs."""
     f = click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
                      help="Run on the CPU (default) or an NVIDIA GPU (needs the cuda extra).")(f)
-    f = click.option("--ctx", "n_ctx", type=int, default=None, help="Context length (default: the model's, at most 4096).")(f)
-    f = click.option("--threads", "-t", type=int, default=None, help="CPU threads (default: all cores).")(f)
+    f = click.option("--ctx", "n_ctx", type=click.IntRange(min=1), default=None,
+                     help="Context length (default: the model's, at most 4096).")(f)
+    f = click.option("--threads", "-t", type=click.IntRange(min=1), default=None, help="CPU threads (default: all cores).")(f)
     f = click.option("--backend", type=click.Choice(["numba", "numpy"]), default=None,
                      help="Kernels: numba (fast, default) or numpy (the reference).")(f)
     return f
 
 
 def sampling_options(f):
-    f = click.option("--seed", type=int, default=None, help="Random seed for reproducible sampling.")(f)
-    f = click.option("--repeat-penalty", type=float, default=None, help="Penalty for recently seen tokens (1.0: off).")(f)
-    f = click.option("--min-p", type=float, default=None, help="Drop tokens below min_p x the top probability.")(f)
-    f = click.option("--top-p", type=float, default=None, help="Nucleus sampling threshold.")(f)
-    f = click.option("--top-k", type=int, default=None, help="Sample among the k most likely tokens (0: all).")(f)
-    f = click.option("--temperature", type=float, default=None, help="0 = greedy; default from the model.")(f)
+    f = click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=None,
+                     help="Random seed for reproducible sampling.")(f)
+    f = click.option("--repeat-penalty", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="Penalty for recently seen tokens (1.0: off).")(f)
+    f = click.option("--min-p", type=click.FloatRange(0, 1, max_open=True), default=None,
+                     help="Drop tokens below min_p x the top probability.")(f)
+    f = click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=None,
+                     help="Nucleus sampling threshold.")(f)
+    f = click.option("--top-k", type=click.IntRange(min=0), default=None,
+                     help="Sample among the k most likely tokens (0: all).")(f)
+    f = click.option("--temperature", type=click.FloatRange(min=0, max=1e6), default=None,
+                     help="0 = greedy; default from the model.")(f)
     return f
+
+
+def valid_text(ctx, param, value):
+    """Click callback: text options must be valid Unicode (undecodable command-line bytes are
+    refused here, before anything is loaded or echoed)."""
+    texts = value if isinstance(value, tuple) else (value,)
+    for text in texts:
+        if isinstance(text, str):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise click.BadParameter("is not valid UTF-8 text") from None
+    return value
 
 
 def load_model(model, backend, threads, n_ctx, device, announce=True, fetch=False):

@@ -7,11 +7,13 @@ it. Nothing is silently ignored. Omitted sampling options take the model's defau
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from .errors import bad_request, unsupported
 
-MAX_STOP_STRINGS = 4  # OpenAI's limit
+MAX_STOP_STRINGS = 4     # OpenAI's limit
+MAX_STOP_LENGTH = 1024   # characters in one stop string (matching is linear either way; this bounds memory)
 
 # Sampling options a request may set (llama.cpp's server names for the non-OpenAI ones).
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "repeat_last_n", "seed")
@@ -84,6 +86,8 @@ def _number(body: dict, name: str, lo: float, hi: float | None = None, lo_open: 
         return None
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise bad_request(f"{name} must be a number, not {_type_name(v)}", param=name)
+    if not math.isfinite(v):  # 1e999 parses as infinity
+        raise bad_request(f"{name} must be a finite number, got {v}", param=name)
     if (v <= lo if lo_open else v < lo) or (hi is not None and v > hi):
         lo_text = f"> {lo}" if lo_open else f">= {lo}"
         raise bad_request(f"{name} must be {lo_text}" + (f" and <= {hi}" if hi is not None else "") + f", got {v}",
@@ -141,6 +145,8 @@ def _stop(body: dict) -> list[str]:
         raise bad_request("stop must be a string or a list of strings", param="stop")
     if len(stops) > MAX_STOP_STRINGS:
         raise bad_request(f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(stops)}", param="stop")
+    if any(len(s) > MAX_STOP_LENGTH for s in stops):
+        raise bad_request(f"each stop string may have at most {MAX_STOP_LENGTH} characters", param="stop")
     return [s for s in stops if s]
 
 
