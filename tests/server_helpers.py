@@ -9,17 +9,22 @@ from contextlib import contextmanager
 
 import uvicorn
 
+from tinyllm.server.guards import guarded_protocol
+
 
 class LiveServer:
     """``app`` served by uvicorn on 127.0.0.1:<free port> until :meth:`close`."""
 
-    def __init__(self, app):
+    def __init__(self, app, header_timeout: float | None = None, max_connections: int = 128):
         self.app = app
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.bind(("127.0.0.1", 0))
         self.port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        limits = {}
+        if header_timeout is not None:  # as `tinyllm serve` runs it (tinyllm/server/http.py)
+            limits = {"http": guarded_protocol(header_timeout, max_connections), "limit_concurrency": max_connections}
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", **limits))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 10
@@ -38,8 +43,8 @@ class LiveServer:
 
 
 @contextmanager
-def serving(app):
-    server = LiveServer(app)
+def serving(app, **limits):
+    server = LiveServer(app, **limits)
     try:
         yield server
     finally:
