@@ -46,10 +46,11 @@ def quantize_chunked(w: np.ndarray, fmt: str) -> QTensor:
 
 
 def refuse_overwriting_input(src: Path, out: Path) -> None:
-    """A conversion never writes over what it reads: not the source file, nor anything in
-    the source directory (its weights, its tokenizer)."""
+    """A conversion never writes over what it reads: not the source file, nor any existing
+    file inside the source directory (its weights, its tokenizer, its configs). A new file
+    there is fine (``convert DIR -o DIR/model.q4``)."""
     s, o = Path(src).resolve(), Path(out).resolve()
-    inside = s.is_dir() and s in o.parents
+    inside = s.is_dir() and s in o.parents and o.exists()
     same = o == s or (o.exists() and s.exists() and o.samefile(s))
     if inside or same:
         raise TinyLLMError(f"output {str(out)!r} would overwrite the input {str(src)!r}: write it somewhere else")

@@ -57,10 +57,42 @@ REQUANT = {"BF16": "f32", "Q2_K": "q4_1", "Q3_K": "q4_1", "Q4_K": "q4_1",
 # metadata values that are strings (or flags); every other "<arch>.<key>" tinyllm reads is a number
 STRING_KEYS = {"rope.scaling.type", "tensor_data_layout"}
 FLAG_KEYS = {"rope.scaling.finetuned"}
+COUNT_KEYS = {"context_length", "embedding_length", "block_count", "feed_forward_length", "vocab_size",
+              "attention.head_count", "attention.head_count_kv", "attention.key_length", "attention.value_length",
+              "rope.dimension_count"}  # sizes: whole numbers >= 1
 # general.sampling.* (the file author's recommended sampling) -> generation_config.json keys
 SAMPLING_KEYS = {"temp": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
                  "penalty_repeat": "repetition_penalty"}
 _REQUIRED = object()
+
+# The types of the tokenizer and general keys tinyllm reads (the "<arch>.*" keys are checked
+# as they are read): "list of X" values must be lists whose every element is an X.
+NUMBER = (int, float)
+KEY_TYPES = {
+    "tokenizer.ggml.model": str, "tokenizer.ggml.pre": str, "tokenizer.chat_template": str,
+    "tokenizer.ggml.tokens": [str], "tokenizer.ggml.token_type": [int], "tokenizer.ggml.scores": [NUMBER],
+    "tokenizer.ggml.merges": [str], "tokenizer.ggml.precompiled_charsmap": [int],
+    **{f"tokenizer.ggml.{k}_token_id": int for k in ("bos", "eos", "eot", "eom", "padding", "unknown")},
+    **{f"tokenizer.ggml.{k}": bool for k in ("add_bos_token", "add_eos_token", "add_space_prefix",
+                                               "remove_extra_whitespaces")},
+    **{f"general.sampling.{k}": NUMBER for k in SAMPLING_KEYS}, "general.name": str,
+}
+
+
+def _has_type(value, kind) -> bool:
+    if isinstance(kind, list):
+        return isinstance(value, list) and all(_has_type(v, kind[0]) for v in value)
+    if kind is bool:
+        return isinstance(value, bool)
+    return isinstance(value, kind) and not isinstance(value, bool)
+
+
+def check_key_types(meta: dict, path) -> None:
+    for key, kind in KEY_TYPES.items():
+        if key in meta and not _has_type(meta[key], kind):
+            want = f"a list of {kind[0].__name__ if isinstance(kind[0], type) else 'numbers'}" if isinstance(kind, list) \
+                else getattr(kind, "__name__", "a number")
+            raise FormatError(f"{path}: GGUF metadata {key} has the wrong type (expected {want})")
 
 
 def _clean(value):
@@ -144,6 +176,7 @@ def _read_gguf(path: Path):
         meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
     except (ValueError, IndexError, KeyError, OverflowError, UnicodeDecodeError, MemoryError) as e:
         raise FormatError(f"{path}: truncated or corrupt GGUF file ({type(e).__name__}: {e})") from None
+    check_key_types(meta, path)
     tensors = {}
     for t in reader.tensors:
         if t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
@@ -183,6 +216,8 @@ class GGUFModel:
             if not isinstance(value, kinds) or (kinds == (int, float) and isinstance(value, bool)):
                 raise FormatError(f"{self.path}: GGUF metadata {arch_name}.{key}={value!r:.60} has the wrong type "
                                   f"(expected {' or '.join(k.__name__ for k in kinds)})")
+            if key in COUNT_KEYS and not (isinstance(value, int) and value >= 1):
+                raise FormatError(f"{self.path}: GGUF metadata {arch_name}.{key}={value!r} must be a whole number >= 1")
             return value
 
         arch = get_arch(table.arch)

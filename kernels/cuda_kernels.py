@@ -2,6 +2,12 @@
 
 Each kernel mirrors one op of ``kernels/reference.py``. Conventions:
 
+Trust: these kernels index without bounds checks (that is what makes them fast). They rely on
+their callers for every shape and index: weights whose parts match their format's layout and
+the architecture's declared shapes (checked when a model is loaded, tinyllm/validate.py),
+token ids inside the embedding table and positions inside the KV cache (checked by
+Model._forward before every forward pass).
+
 * Activations are float32 ``(T, features)`` device arrays, heads contiguous in a row.
 * A weight is passed as ``fmt, d, m, qs, wd`` (see ``cuda.DeviceWeight``): ``fmt`` picks the
   decoder at run time (one branch, uniform across the whole grid), so one compiled kernel

@@ -3,6 +3,12 @@
 Each function mirrors its twin in reference.py (same arguments, same result up to float32
 rounding; the activations use numba_math's vectorizable exp/erf). Rows of the (T, D)
 activations are split across threads only where there is enough work to pay for it.
+
+Trust: these kernels index without bounds checks (that is what makes them fast). They rely on
+their callers for every shape and index: weights whose parts match their format's layout and
+the architecture's declared shapes (checked when a model is loaded, tinyllm/validate.py),
+token ids inside the embedding table and positions inside the KV cache (checked by
+Model._forward before every forward pass).
 """
 from __future__ import annotations
 

@@ -16,6 +16,12 @@ q8_0 uses a portable loop with int32 per-block accumulators (LLVM emits pmaddwd 
 Float weights (f16/f32) and the dequantize-a-tile path feed BLAS.
 
 Shapes: weights are (N, K) as in PyTorch, activations (T, K), results (T, N); nb = ceil(K/32).
+
+Trust: these kernels index without bounds checks (that is what makes them fast). They rely on
+their callers for every shape and index: weights whose parts match their format's layout and
+the architecture's declared shapes (checked when a model is loaded, tinyllm/validate.py),
+token ids inside the embedding table and positions inside the KV cache (checked by
+Model._forward before every forward pass).
 """
 from __future__ import annotations
 

@@ -56,6 +56,18 @@ def encode(w: np.ndarray, qtype) -> tuple[np.ndarray, object]:
     return gguf.quants.quantize(w.astype(np.float32), qtype), qtype
 
 
+def add_sentencepiece_vocab(w, vocab_dir: Path) -> None:
+    """tokenizer.model in ``vocab_dir`` as a "llama" GGUF vocabulary, ids 0/1/2 = unk/bos/eos."""
+    tokens, scores, types = zip(*gguf.vocab.SentencePieceVocab(vocab_dir).all_tokens())
+    w.add_tokenizer_model("llama")
+    w.add_token_list(list(tokens))
+    w.add_token_scores(list(scores))
+    w.add_token_types([int(t) for t in types])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+
+
 def write_llama_gguf(path: Path, model, vocab_dir: Path, matrix_type=T.F32, edge_type=None,
                      raw: dict | None = None, extra_tensors: dict | None = None, metadata=None) -> Path:
     """Write a transformers LlamaForCausalLM as a GGUF file. Matrices in ``matrix_type``,
@@ -82,15 +94,7 @@ def write_llama_gguf(path: Path, model, vocab_dir: Path, matrix_type=T.F32, edge
     w.add_vocab_size(cfg.vocab_size)
     w.add_file_type(gguf.LlamaFileType.ALL_F32)
 
-    vocab = gguf.vocab.SentencePieceVocab(vocab_dir)
-    tokens, scores, types = zip(*vocab.all_tokens())
-    w.add_tokenizer_model("llama")
-    w.add_token_list(list(tokens))
-    w.add_token_scores(list(scores))
-    w.add_token_types([int(t) for t in types])
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_unk_token_id(0)
+    add_sentencepiece_vocab(w, vocab_dir)
     w.add_add_bos_token(True)
     w.add_chat_template("{% for m in messages %}{{ m['content'] }}\n{% endfor %}")
     if metadata:

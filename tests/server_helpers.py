@@ -9,6 +9,7 @@ from contextlib import contextmanager
 
 import uvicorn
 
+from tinyllm.errors import TinyLLMError
 from tinyllm.server.guards import guarded_protocol
 
 
@@ -71,7 +72,7 @@ class EvalHook:
             raise RuntimeError("test gate never opened")
         if self.fail_once:
             self.fail_once = False
-            raise RuntimeError("injected failure")
+            raise TinyLLMError("injected failure")  # a model-side error: its message reaches the client
         if self.delay:
             time.sleep(self.delay)
         return self._eval(tokens)

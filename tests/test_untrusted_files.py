@@ -314,9 +314,11 @@ def test_tiny_temperature_samples_like_greedy():
 def test_convert_refuses_to_write_into_its_input(hf_dir, small_gguf, tmp_path):
     weights = (hf_dir / "model.safetensors").read_bytes()
     (tmp_path / "link").symlink_to(hf_dir)
-    for out in (hf_dir / "model.safetensors", tmp_path / "link" / "model.safetensors", hf_dir / "m.q4"):
+    for out in (hf_dir / "model.safetensors", tmp_path / "link" / "config.json", hf_dir / "tokenizer.model", hf_dir):
         with pytest.raises(TinyLLMError, match="would overwrite the input"):
             convert_hf(hf_dir, out)
+    assert (hf_dir / "model.safetensors").read_bytes() == weights
+    convert_hf(hf_dir, hf_dir / "new.q4", quant="f32")  # a new file beside the checkpoint is fine
     assert (hf_dir / "model.safetensors").read_bytes() == weights
     gguf_copy = tmp_path / "x.gguf"
     shutil.copy(small_gguf, gguf_copy)

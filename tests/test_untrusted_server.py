@@ -195,6 +195,16 @@ def test_an_unexpected_error_is_a_500_without_internals(model, monkeypatch):
             assert client.get(server.url + "/health").status_code == 200  # the connection still works
 
 
+def test_a_bug_during_generation_is_reported_without_its_details(model, monkeypatch):
+    with serving(create_app(model)) as server:
+        def broken(self, tokens):
+            raise RuntimeError("secret internal detail")
+
+        monkeypatch.setattr(type(model), "eval", broken)
+        error = assert_error(post(server, "/v1/completions", COMPLETION), 500, code="generation_failed")
+        assert "secret" not in error["message"] and "server log" in error["message"]
+
+
 def test_an_empty_api_key_is_refused(model):
     with pytest.raises(TinyLLMError, match="empty"):
         create_app(model, api_key="")

@@ -147,12 +147,11 @@ def bundled_gguf(path: Path, tmp_dir: Path) -> Path:
 
     import gguf
 
-    from tests.gguf_writer import llama_cpp_permute
+    from tests.gguf_writer import add_sentencepiece_vocab, llama_cpp_permute
 
     f = ModelFile(BUNDLED)
     cfg, spec = f.metadata["config"], f.metadata["tokenizer"]
     (tmp_dir / "tokenizer.model").write_bytes(base64.b64decode(spec["model"]))
-    tokens, scores, types = zip(*gguf.vocab.SentencePieceVocab(tmp_dir).all_tokens())
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_context_length(cfg["max_position_embeddings"])
     w.add_embedding_length(cfg["hidden_size"])
@@ -162,13 +161,7 @@ def bundled_gguf(path: Path, tmp_dir: Path) -> Path:
     w.add_head_count_kv(cfg["num_key_value_heads"])
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     w.add_rope_freq_base(cfg["rope_theta"])
-    w.add_tokenizer_model("llama")
-    w.add_token_list(list(tokens))
-    w.add_token_scores(list(scores))
-    w.add_token_types([int(t) for t in types])
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_unk_token_id(0)
+    add_sentencepiece_vocab(w, tmp_dir)
     names = {"tok_embeddings": "token_embd.weight", "norm": "output_norm.weight"}
     layer = {"attention_norm": "attn_norm", "attention.wq": "attn_q", "attention.wk": "attn_k",
              "attention.wv": "attn_v", "attention.wo": "attn_output", "ffn_norm": "ffn_norm",

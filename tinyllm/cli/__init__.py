@@ -9,7 +9,8 @@ from ..errors import TinyLLMError
 
 
 class _Group(click.Group):
-    """Bad input ends in one clear line on stderr, never a traceback."""
+    """Bad input ends in one clear line on stderr, never a traceback: `error: ...` and exit
+    status 1 for what tinyllm refuses, 2 for a command line click refuses."""
 
     def invoke(self, ctx):
         try:
@@ -17,6 +18,22 @@ class _Group(click.Group):
         except TinyLLMError as e:
             click.secho(f"error: {e}", err=True, fg="red")
             sys.exit(1)
+
+    def main(self, *args, **kwargs):
+        kwargs.pop("standalone_mode", None)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except click.UsageError as e:
+            where = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+            click.secho(f"error: {e.format_message()}{where}", err=True, fg="red")
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            click.secho(f"error: {e.format_message()}", err=True, fg="red")
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
 
 
 @click.group(cls=_Group)

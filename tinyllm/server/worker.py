@@ -13,6 +13,8 @@ import threading
 from collections import deque
 from typing import AsyncIterator, Callable, Iterator
 
+from ..errors import TinyLLMError
+
 log = logging.getLogger("tinyllm.server")
 
 
@@ -54,7 +56,10 @@ class Job:
                     break
         except Exception as e:
             log.exception("generation failed")
-            self._post("error", GenerationFailed(f"{type(e).__name__}: {e}"))
+            # a TinyLLMError says what is wrong with the model (NaN logits, ...); anything else
+            # is a bug whose details belong in the server log, not in a client's answer
+            self._post("error", GenerationFailed(str(e) if isinstance(e, TinyLLMError) else
+                                                 f"internal error ({type(e).__name__}; the server log has the details)"))
             return "failed"
         finally:
             if pieces is not None:
