@@ -47,10 +47,11 @@ class Model:
         context = self.config.context_length
         self.n_ctx = min(n_ctx or min(context, DEFAULT_MAX_CTX), context)
         cfg = self.config
-        kv_bytes = 2 * 4 * cfg.num_hidden_layers * cfg.n_kv_heads * cfg.head_dim * self.n_ctx
-        check_allocation(kv_bytes, f"the KV cache for {self.n_ctx} positions", "load with a smaller n_ctx (--ctx)")
         if device == "cuda":
             backend = "cuda"
+        else:  # a device cache lives in GPU memory, which this check does not see
+            kv_bytes = 2 * 4 * cfg.num_hidden_layers * cfg.n_kv_heads * cfg.head_dim * self.n_ctx
+            check_allocation(kv_bytes, f"the KV cache for {self.n_ctx} positions", "load with a smaller n_ctx (--ctx)")
         self.ops = get_backend(backend)
         if threads and hasattr(self.ops, "set_threads"):
             self.ops.set_threads(threads)
