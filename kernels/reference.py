@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from .quant import QTensor, dequantize
+from .quant import QK, QTensor, _round_half_away, _unpack_nibbles, dequantize, n_blocks
 
 name = "numpy"
 
@@ -49,6 +49,32 @@ def matmul(x: np.ndarray, w: QTensor, bias: np.ndarray | None = None) -> np.ndar
     """(T, K) @ W(N, K)^T (+ bias) -> (T, N)."""
     y = x @ dequantize(w).T
     return y + bias if bias is not None else y
+
+
+def matmul_int8_activations(x: np.ndarray, w: QTensor) -> np.ndarray:
+    """(T, K) @ W(N, K)^T as the fast kernels compute it for q4_0 / q4_1 / q8_0 weights: the
+    exact twin of their arithmetic, not an approximation of the float product. Activation
+    blocks of 32 are quantized to int8 with a float32 scale amax / 127 (round half away from
+    zero, as ggml's q8_0), block dot products are exact integers, scales apply once per block."""
+    T, K = x.shape
+    nb = n_blocks(K)
+    xb = np.zeros((T, nb * QK), np.float32)
+    xb[:, :K] = x
+    xb = xb.reshape(T, nb, QK)
+    dx = np.abs(xb).max(-1) / np.float32(127)                                          # (T, nb)
+    with np.errstate(divide="ignore"):
+        inv = np.where(dx == 0, np.float32(0), np.float32(1) / dx).astype(np.float32)
+    qx = _round_half_away(xb * inv[..., None]).astype(np.int64)                         # (T, nb, 32)
+    d = np.asarray(w.parts["d"], dtype=np.float64)                                      # (N, nb)
+    if w.format == "q8_0":
+        qw = np.asarray(w.parts["qs"]).transpose(0, 2, 1).astype(np.int64)               # (N, nb, 32)
+        dots = np.einsum("nbj,tbj->tnb", qw, qx)
+        return np.einsum("tnb,nb,tb->tn", dots, d, dx).astype(np.float32)
+    qw = _unpack_nibbles(np.asarray(w.parts["qs"])).astype(np.int64)                    # (N, nb, 32), 0..15
+    y = np.einsum("tnb,nb,tb->tn", np.einsum("nbj,tbj->tnb", qw - 8, qx), d, dx)
+    if w.format == "q4_1":  # x = d q + m = d (q - 8) + (m + 8 d)
+        y += np.einsum("nb,tb->tn", np.asarray(w.parts["m"], dtype=np.float64) + 8 * d, dx * qx.sum(-1))
+    return y.astype(np.float32)
 
 
 # -- elementwise and normalization ---------------------------------------------------

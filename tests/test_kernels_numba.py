@@ -141,30 +141,8 @@ def test_kv_write_and_attention(rng, n_heads, n_kv, hd, n_ctx, steps, alibi):
 
 # -- quantized products --------------------------------------------------------------------
 
-def emulate_int8_matmul(x: np.ndarray, t: quant.QTensor) -> np.ndarray:
-    """NumPy model of the kernels' arithmetic: activation blocks quantized to int8 with a
-    float32 scale amax/127 (round half away), exact integer block dots, float scales."""
-    T, K = x.shape
-    nb_ = quant.n_blocks(K)
-    xb = np.zeros((T, nb_ * 32), np.float32)
-    xb[:, :K] = x
-    xb = xb.reshape(T, nb_, 32)
-    dx = np.abs(xb).max(-1) / np.float32(127)
-    with np.errstate(divide="ignore"):
-        inv = np.where(dx == 0, np.float32(0), np.float32(1) / dx).astype(np.float32)
-    v = xb * inv[..., None]
-    qx = (np.sign(v) * np.floor(np.abs(v) + np.float32(0.5))).astype(np.int64)        # (T, nb, 32)
-    d = t.parts["d"].astype(np.float64)                                                # (N, nb)
-    if t.format == "q8_0":
-        qw = t.parts["qs"].transpose(0, 2, 1).astype(np.int64)                         # (N, nb, 32)
-        dots = np.einsum("nbj,tbj->tnb", qw, qx)
-        return np.einsum("tnb,nb,tb->tn", dots, d, dx).astype(np.float32)
-    qw = quant._unpack_nibbles(t.parts["qs"]).astype(np.int64)                         # 0..15
-    dots = np.einsum("nbj,tbj->tnb", qw - 8, qx)
-    y = np.einsum("tnb,nb,tb->tn", dots, d, dx)
-    if t.format == "q4_1":  # x = d q + m = d (q - 8) + (m + 8 d)
-        y += np.einsum("nb,tb->tn", t.parts["m"].astype(np.float64) + 8 * d, dx * qx.sum(-1))
-    return y.astype(np.float32)
+# the kernels' exact arithmetic, from the reference backend
+emulate_int8_matmul = ref.matmul_int8_activations
 
 
 MATMUL_SHAPES = [  # (T, N, K): one row, rows not a multiple of the threads, K not a multiple of 32,
