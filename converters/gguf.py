@@ -40,15 +40,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ..arch import get_arch
-from ..errors import FormatError, TinyLLMError, UnsupportedError, reading
-from ..fileformat import ModelWriter
-from ..kernels.quant import FORMATS, QTensor, from_ggml_blocks, quantize
-from ..validate import check_metadata, check_weights
-from .convert import _ROW_CHUNK, config_dict, refuse_overwriting_input, tensor_format
-from .gguf_arch import GGUF_ARCHITECTURES, clean_float
-from .gguf_kquants import q4_k_to_q4_1_blocks
-from .gguf_tokenizer import tokenizer_spec_from_gguf
+from tinyllm.arch import get_arch
+from tinyllm.errors import FormatError, TinyLLMError, UnsupportedError, reading
+from tinyllm.fileformat import ModelWriter
+from tinyllm.kernels.quant import FORMATS, QTensor, from_ggml_blocks, quantize
+from tinyllm.validate import check_metadata, check_weights
+from tinyllm.converters.convert import _ROW_CHUNK, config_dict, refuse_overwriting_input, tensor_format
+from tinyllm.converters.gguf_arch import GGUF_ARCHITECTURES, clean_float
+from tinyllm.converters.gguf_kquants import q4_k_to_q4_1_blocks
+from tinyllm.converters.gguf_tokenizer import tokenizer_spec_from_gguf
 
 GGUF_MAGIC = b"GGUF"
 LOSSLESS = {"F32": "f32", "F16": "f16", "Q4_0": "q4_0", "Q4_1": "q4_1", "Q8_0": "q8_0"}

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..arch.common import rope_inv_freq
-from ..errors import FormatError, UnsupportedError
-from ..kernels.quant import QTensor
+from tinyllm.arch.common import rope_inv_freq
+from tinyllm.errors import FormatError, UnsupportedError
+from tinyllm.kernels.quant import QTensor
 
 
 def clean_float(value) -> float:
@@ -304,7 +304,7 @@ class GPTJ(GGUFArch):
 
     @classmethod
     def plan(cls, cfg) -> list:
-        from .gptj import rotary_row_order
+        from tinyllm.converters.gptj import rotary_row_order
 
         order = rotary_row_order(cfg.n_head, cfg.head_dim, cfg.rotary_dim)
         fix = {"attention.wq": lambda t: permute_rows(t, order), "attention.wk": lambda t: permute_rows(t, order)}

@@ -25,7 +25,7 @@ import base64
 import json
 import struct
 
-from ..errors import FormatError, UnsupportedError
+from tinyllm.errors import FormatError, UnsupportedError
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 

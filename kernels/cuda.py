@@ -16,15 +16,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..device import check_cuda
-from ..errors import TinyLLMError, UnsupportedError
-from .quant import QTensor, n_blocks
+from tinyllm.device import check_cuda
+from tinyllm.errors import TinyLLMError, UnsupportedError
+from tinyllm.kernels.quant import QTensor, n_blocks
 
 check_cuda()
 
 from numba import cuda  # noqa: E402
 
-from . import cuda_kernels as K  # noqa: E402
+from tinyllm.kernels import cuda_kernels as K  # noqa: E402
 
 name = "cuda"
 

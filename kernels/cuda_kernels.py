@@ -26,7 +26,7 @@ import math
 
 from numba import cuda, float32, float64, int32
 
-from .quant import QK  # weights per quant block
+from tinyllm.kernels.quant import QK  # weights per quant block
 
 # Weight decoders, selected by ``fmt``.
 FMT_Q4_0, FMT_Q4_1, FMT_Q8_0, FMT_DENSE = 0, 1, 2, 3

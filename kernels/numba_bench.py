@@ -7,7 +7,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from . import numba_cache  # noqa: F401  (before any @njit(cache=True): see numba_cache.py)
+from tinyllm.kernels import numba_cache  # noqa: F401  (before any @njit(cache=True): see numba_cache.py)
 
 
 def sum_words(buf):

@@ -17,11 +17,11 @@ import os
 import numba
 import numpy as np
 
-from ..errors import TinyLLMError
-from . import numba_ops, numba_quant, numba_simd
-from .numba_ops import kv_write, new_kv_cache  # noqa: F401  (keys stored transposed, see numba_ops)
-from .quant import QTensor
-from .reference import add, clip, from_numpy, to_numpy  # noqa: F401
+from tinyllm.errors import TinyLLMError
+from tinyllm.kernels import numba_ops, numba_quant, numba_simd
+from tinyllm.kernels.numba_ops import kv_write, new_kv_cache  # noqa: F401  (keys stored transposed, see numba_ops)
+from tinyllm.kernels.quant import QTensor
+from tinyllm.kernels.reference import add, clip, from_numpy, to_numpy  # noqa: F401
 
 name = "numba"
 

@@ -11,7 +11,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-from . import numba_cache  # noqa: F401  (before any @njit(cache=True): see numba_cache.py)
+from tinyllm.kernels import numba_cache  # noqa: F401  (before any @njit(cache=True): see numba_cache.py)
 
 # -- bit casts --------------------------------------------------------------------------
 

@@ -17,8 +17,8 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from . import numba_cache  # noqa: F401  (before any @njit(cache=True): see numba_cache.py)
-from .numba_math import fast_exp, fast_normal_cdf, fast_sigmoid
+from tinyllm.kernels import numba_cache  # noqa: F401  (before any @njit(cache=True): see numba_cache.py)
+from tinyllm.kernels.numba_math import fast_exp, fast_normal_cdf, fast_sigmoid
 
 # fastmath without the no-infs/no-NaNs assumptions, for kernels that see -inf masks
 FASTMATH_KEEP_INF = {"nsz", "arcp", "contract", "afn", "reassoc"}

@@ -29,8 +29,8 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from . import numba_cache, numba_simd  # noqa: F401  (numba_cache first: see numba_cache.py)
-from .numba_math import f16_bits_to_f32
+from tinyllm.kernels import numba_cache, numba_simd  # noqa: F401  (numba_cache first: see numba_cache.py)
+from tinyllm.kernels.numba_math import f16_bits_to_f32
 
 QK = 32
 PREFILL_TILE = 4     # tokens per weight-chunk pass in the SIMD q4 prefill kernel (8 measured slower end to end)

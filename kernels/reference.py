@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from .quant import QK, QTensor, _round_half_away, _unpack_nibbles, dequantize, n_blocks
+from tinyllm.kernels.quant import QK, QTensor, _round_half_away, _unpack_nibbles, dequantize, n_blocks
 
 name = "numpy"
 

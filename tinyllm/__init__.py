@@ -1,22 +1,16 @@
 """tinyllm: a readable transformer inference engine for 4-bit block-quantized models."""
 from __future__ import annotations
 
-import os as _os
-
-# Running from a source checkout (no install): kernels/ and converters/ live beside
-# this package but are imported as tinyllm.kernels / tinyllm.converters.
-_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
-if _os.path.isfile(_os.path.join(_root, "kernels", "__init__.py")) and _root not in __path__:
-    __path__.append(_root)
-
+# kernels/ and converters/ join the package as tinyllm.kernels and tinyllm.converters in one
+# way only: the package-dir mapping in pyproject.toml (install with `pip install -e .`).
 __version__ = "0.1.0"
 
-from .errors import FormatError, TinyLLMError, UnsupportedError  # noqa: E402
+from tinyllm.errors import FormatError, TinyLLMError, UnsupportedError
 
 
 def load(path, **kwargs):
     """Load a model file (.q4, or .gguf) and return a ready-to-use :class:`tinyllm.model.Model`."""
-    from .model import Model
+    from tinyllm.model import Model
 
     return Model.load(path, **kwargs)
 

@@ -89,7 +89,7 @@ def time_decode(model, n_tokens: int, repeats: int = 3) -> Samples:
 def memory_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> Samples:
     """Read bandwidth with all kernel threads: sum a buffer larger than any cache.
     ``gb_per_second`` of the result is the median; ``bytes_read / min(seconds)`` the best."""
-    from .kernels.numba_bench import sum_words
+    from tinyllm.kernels.numba_bench import sum_words
 
     buf = np.ones(nbytes // 8, np.uint64)
     sum_words(buf)  # compile, page in

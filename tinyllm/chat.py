@@ -11,10 +11,10 @@ import warnings
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .errors import TinyLLMError
-from .generate import GenerationStats, generate_ids, stream_text
-from .sampling import Sampler
-from .templates import ChatTemplate, render_template, resolve_template  # noqa: F401  (render_template: API)
+from tinyllm.errors import TinyLLMError
+from tinyllm.generate import GenerationStats, generate_ids, stream_text
+from tinyllm.sampling import Sampler
+from tinyllm.templates import ChatTemplate, render_template, resolve_template  # noqa: F401  (render_template: API)
 
 ROLES = ("system", "user", "assistant")
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import click
 
-from .errors import TinyLLMError
+from tinyllm.errors import TinyLLMError
 
 DATA = Path(__file__).parent / "data"
 BUNDLED_MODEL = DATA / "stories260K.q4"

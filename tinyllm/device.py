@@ -15,7 +15,7 @@ import io
 import os
 import sys
 
-from .errors import TinyLLMError
+from tinyllm.errors import TinyLLMError
 
 INSTALL_HINT = "pip install 'tinyllm[cuda]'"
 

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import FormatError, TinyLLMError
-from .kernels.quant import FORMATS, QTensor, part_layout
+from tinyllm.errors import FormatError, TinyLLMError
+from tinyllm.kernels.quant import FORMATS, QTensor, part_layout
 
 MAGIC = b"TINYLLM\0"
 VERSION = 1

@@ -5,7 +5,7 @@ import time
 from dataclasses import dataclass
 from typing import Iterator
 
-from .sampling import Sampler
+from tinyllm.sampling import Sampler
 
 
 @dataclass

@@ -6,13 +6,13 @@ from typing import Iterator
 
 import numpy as np
 
-from .arch import get_arch
-from .errors import TinyLLMError, reading
-from .fileformat import ModelFile
-from .kernels import get_backend
-from .sampling import Sampler, SamplingParams
-from .tokenizer import Tokenizer
-from .validate import build_config, check_allocation, check_metadata, check_weights
+from tinyllm.arch import get_arch
+from tinyllm.errors import TinyLLMError, reading
+from tinyllm.fileformat import ModelFile
+from tinyllm.kernels import get_backend
+from tinyllm.sampling import Sampler, SamplingParams
+from tinyllm.tokenizer import Tokenizer
+from tinyllm.validate import build_config, check_allocation, check_metadata, check_weights
 
 DEFAULT_MAX_CTX = 4096  # KV cache positions allocated unless n_ctx asks for more
 
@@ -68,11 +68,11 @@ class Model:
         if device not in (None, "cpu", "cuda"):
             raise TinyLLMError(f"unknown device {device!r}; choose cpu or cuda")
         if device == "cuda":
-            from .device import check_cuda
+            from tinyllm.device import check_cuda
             check_cuda()
         with reading(path):
             if path.suffix.lower() == ".gguf":
-                from .converters.gguf import open_gguf
+                from tinyllm.converters.gguf import open_gguf
                 source = open_gguf(path)
             else:
                 source = ModelFile(path, verify=verify)
@@ -160,7 +160,7 @@ class Model:
         iterator of text pieces as they are decoded; otherwise the whole text. Stops at any
         eos id, at a ``stop`` string (never shown, even when split across tokens), after
         ``max_new_tokens`` or at the end of the context. ``stats``: a GenerationStats to fill."""
-        from .generate import generate_ids, stream_text
+        from tinyllm.generate import generate_ids, stream_text
 
         ids = self.tokenize(prompt, add_bos=add_bos) if isinstance(prompt, str) else [int(i) for i in prompt]
         if not ids:
@@ -182,7 +182,7 @@ class Model:
         """A multi-turn conversation (:class:`tinyllm.chat.ChatSession`): ``session.send(text)``
         streams each answer; the KV cache keeps the history already computed. ``template``: a
         built-in (chatml, llama-2, alpaca, plain) or a Jinja file, instead of the model's own."""
-        from .chat import ChatSession
+        from tinyllm.chat import ChatSession
 
         return ChatSession(self, system=system, template=template, **options)
 
@@ -191,7 +191,7 @@ class Model:
         """Answer the last (user) message of ``messages`` ([{"role", "content"}, ...], an
         optional system message first): the answer text, or an iterator of pieces with
         ``stream=True``. Sampling options as for :meth:`generate`."""
-        from .chat import ChatSession, check_conversation
+        from tinyllm.chat import ChatSession, check_conversation
 
         messages = check_conversation(messages)
         if not messages or messages[-1]["role"] != "user":

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import TinyLLMError
+from tinyllm.errors import TinyLLMError
 
 DEFAULT_CTX = 512  # the window of most published llama.cpp perplexity tables (-c 512)
 

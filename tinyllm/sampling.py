@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import TinyLLMError
+from tinyllm.errors import TinyLLMError
 
 
 @dataclass

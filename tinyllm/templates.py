@@ -21,7 +21,7 @@ import jinja2.ext
 from jinja2.compiler import CodeGenerator
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from .errors import TinyLLMError
+from tinyllm.errors import TinyLLMError
 
 # Built-ins. chatml and llama-2 are the templates their reference checkpoints ship
 # (teknium/OpenHermes-2.5-Mistral-7B and meta-llama/Llama-2-7b-chat-hf tokenizer_config.json).

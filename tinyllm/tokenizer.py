@@ -69,7 +69,7 @@ import re
 import threading
 from typing import Iterable
 
-from .errors import FormatError, TinyLLMError, UnsupportedError
+from tinyllm.errors import FormatError, TinyLLMError, UnsupportedError
 
 SPACE_SYMBOL = "\u2581"  # '▁', SentencePiece's visible space
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")

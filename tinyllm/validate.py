@@ -21,8 +21,8 @@ import os
 
 import numpy as np
 
-from .errors import FormatError, TinyLLMError
-from .kernels.quant import FORMATS, part_layout
+from tinyllm.errors import FormatError, TinyLLMError
+from tinyllm.kernels.quant import FORMATS, part_layout
 
 # generation defaults a file may carry -> the types they must have
 GENERATION_TYPES = {"temperature": (int, float), "top_k": (int,), "top_p": (int, float), "min_p": (int, float),

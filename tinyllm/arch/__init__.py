@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 
-from ..errors import UnsupportedError
+from tinyllm.errors import UnsupportedError
 
 # architecture name -> module; model_type/architectures in config.json -> architecture name
 ARCHITECTURES = {"llama": "llama", "gptj": "gptj", "mpt": "mpt", "falcon": "falcon"}

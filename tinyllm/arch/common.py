@@ -7,7 +7,7 @@ import typing
 
 import numpy as np
 
-from ..errors import FormatError, UnsupportedError
+from tinyllm.errors import FormatError, UnsupportedError
 
 # Bounds on any config value (a header or config.json from a stranger must not size an
 # allocation or a loop by itself): every size and count, and the number of layers.

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import UnsupportedError
-from .common import (alibi_slopes, check_config, config_from_hf, lm_head, require, rope_inv_freq, rope_settings,
+from tinyllm.errors import UnsupportedError
+from tinyllm.arch.common import (alibi_slopes, check_config, config_from_hf, lm_head, require, rope_inv_freq, rope_settings,
                      weight_set)
 
 ARCH = "falcon"

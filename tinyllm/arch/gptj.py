@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import UnsupportedError
-from .common import check_config, config_from_hf, lm_head, require, rope_inv_freq, weight_set
+from tinyllm.errors import UnsupportedError
+from tinyllm.arch.common import check_config, config_from_hf, lm_head, require, rope_inv_freq, weight_set
 
 ARCH = "gptj"
 # activation_function -> use the tanh approximation of GELU?

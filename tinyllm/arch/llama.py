@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .common import check_config, config_from_hf, lm_head, require, rope_inv_freq, rope_settings, weight_set
+from tinyllm.arch.common import check_config, config_from_hf, lm_head, require, rope_inv_freq, rope_settings, weight_set
 
 ARCH = "llama"
 

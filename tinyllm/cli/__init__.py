@@ -5,7 +5,7 @@ import sys
 
 import click
 
-from ..errors import TinyLLMError
+from tinyllm.errors import TinyLLMError
 
 
 class _Group(click.Group):
@@ -43,11 +43,11 @@ def main():
 
 
 # command registration: one import per command module
-from . import convert  # noqa: E402,F401
-from . import generate  # noqa: E402,F401
-from . import chat  # noqa: E402,F401
-from . import info  # noqa: E402,F401
-from . import serve  # noqa: E402,F401
-from . import perplexity  # noqa: E402,F401
-from . import pull  # noqa: E402,F401
-from . import bench  # noqa: E402,F401
+from tinyllm.cli import convert  # noqa: E402,F401
+from tinyllm.cli import generate  # noqa: E402,F401
+from tinyllm.cli import chat  # noqa: E402,F401
+from tinyllm.cli import info  # noqa: E402,F401
+from tinyllm.cli import serve  # noqa: E402,F401
+from tinyllm.cli import perplexity  # noqa: E402,F401
+from tinyllm.cli import pull  # noqa: E402,F401
+from tinyllm.cli import bench  # noqa: E402,F401

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import click
 
-from . import main
-from .options import load_model, model_argument
+from tinyllm.cli import main
+from tinyllm.cli.options import load_model, model_argument
 
 
 @main.command()
@@ -21,8 +21,8 @@ from .options import load_model, model_argument
 def bench(model, prompt_tokens, gen_tokens, repeats, probe_mb, threads, backend):
     """Time prefill and decode of MODEL: tokens/s, and decode as GB/s of weights read next
     to the machine's measured read bandwidth."""
-    from ..benchmark import run_bench
-    from ..errors import TinyLLMError
+    from tinyllm.benchmark import run_bench
+    from tinyllm.errors import TinyLLMError
 
     if repeats < 1 or gen_tokens < 1 or any(n < 1 for n in prompt_tokens) or probe_mb < 0:
         raise TinyLLMError("--repeats, --gen-tokens and --prompt-tokens must be at least 1, --probe-mb at least 0")

@@ -5,10 +5,10 @@ import sys
 
 import click
 
-from . import main
-from ..errors import TinyLLMError
-from ..templates import BUILTIN
-from .options import load_model, model_argument, runtime_options, sampling_options, valid_text
+from tinyllm.cli import main
+from tinyllm.errors import TinyLLMError
+from tinyllm.templates import BUILTIN
+from tinyllm.cli.options import load_model, model_argument, runtime_options, sampling_options, valid_text
 
 HELP = """Commands:
   /reset         forget the conversation (keeps the system prompt)

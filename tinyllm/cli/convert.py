@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from . import main
+from tinyllm.cli import main
 
 
 @main.command()
@@ -14,16 +14,16 @@ from . import main
                    "Hugging Face directory; for a GGUF file, its own formats where tinyllm has them.")
 def convert(source, output, quant):
     """Convert SOURCE (a Hugging Face model directory or a .gguf file) into a tinyllm .q4 file."""
-    from ..converters.convert import convert_hf
+    from tinyllm.converters.convert import convert_hf
     from pathlib import Path
 
-    from ..errors import TinyLLMError
+    from tinyllm.errors import TinyLLMError
 
     src = Path(source)
     if not src.exists():
         raise TinyLLMError(f"{source!r} does not exist")
     if src.is_file() and src.suffix.lower() == ".gguf":
-        from ..converters.gguf import convert_gguf
+        from tinyllm.converters.gguf import convert_gguf
 
         path = convert_gguf(src, output, quant=quant)
         click.echo(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import click
 
-from . import main
-from .options import load_model, model_argument, runtime_options, sampling_options, valid_text
+from tinyllm.cli import main
+from tinyllm.cli.options import load_model, model_argument, runtime_options, sampling_options, valid_text
 
 
 @main.command()

@@ -5,16 +5,16 @@ from collections import defaultdict
 
 import click
 
-from . import main
-from .options import model_argument
+from tinyllm.cli import main
+from tinyllm.cli.options import model_argument
 
 
 @main.command()
 @model_argument
 def info(model):
     """Describe MODEL: architecture, sizes, quant formats, tokenizer, context."""
-    from .. import load
-    from ..defaults import resolve_model
+    from tinyllm import load
+    from tinyllm.defaults import resolve_model
 
     m = load(resolve_model(model, announce=False), backend="numpy")
     cfg = m.config

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from ..defaults import resolve_model
+from tinyllm.defaults import resolve_model
 
 
 def model_argument(f):
@@ -54,7 +54,7 @@ def valid_text(ctx, param, value):
 def load_model(model, backend, threads, n_ctx, device, announce=True, fetch=False):
     """Find the model (the default one when none is given; ``fetch``: download the default
     chat model if it is not cached yet) and load it."""
-    from .. import load
+    from tinyllm import load
 
     path = resolve_model(model, announce=announce, fetch=fetch)
     return load(path, backend=backend, threads=threads, n_ctx=n_ctx, device=device)

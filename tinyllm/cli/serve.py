@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import click
 
-from ..templates import BUILTIN
-from . import main
-from .options import load_model, model_argument, runtime_options
+from tinyllm.templates import BUILTIN
+from tinyllm.cli import main
+from tinyllm.cli.options import load_model, model_argument, runtime_options
 
 
 @main.command()
@@ -33,10 +33,10 @@ def serve(model, host, port, api_key, max_queue, max_tokens, template, model_id,
 
     With no MODEL: the cached SmolLM2 chat model, else the bundled story model.
     """
-    from ..errors import TinyLLMError
-    from ..server import create_app
-    from ..server.guards import LOOPBACK_HOSTS
-    from ..server.http import listen, serve_app
+    from tinyllm.errors import TinyLLMError
+    from tinyllm.server import create_app
+    from tinyllm.server.guards import LOOPBACK_HOSTS
+    from tinyllm.server.http import listen, serve_app
 
     if api_key is not None and not api_key.strip():
         raise TinyLLMError("--api-key is empty: give a key, or leave the option out for no authentication")

@@ -26,14 +26,14 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .. import __version__
-from ..errors import TinyLLMError
-from ..templates import resolve_template
-from .errors import APIError, bad_request
-from .generation import GenerationRun
-from .guards import LOOPBACK_HOSTS, GuardMiddleware
-from .schemas import GenerationRequest, parse_chat, parse_completion
-from .worker import GenerationFailed, Job, ModelWorker, QueueFull
+from tinyllm import __version__
+from tinyllm.errors import TinyLLMError
+from tinyllm.templates import resolve_template
+from tinyllm.server.errors import APIError, bad_request
+from tinyllm.server.generation import GenerationRun
+from tinyllm.server.guards import LOOPBACK_HOSTS, GuardMiddleware
+from tinyllm.server.schemas import GenerationRequest, parse_chat, parse_completion
+from tinyllm.server.worker import GenerationFailed, Job, ModelWorker, QueueFull
 
 DEFAULT_MAX_QUEUE = 16
 DEFAULT_MAX_BODY_BYTES = 1 << 20

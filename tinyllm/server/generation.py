@@ -6,12 +6,12 @@ import threading
 from contextlib import closing
 from typing import Iterator
 
-from ..chat import ChatSession
-from ..errors import TinyLLMError
-from ..generate import GenerationStats, generate_ids, stream_text
-from ..sampling import Sampler
-from .errors import bad_request
-from .schemas import GenerationRequest
+from tinyllm.chat import ChatSession
+from tinyllm.errors import TinyLLMError
+from tinyllm.generate import GenerationStats, generate_ids, stream_text
+from tinyllm.sampling import Sampler
+from tinyllm.server.errors import bad_request
+from tinyllm.server.schemas import GenerationRequest
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "context": "length", None: "stop"}

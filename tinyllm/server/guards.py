@@ -19,7 +19,7 @@ import logging
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from .errors import APIError
+from tinyllm.server.errors import APIError
 
 log = logging.getLogger("tinyllm.server")
 

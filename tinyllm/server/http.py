@@ -6,8 +6,8 @@ import socket
 
 import uvicorn
 
-from ..errors import TinyLLMError
-from .guards import guarded_protocol
+from tinyllm.errors import TinyLLMError
+from tinyllm.server.guards import guarded_protocol
 
 DEFAULT_MAX_CONNECTIONS = 128
 

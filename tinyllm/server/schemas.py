@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from .errors import bad_request, unsupported
+from tinyllm.server.errors import bad_request, unsupported
 
 MAX_STOP_STRINGS = 4     # OpenAI's limit
 MAX_STOP_LENGTH = 1024   # characters in one stop string (matching is linear either way; this bounds memory)

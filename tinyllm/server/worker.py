@@ -13,7 +13,7 @@ import threading
 from collections import deque
 from typing import AsyncIterator, Callable, Iterator
 
-from ..errors import TinyLLMError
+from tinyllm.errors import TinyLLMError
 
 log = logging.getLogger("tinyllm.server")
 
