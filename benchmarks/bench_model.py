@@ -15,13 +15,13 @@ import os
 from pathlib import Path
 
 import numpy as np
+
+from tinyllm.arch.llama import Config
 from tinyllm.converters.convert import config_dict
 from tinyllm.converters.hf_tokenizer import tokenizer_spec_from_hf_dir
 from tinyllm.converters.llama import tensor_plan
-from tinyllm.kernels.quant import QTensor, n_blocks, to_ggml_blocks
-
-from tinyllm.arch.llama import Config
 from tinyllm.fileformat import ModelWriter
+from tinyllm.kernels.quant import QTensor, n_blocks, to_ggml_blocks
 
 TINYLLAMA = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                  num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-5,

@@ -14,6 +14,7 @@ import platform
 import time
 
 import pytest
+
 from tinyllm.kernels import numba_cpu
 
 from .bench_model import bench_dir

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from tinyllm.kernels import numba_cpu, reference
 
 from .bench_model import random_tensor

@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 
 from tinyllm.arch import arch_from_hf_config, get_arch
+from tinyllm.converters.hf import Checkpoint, generation_defaults, read_json
+from tinyllm.converters.hf_tokenizer import chat_template_from_hf_dir, tokenizer_spec_from_hf_dir
 from tinyllm.errors import TinyLLMError, reading
 from tinyllm.fileformat import ModelWriter
 from tinyllm.kernels.quant import FORMATS, QTensor, quantize
 from tinyllm.validate import check_metadata
-from tinyllm.converters.hf import Checkpoint, generation_defaults, read_json
-from tinyllm.converters.hf_tokenizer import chat_template_from_hf_dir, tokenizer_spec_from_hf_dir
 
 # With 4-bit weights, the embedding table and output head keep 8 bits: they are read
 # one row per token (embedding) or dominate the logits' accuracy (output).

@@ -53,7 +53,8 @@ def tensor_plan(cfg):
     plan = [("tok_embeddings", "transformer.word_embeddings.weight", None)]
     for i in range(cfg.num_hidden_layers):
         hf, ours = f"transformer.h.{i}.", f"layers.{i}."
-        plan += [(ours + name + s, hf + f"{ln}.{kind}", None) for ln, name in norms.items() for s, kind in norm_suffixes]
+        plan += [(ours + name + s, hf + f"{ln}.{kind}", None)
+                 for ln, name in norms.items() for s, kind in norm_suffixes]
         plan += [(ours + name + s, hf + f"self_attention.query_key_value.{kind}", split)
                  for name, split in qkv_splits(cfg).items() for s, kind in suffixes]
         plan += [(ours + name + s, hf + f"{lin}.{kind}", None) for lin, name in linears.items() for s, kind in suffixes]

@@ -41,14 +41,14 @@ from pathlib import Path
 import numpy as np
 
 from tinyllm.arch import get_arch
-from tinyllm.errors import FormatError, TinyLLMError, UnsupportedError, reading
-from tinyllm.fileformat import ModelWriter
-from tinyllm.kernels.quant import FORMATS, QTensor, from_ggml_blocks, quantize
-from tinyllm.validate import check_metadata, check_weights
 from tinyllm.converters.convert import _ROW_CHUNK, config_dict, refuse_overwriting_input, tensor_format
 from tinyllm.converters.gguf_arch import GGUF_ARCHITECTURES, clean_float
 from tinyllm.converters.gguf_kquants import q4_k_to_q4_1_blocks
 from tinyllm.converters.gguf_tokenizer import tokenizer_spec_from_gguf
+from tinyllm.errors import FormatError, TinyLLMError, UnsupportedError, reading
+from tinyllm.fileformat import ModelWriter
+from tinyllm.kernels.quant import FORMATS, QTensor, from_ggml_blocks, quantize
+from tinyllm.validate import check_metadata, check_weights
 
 GGUF_MAGIC = b"GGUF"
 LOSSLESS = {"F32": "f32", "F16": "f16", "Q4_0": "q4_0", "Q4_1": "q4_1", "Q8_0": "q8_0"}
@@ -90,8 +90,10 @@ def _has_type(value, kind) -> bool:
 def check_key_types(meta: dict, path) -> None:
     for key, kind in KEY_TYPES.items():
         if key in meta and not _has_type(meta[key], kind):
-            want = f"a list of {kind[0].__name__ if isinstance(kind[0], type) else 'numbers'}" if isinstance(kind, list) \
-                else getattr(kind, "__name__", "a number")
+            if isinstance(kind, list):
+                want = f"a list of {kind[0].__name__ if isinstance(kind[0], type) else 'numbers'}"
+            else:
+                want = getattr(kind, "__name__", "a number")
             raise FormatError(f"{path}: GGUF metadata {key} has the wrong type (expected {want})")
 
 
@@ -113,7 +115,8 @@ class GGUFTensor:
         # ggml lists dimensions fastest first (ne0 = columns): numpy order is the reverse
         self.shape = tuple(int(n) for n in reversed(reader_tensor.shape.tolist()))
         if len(self.shape) > 2:
-            raise UnsupportedError(f"{path}: tensor {self.name} has {len(self.shape)} dimensions (tinyllm reads 1 and 2)")
+            raise UnsupportedError(f"{path}: tensor {self.name} has {len(self.shape)} dimensions "
+                                   "(tinyllm reads 1 and 2)")
         if self.type not in LOSSLESS and self.type not in REQUANT:
             raise UnsupportedError(f"{path}: tensor {self.name} has GGUF type {self.type}, which tinyllm cannot read "
                                    f"(supported: {', '.join([*LOSSLESS, *REQUANT])})")
@@ -202,9 +205,11 @@ class GGUFModel:
             raise UnsupportedError(f"{self.path}: GGUF architecture {arch_name!r} is not supported "
                                    f"(tinyllm reads {', '.join(GGUF_ARCHITECTURES)})")
         table = GGUF_ARCHITECTURES[arch_name]
-        unknown = sorted(k for k in meta if k.startswith(arch_name + ".") and k[len(arch_name) + 1:] not in table.KNOWN_KEYS)
+        prefix = arch_name + "."
+        unknown = sorted(k for k in meta if k.startswith(prefix) and k[len(prefix):] not in table.KNOWN_KEYS)
         if unknown:
-            raise UnsupportedError(f"{self.path}: unsupported GGUF option(s) {', '.join(unknown)}: tinyllm does not implement them")
+            raise UnsupportedError(f"{self.path}: unsupported GGUF option(s) {', '.join(unknown)}: "
+                                   "tinyllm does not implement them")
 
         def get(key, default=_REQUIRED):
             value = meta.get(f"{arch_name}.{key}", default)
@@ -226,8 +231,8 @@ class GGUFModel:
         used = {g for _, g, _ in plan}
         unused = sorted(set(gtensors) - used - table.EXTRA_TENSORS)
         if unused:
-            raise UnsupportedError(f"{self.path}: tensors tinyllm's {table.arch} does not use (an unsupported variant?): "
-                                   f"{', '.join(unused[:8])}")
+            raise UnsupportedError(f"{self.path}: tensors tinyllm's {table.arch} does not use "
+                                   f"(an unsupported variant?): {', '.join(unused[:8])}")
         missing = sorted(used - set(gtensors))
         if missing:
             raise FormatError(f"{self.path}: GGUF file lacks tensor(s) {', '.join(missing[:8])}")

@@ -130,7 +130,8 @@ class Llama(GGUFArch):
         if scaling is not None or divisors.shape != (head_dim // 2,):
             raise UnsupportedError("GGUF rope_freqs tensor combined with other rope scaling is not supported")
         llama3 = {"rope_type": "llama3", "factor": clean_float(divisors.max()), "low_freq_factor": 1.0,
-                  "high_freq_factor": 4.0, "original_max_position_embeddings": get("rope.scaling.original_context_length", 8192)}
+                  "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": get("rope.scaling.original_context_length", 8192)}
         want = rope_inv_freq(head_dim, theta) / divisors
         if not np.allclose(rope_inv_freq(head_dim, theta, llama3), want, rtol=1e-5, atol=0):
             raise UnsupportedError("GGUF rope_freqs tensor does not follow Llama 3's frequency rule; "
@@ -140,7 +141,8 @@ class Llama(GGUFArch):
     @classmethod
     def plan(cls, cfg) -> list:
         H, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
-        fix = {"attention.wq": lambda t: unpermute_rope_rows(t, H), "attention.wk": lambda t: unpermute_rope_rows(t, Hkv)}
+        fix = {"attention.wq": lambda t: unpermute_rope_rows(t, H),
+               "attention.wk": lambda t: unpermute_rope_rows(t, Hkv)}
         plan = [("tok_embeddings", "token_embd.weight", None)]
         for i in range(cfg.num_hidden_layers):
             plan += [(f"layers.{i}.{ours}", f"blk.{i}.{g}", fix.get(ours)) for g, ours in cls.LAYER_TENSORS.items()]
@@ -155,7 +157,8 @@ class Llama(GGUFArch):
         q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
         return {"token_embd.weight": (cfg.vocab_size, d), "output.weight": (cfg.vocab_size, d),
                 "output_norm.weight": (d,), "attn_norm.weight": (d,), "ffn_norm.weight": (d,),
-                "attn_q.weight": (q, d), "attn_k.weight": (kv, d), "attn_v.weight": (kv, d), "attn_output.weight": (d, q),
+                "attn_q.weight": (q, d), "attn_k.weight": (kv, d), "attn_v.weight": (kv, d),
+                "attn_output.weight": (d, q),
                 "ffn_gate.weight": (f, d), "ffn_down.weight": (d, f), "ffn_up.weight": (f, d)}
 
 
@@ -174,7 +177,8 @@ class Falcon(GGUFArch):
         if get("tensor_data_layout", "jploski") != "jploski":
             raise UnsupportedError(f"GGUF falcon tensor_data_layout {get('tensor_data_layout')!r} is not supported "
                                    "(tinyllm reads llama.cpp's 'jploski' query/key/value grouping)")
-        hidden, heads, kv_heads = get("embedding_length"), get("attention.head_count"), get("attention.head_count_kv", 1)
+        hidden, heads = get("embedding_length"), get("attention.head_count")
+        kv_heads = get("attention.head_count_kv", 1)
         if get("rope.dimension_count", hidden // heads) != hidden // heads:
             raise UnsupportedError("GGUF falcon with partial rotary is not supported")
         two_norms = "blk.0.attn_norm_2.weight" in tensors
@@ -208,7 +212,8 @@ class Falcon(GGUFArch):
                 plan += [(o + ours, b + g + ".weight", None), (o + ours + "_bias", b + g + ".bias", None)]
             plan += [(o + ours, b + "attn_qkv.weight", fn) for ours, fn in split.items()]
             plan += [(o + "attention.wo", b + "attn_output.weight", None),
-                     (o + "feed_forward.w1", b + "ffn_up.weight", None), (o + "feed_forward.w2", b + "ffn_down.weight", None)]
+                     (o + "feed_forward.w1", b + "ffn_up.weight", None),
+                     (o + "feed_forward.w2", b + "ffn_down.weight", None)]
         plan += [("norm", "output_norm.weight", None), ("norm_bias", "output_norm.bias", None)]
         if not cfg.tie_word_embeddings:
             plan.append(("output", "output.weight", None))
@@ -220,7 +225,8 @@ class Falcon(GGUFArch):
         qkv = (cfg.num_attention_heads + 2 * cfg.n_kv_heads) * cfg.head_dim
         norms = {f"{n}.{k}": (d,) for n in ("attn_norm", "attn_norm_2", "output_norm") for k in ("weight", "bias")}
         return {**norms, "token_embd.weight": (cfg.vocab_size, d), "output.weight": (cfg.vocab_size, d),
-                "attn_qkv.weight": (qkv, d), "attn_output.weight": (d, d), "ffn_up.weight": (f, d), "ffn_down.weight": (d, f)}
+                "attn_qkv.weight": (qkv, d), "attn_output.weight": (d, d),
+                "ffn_up.weight": (f, d), "ffn_down.weight": (d, f)}
 
 
 class MPT(GGUFArch):
@@ -258,8 +264,10 @@ class MPT(GGUFArch):
             b, o = f"blk.{i}.", f"layers.{i}."
             plan += [(o + "attention_norm", b + "attn_norm.weight", None)]
             plan += [(o + ours, b + "attn_qkv.weight", fn) for ours, fn in split.items()]
-            plan += [(o + "attention.wo", b + "attn_output.weight", None), (o + "ffn_norm", b + "ffn_norm.weight", None),
-                     (o + "feed_forward.w1", b + "ffn_up.weight", None), (o + "feed_forward.w2", b + "ffn_down.weight", None)]
+            plan += [(o + "attention.wo", b + "attn_output.weight", None),
+                     (o + "ffn_norm", b + "ffn_norm.weight", None),
+                     (o + "feed_forward.w1", b + "ffn_up.weight", None),
+                     (o + "feed_forward.w2", b + "ffn_down.weight", None)]
         plan.append(("norm", "output_norm.weight", None))
         if not cfg.tie_word_embeddings:
             plan.append(("output", "output.weight", None))
@@ -271,7 +279,8 @@ class MPT(GGUFArch):
         qkv = d + 2 * cfg.kv_n_heads * cfg.head_dim
         return {"token_embd.weight": (cfg.vocab_size, d), "output.weight": (cfg.vocab_size, d),
                 "output_norm.weight": (d,), "attn_norm.weight": (d,), "ffn_norm.weight": (d,),
-                "attn_qkv.weight": (qkv, d), "attn_output.weight": (d, d), "ffn_up.weight": (f, d), "ffn_down.weight": (d, f)}
+                "attn_qkv.weight": (qkv, d), "attn_output.weight": (d, d),
+                "ffn_up.weight": (f, d), "ffn_down.weight": (d, f)}
 
 
 class GPTJ(GGUFArch):
@@ -292,7 +301,8 @@ class GPTJ(GGUFArch):
     def hf_config(cls, get, tensors: dict) -> dict:
         d, heads = get("embedding_length"), get("attention.head_count")
         if clean_float(get("rope.freq_base", 10000.0)) != 10000.0:
-            raise UnsupportedError(f"GGUF gptj rope.freq_base={get('rope.freq_base')} is not supported (GPT-J uses 10000)")
+            raise UnsupportedError(f"GGUF gptj rope.freq_base={get('rope.freq_base')} is not supported "
+                                   "(GPT-J uses 10000)")
         return {"n_embd": d, "n_layer": get("block_count"), "n_head": heads,
                 "vocab_size": get("vocab_size", None) or tensors["token_embd.weight"].shape[0],
                 "rotary_dim": get("rope.dimension_count", d // heads),

@@ -135,10 +135,12 @@ def sentencepiece_model_proto(tokens, scores, types, unk_id: int, add_dummy_pref
     pieces (1: piece, 2: score, 3: type), trainer_spec (3: model_type BPE=2, 4: vocab_size,
     35: byte_fallback, 40: unk_id), normalizer_spec (1: name, 3: add_dummy_prefix,
     4: remove_extra_whitespaces, 5: escape_whitespaces)."""
-    pieces = b"".join(_pb_bytes(1, _pb_bytes(1, text.encode("utf-8")) + _pb_float(2, float(score)) + _pb_int(3, int(kind)))
-                      for text, score, kind in zip(tokens, scores, types))
+    pieces = b"".join(
+        _pb_bytes(1, _pb_bytes(1, text.encode("utf-8")) + _pb_float(2, float(score)) + _pb_int(3, int(kind)))
+        for text, score, kind in zip(tokens, scores, types))
     trainer = (_pb_int(3, 2) + _pb_int(4, len(tokens)) + _pb_int(35, int(BYTE in types)) + _pb_int(40, unk_id))
-    normalizer = (_pb_bytes(1, b"identity") + _pb_int(3, int(add_dummy_prefix)) + _pb_int(4, int(remove_extra_whitespaces)) + _pb_int(5, 1))
+    normalizer = (_pb_bytes(1, b"identity") + _pb_int(3, int(add_dummy_prefix))
+                  + _pb_int(4, int(remove_extra_whitespaces)) + _pb_int(5, 1))
     return pieces + _pb_bytes(2, trainer) + _pb_bytes(3, normalizer)
 
 

@@ -24,8 +24,19 @@ import numpy as np
 import tinyllm
 from tinyllm.errors import TinyLLMError
 
-from .untrusted import (BUNDLED, bundled_gguf, gguf_contents, mutate_bytes, mutate_gguf_fields, mutate_header, read_q4,
-                        requantized, run_files_in_child, write_gguf, write_q4)
+from .untrusted import (
+    BUNDLED,
+    bundled_gguf,
+    gguf_contents,
+    mutate_bytes,
+    mutate_gguf_fields,
+    mutate_header,
+    read_q4,
+    requantized,
+    run_files_in_child,
+    write_gguf,
+    write_q4,
+)
 
 
 def outcome(path: Path) -> tuple[str, str]:

@@ -214,7 +214,8 @@ def write_falcon_gguf(path: Path, model, tokenizer_json: Path, matrix_type=T.F32
                 if p + f"{hf}.{kind}" in sd:
                     layer.append((f"blk.{i}.{g}.{kind}", sd[p + f"{hf}.{kind}"]))
         tensors += layer
-    tensors += [("output_norm.weight", sd["transformer.ln_f.weight"]), ("output_norm.bias", sd["transformer.ln_f.bias"])]
+    tensors += [("output_norm.weight", sd["transformer.ln_f.weight"]),
+                ("output_norm.bias", sd["transformer.ln_f.bias"])]
     if not cfg.tie_word_embeddings:
         tensors.append(("output.weight", sd["lm_head.weight"]))
     return _write(path, "falcon", metadata, tensors, tokenizer_json, "falcon", matrix_type, edge_type)
@@ -271,7 +272,8 @@ def write_gptj_gguf(path: Path, model, tokenizer_json: Path, matrix_type=T.F32, 
             for kind in ("weight", "bias"):
                 if f"transformer.h.{i}.{hf}.{kind}" in sd:
                     tensors.append((f"blk.{i}.{g}.{kind}", sd[f"transformer.h.{i}.{hf}.{kind}"]))
-    tensors += [("output_norm.weight", sd["transformer.ln_f.weight"]), ("output_norm.bias", sd["transformer.ln_f.bias"])]
+    tensors += [("output_norm.weight", sd["transformer.ln_f.weight"]),
+                ("output_norm.bias", sd["transformer.ln_f.bias"])]
     if not cfg.tie_word_embeddings:
         tensors.append(("output.weight", sd["lm_head.weight"]))
     tensors.append(("output.bias", sd["lm_head.bias"]))

@@ -51,7 +51,8 @@ def _hf_render(hf_tokenizer, template, messages, add_generation_prompt):
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
 def test_builtin_templates_render_as_transformers(hf_tokenizer, name, conversation, add_generation_prompt):
     messages = CONVERSATIONS[conversation]
-    ours = BUILTIN[name].render(messages, add_generation_prompt=add_generation_prompt, bos_token="<s>", eos_token="</s>")
+    ours = BUILTIN[name].render(messages, add_generation_prompt=add_generation_prompt,
+                                bos_token="<s>", eos_token="</s>")
     assert ours == _hf_render(hf_tokenizer, BUILTIN[name].source, messages, add_generation_prompt)
 
 

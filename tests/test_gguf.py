@@ -10,15 +10,24 @@ import tinyllm
 from tinyllm.converters.convert import config_dict, convert_hf
 from tinyllm.converters.gguf import convert_gguf, open_gguf
 from tinyllm.converters.gguf_tokenizer import tokenizer_spec_from_gguf
+from tinyllm.converters.llama import LAYER_TENSORS as HF_LAYER
 from tinyllm.errors import FormatError, TinyLLMError, UnsupportedError
 from tinyllm.model import Model
 from tinyllm.tokenizer import Tokenizer
 
 from .conftest import shared
-from tinyllm.converters.llama import LAYER_TENSORS as HF_LAYER
-
-from .gguf_writer import (LLAMA_LAYER, T, bpe_vocab_arrays, gguf, llama_cpp_unpermute, random_k_blocks, write_falcon_gguf,
-                          write_gptj_gguf, write_llama_gguf, write_mpt_gguf)
+from .gguf_writer import (
+    LLAMA_LAYER,
+    T,
+    bpe_vocab_arrays,
+    gguf,
+    llama_cpp_unpermute,
+    random_k_blocks,
+    write_falcon_gguf,
+    write_gptj_gguf,
+    write_llama_gguf,
+    write_mpt_gguf,
+)
 from .hf_oracle import hf_logits, save_random_model
 
 torch = pytest.importorskip("torch")
@@ -281,7 +290,8 @@ OTHER_ARCHS = {  # case -> (transformers class, config, GGUF writer, tokenizer f
     "falcon-7b-style": ("FalconForCausalLM", dict(FALCON, multi_query=True, parallel_attn=True),
                         write_falcon_gguf, "falcon-7b-instruct-tokenizer"),
     "falcon-40b-style": ("FalconForCausalLM", dict(FALCON, new_decoder_architecture=True, num_kv_heads=2,
-                         rope_theta=25000.0, tie_word_embeddings=False), write_falcon_gguf, "falcon-7b-instruct-tokenizer"),
+                         rope_theta=25000.0, tie_word_embeddings=False),
+                         write_falcon_gguf, "falcon-7b-instruct-tokenizer"),
     "falcon-one-norm-ffn96": ("FalconForCausalLM", dict(FALCON, new_decoder_architecture=True, num_kv_heads=2,
                               num_ln_in_parallel_attn=1, ffn_hidden_size=96), write_falcon_gguf,
                               "falcon-7b-instruct-tokenizer"),
@@ -306,8 +316,8 @@ def other_arch(request, tmp_path_factory):
 
 
 # every case in f32; two also in q4_0 (row slices of a fused quantized q/k/v)
-OTHER_ARCH_RUNS = [(case, T.F32) for case in OTHER_ARCHS] + [("falcon-40b-style", T.Q4_0), ("mpt-6-heads-clip-qkv", T.Q4_0),
-                                                             ("gptj-partial-rotary", T.Q4_0)]
+OTHER_ARCH_RUNS = [(case, T.F32) for case in OTHER_ARCHS] + [
+    ("falcon-40b-style", T.Q4_0), ("mpt-6-heads-clip-qkv", T.Q4_0), ("gptj-partial-rotary", T.Q4_0)]
 
 
 @pytest.mark.parametrize("other_arch,qtype", OTHER_ARCH_RUNS, indirect=["other_arch"],
@@ -384,8 +394,8 @@ def test_llama3_pre_tokenizer_splits_as_llama_cpp():
     own: it splits llama.cpp's tokenizer test strings exactly where llama.cpp's regex does."""
     regex = pytest.importorskip("regex")
     tokenizers = pytest.importorskip("tokenizers")
-    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "llama-bpe", "tokenizer.ggml.tokens": ["a", "b", "ab"],
-            "tokenizer.ggml.merges": ["a b"]}
+    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "llama-bpe",
+            "tokenizer.ggml.tokens": ["a", "b", "ab"], "tokenizer.ggml.merges": ["a b"]}
     pre = tokenizers.Tokenizer.from_str(tokenizer_spec_from_gguf(meta)["json"]).pre_tokenizer
     texts = [t for t, _ in _vectors(shared("llama2-tokenizer"), "llama-spm")]
     for text in texts + ["I'LL say: it's 12345 o'Clock!\r\n\n  x"]:
@@ -432,7 +442,8 @@ def test_not_a_gguf_file(tmp_path):
 def test_unsupported_tensor_type_named(small_gguf, vocab_dir, tmp_path):
     model, _ = small_gguf
     iq4 = np.random.default_rng(0).integers(0, 255, size=(64, 2 * 18), dtype=np.uint8)  # IQ4_NL: 18-byte blocks
-    path = write_llama_gguf(tmp_path / "iq.gguf", model, vocab_dir, T.Q4_0, raw={"blk.1.attn_v.weight": (iq4, T.IQ4_NL)})
+    path = write_llama_gguf(tmp_path / "iq.gguf", model, vocab_dir, T.Q4_0,
+                            raw={"blk.1.attn_v.weight": (iq4, T.IQ4_NL)})
     with pytest.raises(UnsupportedError, match=r"blk\.1\.attn_v\.weight has GGUF type IQ4_NL"):
         open_gguf(path)
 

@@ -17,11 +17,11 @@ import sys
 
 import numpy as np
 import pytest
+
+from tinyllm.errors import TinyLLMError
 from tinyllm.kernels import numba_cpu as nb
 from tinyllm.kernels import numba_math, numba_ops, numba_quant, numba_simd, quant
 from tinyllm.kernels import reference as ref
-
-from tinyllm.errors import TinyLLMError
 
 FLOAT_TOL = 2e-6
 REDUCTION_TOL = 1e-5

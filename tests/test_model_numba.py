@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from tinyllm.converters.convert import convert_hf
 
 import tinyllm
 from tinyllm.arch import ARCHITECTURES, HF_ARCHITECTURES
+from tinyllm.converters.convert import convert_hf
 from tinyllm.generate import generate_ids
 from tinyllm.sampling import Sampler, SamplingParams
 

@@ -66,7 +66,8 @@ def test_two_turns_ctrl_c_reset_ctrl_d(stories_path, tmp_path):
     assert [m["role"] for m in messages] == ["system", "user", "assistant", "user", "assistant"]
     assert messages[0]["content"] == "A story." and messages[1]["content"] == "Once upon a time"
     interrupted = messages[2]["content"]
-    assert interrupted.startswith(", there was a little girl") and interrupted in transcript.getvalue().replace("\r\n", "\n")
+    assert interrupted.startswith(", there was a little girl")
+    assert interrupted in transcript.getvalue().replace("\r\n", "\n")
     assert len(interrupted) < 1000  # cut short: 400 tokens of story are longer
     assert messages[3]["content"] == "Lily went to the park" and messages[4]["content"]
     # turn two reused the cache: system prompt, turn one and the interrupted answer

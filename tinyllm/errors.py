@@ -35,7 +35,9 @@ class reading:
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None and issubclass(exc_type, MALFORMED_INPUT_ERRORS) and not issubclass(exc_type, TinyLLMError):
-            what = "too large to load" if issubclass(exc_type, MemoryError) else f"malformed ({exc_type.__name__}: {exc})"
-            raise FormatError(f"{self.where}: {what}") from None
+        if exc_type is None or not issubclass(exc_type, MALFORMED_INPUT_ERRORS) or issubclass(exc_type, TinyLLMError):
+            return False
+        if issubclass(exc_type, MemoryError):
+            raise FormatError(f"{self.where}: too large to load") from None
+        raise FormatError(f"{self.where}: malformed ({exc_type.__name__}: {exc})") from None
         return False

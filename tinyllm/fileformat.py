@@ -208,7 +208,8 @@ class ModelFile:
                 raise FormatError(f"{self.path}: truncated .q4 file ({size} bytes, shorter than its preamble)")
             _, version, _, h_off, h_len, h_crc, _, file_size = _PREAMBLE.unpack(pre[:_PREAMBLE.size])
             if version != VERSION:
-                raise FormatError(f"{self.path}: format version {version} is not supported (this tinyllm reads {VERSION})")
+                raise FormatError(f"{self.path}: format version {version} is not supported "
+                                  f"(this tinyllm reads {VERSION})")
             if size != file_size:
                 raise FormatError(f"{self.path}: truncated or extended file ({size} bytes, header says {file_size})")
             if not PREAMBLE_SIZE <= h_off <= size or h_len > size - h_off:

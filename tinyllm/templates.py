@@ -25,7 +25,8 @@ from tinyllm.errors import TinyLLMError
 
 # Built-ins. chatml and llama-2 are the templates their reference checkpoints ship
 # (teknium/OpenHermes-2.5-Mistral-7B and meta-llama/Llama-2-7b-chat-hf tokenizer_config.json).
-CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+CHATML = ("{% for message in messages %}"
+          "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
           "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 LLAMA_2 = ("{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
@@ -55,7 +56,8 @@ ALPACA = ("{% if messages and messages[0]['role'] == 'system' %}{% set preamble 
 # No roles at all: the system text, then the turns as one running text, each user turn on a
 # new line. The model's answer continues the user's text (a base model "chats" by continuing).
 PLAIN = ("{% for message in messages %}{% if message['role'] == 'system' %}{{ message['content'] + '\n\n' }}"
-         "{% else %}{% if message['role'] == 'user' and not loop.first and messages[loop.index0 - 1]['role'] != 'system' %}"
+         "{% else %}{% if message['role'] == 'user' and not loop.first"
+         " and messages[loop.index0 - 1]['role'] != 'system' %}"
          "{{ '\n' }}{% endif %}{{ message['content'] }}{% endif %}{% endfor %}")
 
 
@@ -81,7 +83,8 @@ BUILTIN = {
 # Tokens that end a turn in the common chat formats. When a template uses one and the
 # vocabulary has it as a token, generation stops on it even when it is not the tokenizer's
 # eos (the "wrong end-of-turn token" failure: ChatML on a model whose eos is </s>).
-END_OF_TURN_MARKERS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>", "</s>")
+END_OF_TURN_MARKERS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>",
+                       "</s>")
 
 
 def _raise(message):

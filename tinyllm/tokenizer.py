@@ -362,7 +362,8 @@ class SentencePieceTokenizer(Tokenizer):
                 special = bool(entry.get("special", False))
                 lstrip, rstrip = bool(entry.get("lstrip", False)), bool(entry.get("rstrip", False))
             except (TypeError, KeyError):
-                raise FormatError(f"sentencepiece tokenizer spec: bad added token {entry!r} (needs id, content)") from None
+                raise FormatError(f"sentencepiece tokenizer spec: bad added token {entry!r} "
+                                  "(needs id, content)") from None
             if (not isinstance(token_id, int) or not 0 <= token_id < MAX_VOCAB or not isinstance(content, str)
                     or not content):
                 raise FormatError(f"sentencepiece tokenizer spec: bad added token {entry!r}")

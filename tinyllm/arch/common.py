@@ -78,7 +78,8 @@ def check_config(cfg) -> None:
             ok, want = isinstance(value, bool), "true or false"
         elif int in allowed:
             top = MAX_LAYERS if f.name in LAYER_FIELDS else MAX_SIZE
-            ok, want = isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= top, f"an integer in 1..{top}"
+            ok = isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= top
+            want = f"an integer in 1..{top}"
         elif float in allowed:
             ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
             want = "a finite number > 0"

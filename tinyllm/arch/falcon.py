@@ -21,9 +21,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from tinyllm.arch.common import (
+    alibi_slopes,
+    check_config,
+    config_from_hf,
+    lm_head,
+    require,
+    rope_inv_freq,
+    rope_settings,
+    weight_set,
+)
 from tinyllm.errors import UnsupportedError
-from tinyllm.arch.common import (alibi_slopes, check_config, config_from_hf, lm_head, require, rope_inv_freq, rope_settings,
-                     weight_set)
 
 ARCH = "falcon"
 # activation -> use the tanh approximation of GELU?
@@ -67,8 +75,10 @@ class Config:
         if self.num_ln_in_parallel_attn is None:
             self.num_ln_in_parallel_attn = 2 if self.new_decoder_architecture else 1
         H = self.num_attention_heads
-        require(self.activation in ACTIVATIONS, f"activation={self.activation!r} (tinyllm implements {', '.join(ACTIVATIONS)})")
-        require(self.num_ln_in_parallel_attn in (1, 2), f"num_ln_in_parallel_attn={self.num_ln_in_parallel_attn} (1 or 2)")
+        require(self.activation in ACTIVATIONS,
+                f"activation={self.activation!r} (tinyllm implements {', '.join(ACTIVATIONS)})")
+        require(self.num_ln_in_parallel_attn in (1, 2),
+                f"num_ln_in_parallel_attn={self.num_ln_in_parallel_attn} (1 or 2)")
         require(self.hidden_size % H == 0, f"num_attention_heads={H} (must divide hidden_size={self.hidden_size})")
         require(self.alibi or self.head_dim % 2 == 0, f"head_dim={self.head_dim} (RoPE needs it even)")
         require(H % self.n_kv_heads == 0, f"num_kv_heads={self.n_kv_heads} (must divide num_attention_heads={H})")
@@ -190,5 +200,6 @@ def describe(cfg: Config) -> dict:
                         + (f", scaling {cfg.rope_scaling}" if cfg.rope_scaling else ""),
             "residual": residual,
             "norm": f"LayerNorm eps={cfg.layer_norm_epsilon:g}",
-            "mlp": f"GELU{' (tanh approximation)' if ACTIVATIONS[cfg.activation] else ''}, {cfg.ffn_hidden_size} hidden",
+            "mlp": f"GELU{' (tanh approximation)' if ACTIVATIONS[cfg.activation] else ''}, "
+                   f"{cfg.ffn_hidden_size} hidden",
             "embeddings": "tied" if cfg.tie_word_embeddings else "untied"}

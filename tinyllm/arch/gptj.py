@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tinyllm.errors import UnsupportedError
 from tinyllm.arch.common import check_config, config_from_hf, lm_head, require, rope_inv_freq, weight_set
+from tinyllm.errors import UnsupportedError
 
 ARCH = "gptj"
 # activation_function -> use the tanh approximation of GELU?
@@ -75,7 +75,8 @@ def weights(cfg: Config) -> dict:
     D, F, V = cfg.n_embd, cfg.n_inner, cfg.vocab_size
     layer = {"attention_norm": (D,), "attention_norm_bias": (D,),
              **{f"attention.{n}": (D, D) for n in ("wq", "wk", "wv", "wo")},
-             "feed_forward.w1": (F, D), "feed_forward.w1_bias": (F,), "feed_forward.w2": (D, F), "feed_forward.w2_bias": (D,)}
+             "feed_forward.w1": (F, D), "feed_forward.w1_bias": (F,),
+             "feed_forward.w2": (D, F), "feed_forward.w2_bias": (D,)}
     top = {"tok_embeddings": (V, D), "norm": (D,), "norm_bias": (D,), "output_bias": (V,),
            **({} if cfg.tie_word_embeddings else {"output": (V, D)})}
     return weight_set(cfg.n_layer, layer, top)
@@ -108,7 +109,8 @@ def forward(cfg: Config, w: dict, ops, cache, tokens: np.ndarray, start_pos: int
 
 def describe(cfg: Config) -> dict:
     return {"attention": "multi-head",
-            "position": f"RoPE on {cfg.rotary_dim} of {cfg.head_dim} dims per head (GPT-J pairing, permuted at conversion)",
+            "position": f"RoPE on {cfg.rotary_dim} of {cfg.head_dim} dims per head "
+                        "(GPT-J pairing, permuted at conversion)",
             "residual": "parallel (attention and MLP share one LayerNorm)",
             "norm": f"LayerNorm eps={cfg.layer_norm_epsilon:g}",
             "mlp": f"GELU{' (tanh approximation)' if ACTIVATIONS[cfg.activation_function] else ''}, "

@@ -104,7 +104,8 @@ def forward(cfg: Config, w: dict, ops, cache, tokens: np.ndarray, start_pos: int
 def describe(cfg: Config) -> dict:
     rows = {"attention": "multi-head" if cfg.n_kv_heads == cfg.num_attention_heads
             else f"grouped-query ({cfg.num_attention_heads} query heads, {cfg.n_kv_heads} kv heads)",
-            "position": f"RoPE theta={cfg.rope_theta:g}" + (f", scaling {cfg.rope_scaling}" if cfg.rope_scaling else ""),
+            "position": f"RoPE theta={cfg.rope_theta:g}"
+                        + (f", scaling {cfg.rope_scaling}" if cfg.rope_scaling else ""),
             "norm": f"RMSNorm eps={cfg.rms_norm_eps:g}", "mlp": "SwiGLU",
             "embeddings": "tied" if cfg.tie_word_embeddings else "untied"}
     return rows

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tinyllm.errors import UnsupportedError
 from tinyllm.arch.common import METADATA_KEYS, alibi_slopes, check_config, config_from_hf, lm_head, require, weight_set
+from tinyllm.errors import UnsupportedError
 
 ARCH = "mpt"
 

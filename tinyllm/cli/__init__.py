@@ -43,11 +43,4 @@ def main():
 
 
 # command registration: one import per command module
-from tinyllm.cli import convert  # noqa: E402,F401
-from tinyllm.cli import generate  # noqa: E402,F401
-from tinyllm.cli import chat  # noqa: E402,F401
-from tinyllm.cli import info  # noqa: E402,F401
-from tinyllm.cli import serve  # noqa: E402,F401
-from tinyllm.cli import perplexity  # noqa: E402,F401
-from tinyllm.cli import pull  # noqa: E402,F401
-from tinyllm.cli import bench  # noqa: E402,F401
+from tinyllm.cli import bench, chat, convert, generate, info, perplexity, pull, serve  # noqa: E402,F401

@@ -6,9 +6,9 @@ import sys
 import click
 
 from tinyllm.cli import main
+from tinyllm.cli.options import load_model, model_argument, runtime_options, sampling_options, valid_text
 from tinyllm.errors import TinyLLMError
 from tinyllm.templates import BUILTIN
-from tinyllm.cli.options import load_model, model_argument, runtime_options, sampling_options, valid_text
 
 HELP = """Commands:
   /reset         forget the conversation (keeps the system prompt)
@@ -81,11 +81,13 @@ def _answer(session, line: str, max_tokens: int, verbose: bool) -> None:
 @model_argument
 @click.option("--system", default=None, callback=valid_text, help="System prompt.")
 @click.option("--template", default=None,
-              help=f"Chat template: {', '.join(BUILTIN)}, or a Jinja file (default: the model's own; plain if it has none).")
+              help=f"Chat template: {', '.join(BUILTIN)}, or a Jinja file "
+                   "(default: the model's own; plain if it has none).")
 @click.option("-n", "--max-tokens", "max_tokens", type=click.IntRange(min=1), default=512, show_default=True,
               help="Max tokens per answer.")
 @click.option("--stop", multiple=True, callback=valid_text, help="Also end an answer at this string (repeatable).")
-@click.option("--repeat-last-n", type=click.IntRange(min=0), default=None, help="Window of recent tokens the repeat penalty sees (default 64).")
+@click.option("--repeat-last-n", type=click.IntRange(min=0), default=None,
+              help="Window of recent tokens the repeat penalty sees (default 64).")
 @click.option("-v", "--verbose", is_flag=True, help="Print prompt and decode speed after each answer.")
 @sampling_options
 @runtime_options

@@ -14,9 +14,9 @@ from tinyllm.cli import main
                    "Hugging Face directory; for a GGUF file, its own formats where tinyllm has them.")
 def convert(source, output, quant):
     """Convert SOURCE (a Hugging Face model directory or a .gguf file) into a tinyllm .q4 file."""
-    from tinyllm.converters.convert import convert_hf
     from pathlib import Path
 
+    from tinyllm.converters.convert import convert_hf
     from tinyllm.errors import TinyLLMError
 
     src = Path(source)

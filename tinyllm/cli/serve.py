@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import click
 
-from tinyllm.templates import BUILTIN
 from tinyllm.cli import main
 from tinyllm.cli.options import load_model, model_argument, runtime_options
+from tinyllm.templates import BUILTIN
 
 
 @main.command()
@@ -20,7 +20,8 @@ from tinyllm.cli.options import load_model, model_argument, runtime_options
 @click.option("--max-tokens", type=click.IntRange(min=1), default=None,
               help="Most tokens one request may generate (default: the context length).")
 @click.option("--template", default=None,
-              help=f"Chat template: {', '.join(BUILTIN)}, or a Jinja file (default: the model's own; plain if it has none).")
+              help=f"Chat template: {', '.join(BUILTIN)}, or a Jinja file "
+                   "(default: the model's own; plain if it has none).")
 @click.option("--model-id", default=None, help="Model name clients send (default: the file name without extension).")
 @click.option("--timeout", type=click.FloatRange(min=0.1, max=3600), default=30, show_default=True,
               help="Seconds a client may take to send a request's headers, and again its body.")

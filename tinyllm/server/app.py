@@ -28,12 +28,12 @@ from starlette.routing import Route
 
 from tinyllm import __version__
 from tinyllm.errors import TinyLLMError
-from tinyllm.templates import resolve_template
 from tinyllm.server.errors import APIError, bad_request
 from tinyllm.server.generation import GenerationRun
 from tinyllm.server.guards import LOOPBACK_HOSTS, GuardMiddleware
 from tinyllm.server.schemas import GenerationRequest, parse_chat, parse_completion
 from tinyllm.server.worker import GenerationFailed, Job, ModelWorker, QueueFull
+from tinyllm.templates import resolve_template
 
 DEFAULT_MAX_QUEUE = 16
 DEFAULT_MAX_BODY_BYTES = 1 << 20
@@ -113,7 +113,8 @@ class JobStreamingResponse(StreamingResponse):
     """An SSE stream that cancels its job however it ends: finished, client gone, or error."""
 
     def __init__(self, job: Job, content, headers: dict):
-        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers})
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers})
         self.job = job
 
     async def __call__(self, scope, receive, send):
@@ -156,7 +157,8 @@ class Service:
 
     def model_card(self) -> dict:
         m = self.model
-        return {"id": self.model_id, "object": "model", "created": int(m.path.stat().st_mtime) if m.path.exists() else 0,
+        created = int(m.path.stat().st_mtime) if m.path.exists() else 0
+        return {"id": self.model_id, "object": "model", "created": created,
                 "owned_by": "tinyllm", "context_length": m.n_ctx, "architecture": m.metadata["architecture"],
                 "chat_template": self.template.name, "max_tokens": self.max_tokens,
                 "auth": self.api_key is not None}

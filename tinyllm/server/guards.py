@@ -47,7 +47,8 @@ class GuardMiddleware:
         headers = dict(scope["headers"])
         if self.allowed_hosts is not None and host_name(headers.get(b"host", b"")) not in self.allowed_hosts:
             err = APIError(403, "Host not allowed: this server answers only requests addressed to "
-                                f"{', '.join(sorted(self.allowed_hosts))} (tinyllm serve --host).", code="host_not_allowed")
+                                f"{', '.join(sorted(self.allowed_hosts))} (tinyllm serve --host).",
+                           code="host_not_allowed")
             return await err.response()(scope, receive, send)
         if scope["method"] == "POST":
             kind = headers.get(b"content-type", b"").split(b";")[0].strip().lower()

@@ -58,8 +58,8 @@ class Job:
             log.exception("generation failed")
             # a TinyLLMError says what is wrong with the model (NaN logits, ...); anything else
             # is a bug whose details belong in the server log, not in a client's answer
-            self._post("error", GenerationFailed(str(e) if isinstance(e, TinyLLMError) else
-                                                 f"internal error ({type(e).__name__}; the server log has the details)"))
+            hidden = f"internal error ({type(e).__name__}; the server log has the details)"
+            self._post("error", GenerationFailed(str(e) if isinstance(e, TinyLLMError) else hidden))
             return "failed"
         finally:
             if pieces is not None:
