@@ -5,6 +5,7 @@ import time
 from dataclasses import dataclass
 from typing import Iterator
 
+from tinyllm.kvcache import reusable_prefix as cached_prefix  # noqa: F401  (the rule, for the API)
 from tinyllm.sampling import Sampler
 
 
@@ -35,27 +36,6 @@ class GenerationStats:
                 f"{self.decode_tokens_per_second:.1f} tok/s")
 
 
-def cached_prefix(cached: list[int], tokens: list[int]) -> int:
-    """How many leading tokens ``Model.eval(tokens)`` reuses from a cache holding ``cached``
-    (the same rule as eval: the last token is always recomputed, for its logits)."""
-    keep = 0
-    for a, b in zip(cached, tokens[:-1]):
-        if a != b:
-            break
-        keep += 1
-    return keep
-
-
-def _eval(model, tokens: list[int]):
-    """model.eval, but an interrupted forward (Ctrl-C) leaves a cache that claims only what
-    it really holds: the forward may already have overwritten positions after the reused prefix."""
-    try:
-        return model.eval(tokens)
-    except BaseException:
-        model.tokens = model.tokens[:cached_prefix(model.tokens, tokens)]
-        raise
-
-
 def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, sampler: Sampler,
                  stop_ids=None, stats: GenerationStats | None = None) -> Iterator[int]:
     """Yield new token ids until a stop id (default: every eos id of the tokenizer),
@@ -63,9 +43,9 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, sampler: Sam
     stop_ids = set(model.tokenizer.eos_ids if stop_ids is None else stop_ids)
     stats = stats if stats is not None else GenerationStats()
     tokens = list(prompt_ids)
-    stats.prompt_tokens, stats.cached_tokens = len(tokens), cached_prefix(model.tokens, tokens)
+    stats.prompt_tokens, stats.cached_tokens = len(tokens), model.cache.reusable(tokens)
     start = time.perf_counter()
-    logits = _eval(model, tokens)
+    logits = model.eval(tokens)
     for i in range(max_new_tokens):
         token = sampler(logits, tokens)
         if i == 0:
@@ -82,7 +62,7 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, sampler: Sam
             stats.finish_reason = "context"
             return
         step = time.perf_counter()
-        logits = _eval(model, tokens)
+        logits = model.eval(tokens)
         stats.decode_seconds += time.perf_counter() - step
         stats.decode_steps += 1
     stats.finish_reason = "length"

@@ -10,6 +10,7 @@ from tinyllm.arch import get_arch
 from tinyllm.errors import TinyLLMError, reading
 from tinyllm.fileformat import ModelFile
 from tinyllm.kernels import get_backend
+from tinyllm.kvcache import KVCache
 from tinyllm.sampling import Sampler, SamplingParams
 from tinyllm.tokenizer import Tokenizer
 from tinyllm.validate import build_config, check_allocation, check_metadata, check_weights
@@ -25,8 +26,9 @@ def _runtime_tensor(t):
 class Model:
     """``tinyllm.load(path)`` returns one of these.
 
-    The KV cache remembers the tokens it holds (``self.tokens``); ``eval`` reuses the
-    longest common prefix, so a chat that extends its history only computes the new turn.
+    The KV cache (``self.cache``, a :class:`tinyllm.kvcache.KVCache`) remembers the tokens it
+    holds; ``eval`` reuses what it can of them, so a chat that extends its history only
+    computes the new turn.
     """
 
     def __init__(self, source, backend: str | None = None, threads: int | None = None,
@@ -59,8 +61,12 @@ class Model:
         self.weights = {name: self.ops.prepare(_runtime_tensor(t)) for name, t in source.tensors.items()}
         if "output" not in self.weights:  # tied embeddings
             self.weights["output"] = self.weights["tok_embeddings"]
-        self.cache = self.ops.new_kv_cache(cfg.num_hidden_layers, cfg.n_kv_heads, self.n_ctx, cfg.head_dim)
-        self.tokens: list[int] = []  # what the KV cache holds, position by position
+        self.cache = KVCache(self.ops, cfg.num_hidden_layers, cfg.n_kv_heads, self.n_ctx, cfg.head_dim)
+
+    @property
+    def tokens(self) -> list[int]:
+        """The token ids the KV cache holds, position by position."""
+        return self.cache.tokens
 
     @classmethod
     def load(cls, path, backend=None, threads=None, n_ctx=None, device=None, verify=True) -> "Model":
@@ -104,26 +110,22 @@ class Model:
             raise TinyLLMError("cannot evaluate an empty token sequence")
         if len(tokens) > self.n_ctx:
             raise TinyLLMError(f"prompt of {len(tokens)} tokens exceeds the context length ({self.n_ctx})")
-        keep = 0
-        for a, b in zip(self.tokens, tokens[:-1]):
-            if a != b:
-                break
-            keep += 1
-        self.tokens = self.tokens[:keep]  # an interrupted forward must not leave stale claims
+        keep = self.cache.reusable(tokens)
+        self.cache.trim(keep)  # an interrupted forward must not leave stale claims
         logits = self._forward(tokens[keep:], keep, last_only=True)[-1]
-        self.tokens = tokens
+        self.cache.tokens = tokens
         return logits
 
     def logits(self, tokens) -> np.ndarray:
         """Logits for every position of ``tokens`` from an empty context: (T, vocab)."""
         tokens = [int(t) for t in tokens]
-        self.tokens = []
+        self.cache.clear()
         out = self._forward(tokens, 0, last_only=False)
-        self.tokens = tokens
+        self.cache.tokens = tokens
         return out
 
     def reset(self) -> None:
-        self.tokens = []
+        self.cache.clear()
 
     # -- text ------------------------------------------------------------------------
 
