@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from tinyllm.errors import TinyLLMError
-from tinyllm.generate import GenerationStats, generate_ids, stream_text
+from tinyllm.generate import Decoding, GenerationStats
 from tinyllm.sampling import Sampler
 from tinyllm.templates import ChatTemplate, render_template, resolve_template  # noqa: F401  (render_template: API)
 
@@ -71,13 +71,18 @@ class ChatSession:
         self.system = system
         self.messages: list[dict] = []
         self.max_new_tokens = max_new_tokens
-        self.sampler = Sampler(model.sampling_params(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                                                     repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
-                                                     seed=seed))
-        self.stop_ids, self.stop_strings = turn_stops(model.tokenizer, self.template)
-        self.stop_strings += list(stop or [])
+        sampler = Sampler(model.sampling_params(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                                repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed))
+        stop_ids, stop_strings = turn_stops(model.tokenizer, self.template)
+        self.decoding = Decoding(sampler, stop_strings + list(stop or []), stop_ids,
+                                 skip_leading_space=not self.template.continuation)
         self.on_notice = on_notice or (lambda text: warnings.warn(text, ContextWarning, stacklevel=3))
         self.stats: GenerationStats | None = None
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """The token ids that end an answer (every eos id, and the template's end-of-turn tokens)."""
+        return self.decoding.stop_ids
 
     # -- the conversation --------------------------------------------------------------
 
@@ -168,15 +173,14 @@ class ChatSession:
             self.messages.pop()
             raise
         self.stats = stats = GenerationStats()
-        ids = generate_ids(self.model, prompt, max_new_tokens, self.sampler, stop_ids=self.stop_ids, stats=stats)
+        pieces = self.decoding.stream(self.model, prompt, max_new_tokens, stats=stats)
         answer = []
         try:
-            for piece in stream_text(self.model, ids, self.stop_strings, stats=stats,
-                                     skip_leading_space=not self.template.continuation):
+            for piece in pieces:
                 answer.append(piece)
                 yield piece
         finally:
-            ids.close()
+            pieces.close()
             self.messages.append({"role": "assistant", "content": "".join(answer)})
             if stats.finish_reason == "context":
                 self.on_notice(f"the answer was cut off: the context ({self.model.n_ctx} tokens) is full")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 from tinyllm.kvcache import reusable_prefix as cached_prefix  # noqa: F401  (the rule, for the API)
 from tinyllm.sampling import Sampler
@@ -37,9 +37,11 @@ class GenerationStats:
 
 
 def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, sampler: Sampler,
-                 stop_ids=None, stats: GenerationStats | None = None) -> Iterator[int]:
+                 stop_ids=None, stats: GenerationStats | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> Iterator[int]:
     """Yield new token ids until a stop id (default: every eos id of the tokenizer),
-    ``max_new_tokens`` or the end of the context. ``stats``, when given, is filled in."""
+    ``max_new_tokens``, the end of the context, or ``should_stop()`` after a token (a client
+    that has gone: finish_reason stays None). ``stats``, when given, is filled in."""
     stop_ids = set(model.tokenizer.eos_ids if stop_ids is None else stop_ids)
     stats = stats if stats is not None else GenerationStats()
     tokens = list(prompt_ids)
@@ -55,6 +57,8 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, sampler: Sam
             return
         stats.new_tokens += 1
         yield token
+        if should_stop is not None and should_stop():
+            return
         tokens.append(token)
         if i + 1 == max_new_tokens:
             break
@@ -127,6 +131,36 @@ def _failure_table(s: str) -> list[int]:
             k += 1
         fail[i] = k
     return fail
+
+
+@dataclass
+class Decoding:
+    """How one generation picks its tokens and where it ends, built in one place for the
+    Python API, the chat session and the server: the sampler, the stop strings, the stop
+    token ids (None: the tokenizer's eos ids), and whether the text starts afresh (its
+    leading space dropped, as a whole-sequence decode drops it)."""
+
+    sampler: Sampler
+    stop: list[str]
+    stop_ids: list[int] | None = None
+    skip_leading_space: bool = False
+
+    @classmethod
+    def continuing(cls, model, prompt_ids: list[int], stop=None, **sampling) -> "Decoding":
+        """For text that continues ``prompt_ids`` (completions): the model's sampling defaults
+        under the given options. A prompt of special tokens only (BOS) starts a text."""
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        starts_text = all(model.tokenizer.is_special(i) for i in prompt_ids)
+        return cls(Sampler(model.sampling_params(**sampling)), stops, None, starts_text)
+
+    def stream(self, model, prompt_ids: list[int], max_new_tokens: int, stats: GenerationStats | None = None,
+               should_stop: Callable[[], bool] | None = None) -> Iterator[str]:
+        """The generation's text pieces as they are decoded."""
+        ids = generate_ids(model, prompt_ids, max_new_tokens, self.sampler, self.stop_ids, stats, should_stop)
+        try:
+            yield from stream_text(model, ids, self.stop, skip_leading_space=self.skip_leading_space, stats=stats)
+        finally:
+            ids.close()
 
 
 def stream_text(model, ids: Iterator[int], stop=None, skip_leading_space: bool = False,

@@ -11,7 +11,7 @@ from tinyllm.errors import TinyLLMError, reading
 from tinyllm.fileformat import ModelFile
 from tinyllm.kernels import get_backend
 from tinyllm.kvcache import KVCache
-from tinyllm.sampling import Sampler, SamplingParams
+from tinyllm.sampling import SamplingParams
 from tinyllm.tokenizer import Tokenizer
 from tinyllm.validate import build_config, check_allocation, check_metadata, check_weights
 
@@ -162,20 +162,17 @@ class Model:
         iterator of text pieces as they are decoded; otherwise the whole text. Stops at any
         eos id, at a ``stop`` string (never shown, even when split across tokens), after
         ``max_new_tokens`` or at the end of the context. ``stats``: a GenerationStats to fill."""
-        from tinyllm.generate import generate_ids, stream_text
+        from tinyllm.generate import Decoding
 
         ids = self.tokenize(prompt, add_bos=add_bos) if isinstance(prompt, str) else [int(i) for i in prompt]
         if not ids:
             raise TinyLLMError("empty prompt: give some text, or add_bos=True to start from BOS")
         if len(ids) >= self.n_ctx:
             raise TinyLLMError(f"prompt of {len(ids)} tokens does not fit the context length ({self.n_ctx})")
-        sampler = Sampler(self.sampling_params(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                                               repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed))
-        # a prompt of special tokens only (BOS) starts the text: drop the leading space as decode() does
-        starts_text = all(self.tokenizer.is_special(i) for i in ids)
-        pieces: Iterator[str] = stream_text(self, generate_ids(self, ids, max_new_tokens, sampler, stats=stats),
-                                            [stop] if isinstance(stop, str) else stop,
-                                            skip_leading_space=starts_text, stats=stats)
+        decoding = Decoding.continuing(self, ids, stop, temperature=temperature, top_k=top_k, top_p=top_p,
+                                       min_p=min_p, repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
+                                       seed=seed)
+        pieces: Iterator[str] = decoding.stream(self, ids, max_new_tokens, stats=stats)
         return pieces if stream else "".join(pieces)
 
     # -- chat ------------------------------------------------------------------------

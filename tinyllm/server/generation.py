@@ -2,14 +2,13 @@
 token by token on the model's worker thread, stopping as soon as the client has gone."""
 from __future__ import annotations
 
+import dataclasses
 import threading
-from contextlib import closing
 from typing import Iterator
 
 from tinyllm.chat import ChatSession
 from tinyllm.errors import TinyLLMError
-from tinyllm.generate import GenerationStats, generate_ids, stream_text
-from tinyllm.sampling import Sampler
+from tinyllm.generate import Decoding, GenerationStats
 from tinyllm.server.errors import bad_request
 from tinyllm.server.schemas import GenerationRequest
 
@@ -42,9 +41,7 @@ class GenerationRun:
         session = ChatSession(self.model, template=template, **req.sampling)
         session.load_messages(req.messages)
         self.prompt_ids = session.prompt_ids()
-        self.sampler = session.sampler
-        self.stop_ids, self.stop = session.stop_ids, session.stop_strings + req.stop
-        self.skip_leading_space = not session.template.continuation
+        self.decoding = dataclasses.replace(session.decoding, stop=session.decoding.stop + req.stop)
 
     def _completion_prompt(self, req: GenerationRequest) -> None:
         model = self.model
@@ -55,10 +52,7 @@ class GenerationRun:
             if any(not 0 <= t < vocab for t in req.prompt):
                 raise bad_request(f"prompt token ids must be in 0..{vocab - 1}", param="prompt")
             self.prompt_ids = list(req.prompt)
-        self.sampler = Sampler(model.sampling_params(**req.sampling))
-        self.stop_ids, self.stop = None, req.stop
-        # a prompt of special tokens only (BOS) starts the text: no leading space, as Model.generate
-        self.skip_leading_space = all(model.tokenizer.is_special(i) for i in self.prompt_ids)
+        self.decoding = Decoding.continuing(model, self.prompt_ids, req.stop, **req.sampling)
 
     def _max_tokens(self, req: GenerationRequest, limit: int, param: str) -> int:
         n_prompt, n_ctx = len(self.prompt_ids), self.model.n_ctx
@@ -92,15 +86,5 @@ class GenerationRun:
     def pieces(self, cancelled: threading.Event) -> Iterator[str]:
         """Text pieces as they are decoded. ``cancelled`` is checked after every token, so a
         client that has gone costs at most one more forward pass."""
-        model = self.model
-
-        def tokens():
-            with closing(generate_ids(model, self.prompt_ids, self.max_tokens, self.sampler,
-                                      stop_ids=self.stop_ids, stats=self.stats)) as ids:
-                for token in ids:
-                    yield token
-                    if cancelled.is_set():
-                        return
-
-        yield from stream_text(model, tokens(), self.stop, skip_leading_space=self.skip_leading_space,
-                               stats=self.stats)
+        yield from self.decoding.stream(self.model, self.prompt_ids, self.max_tokens, stats=self.stats,
+                                        should_stop=cancelled.is_set)
