@@ -17,7 +17,7 @@ from tinyllm.arch import arch_from_hf_config, get_arch
 from tinyllm.converters.hf import Checkpoint, generation_defaults, read_json
 from tinyllm.converters.hf_tokenizer import chat_template_from_hf_dir, tokenizer_spec_from_hf_dir
 from tinyllm.errors import TinyLLMError, reading
-from tinyllm.fileformat import ModelWriter
+from tinyllm.fileformat import ModelWriter, file_kind
 from tinyllm.kernels.quant import FORMATS, QTensor, quantize
 from tinyllm.validate import check_metadata
 
@@ -75,7 +75,25 @@ def config_dict(cfg) -> dict:
     return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.init}
 
 
-def convert_hf(src, out, quant: str = "q4_0", progress=None) -> Path:
+DEFAULT_QUANT = "q4_0"  # for a Hugging Face checkpoint; a GGUF file keeps its own formats by default
+
+
+def convert(src, out, quant: str | None = None, progress=None) -> Path:
+    """Convert ``src`` (a Hugging Face checkpoint directory, or a GGUF file, told by its magic
+    bytes) into the .q4 file ``out``; ``progress(done, total)`` after each tensor written."""
+    from tinyllm.converters.gguf import convert_gguf
+
+    src = Path(src)
+    if not src.exists():
+        raise TinyLLMError(f"{str(src)!r} does not exist")
+    if src.is_file() and file_kind(src) == "gguf":
+        return convert_gguf(src, out, quant=quant, progress=progress)
+    if src.is_file():
+        raise TinyLLMError(f"{str(src)!r} is neither a GGUF file nor a Hugging Face checkpoint directory")
+    return convert_hf(src, out, quant=quant or DEFAULT_QUANT, progress=progress)
+
+
+def convert_hf(src, out, quant: str = DEFAULT_QUANT, progress=None) -> Path:
     """Convert the checkpoint directory ``src`` into ``out``. ``progress(done, total)`` is
     called after each tensor written. Returns the output path."""
     src, out = Path(src), Path(out)

@@ -278,15 +278,16 @@ def open_gguf(path, quant: str | None = None, notice=_stderr) -> GGUFModel:
 
 def convert_gguf(src, out, quant: str | None = None, progress=None, notice=_stderr) -> Path:
     """Write GGUF file ``src`` as the .q4 file ``out``: the file's own formats where tinyllm
-    has them (quant=None), or every matrix requantized to ``quant``."""
+    has them (quant=None), or every matrix requantized to ``quant``. ``progress(done, total)``
+    is called after each tensor written."""
     out = Path(out)
     refuse_overwriting_input(Path(src), out)
     model = open_gguf(src, quant=quant, notice=notice)
     check_metadata(model.metadata, str(src))
     check_weights(get_arch(model.metadata["architecture"]).weights(model.config), model.tensors, str(src))
     with ModelWriter(out, model.metadata) as writer:
-        for name, t in model.tensors.items():
+        for done, (name, t) in enumerate(model.tensors.items(), 1):
             writer.add(name, t)
             if progress:
-                progress(name)
+                progress(done, len(model.tensors))
     return out

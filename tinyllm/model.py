@@ -8,7 +8,7 @@ import numpy as np
 
 from tinyllm.arch import get_arch
 from tinyllm.errors import TinyLLMError, reading
-from tinyllm.fileformat import ModelFile
+from tinyllm.fileformat import ModelFile, file_kind
 from tinyllm.kernels import get_backend
 from tinyllm.kvcache import KVCache
 from tinyllm.sampling import SamplingParams
@@ -73,11 +73,15 @@ class Model:
         path = Path(path)
         if device not in (None, "cpu", "cuda"):
             raise TinyLLMError(f"unknown device {device!r}; choose cpu or cuda")
+        if device == "cuda" and backend not in (None, "cuda"):  # one choice, never silently overridden
+            raise TinyLLMError(f"device cuda runs the cuda backend; backend {backend!r} runs on the CPU: give one")
+        if device == "cpu" and backend == "cuda":
+            raise TinyLLMError("backend 'cuda' runs on the GPU: use device='cuda' (--device cuda)")
         if device == "cuda":
             from tinyllm.device import check_cuda
             check_cuda()
         with reading(path):
-            if path.suffix.lower() == ".gguf":
+            if file_kind(path) == "gguf":
                 from tinyllm.converters.gguf import open_gguf
                 source = open_gguf(path)
             else:

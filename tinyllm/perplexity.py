@@ -91,13 +91,20 @@ class PerplexityAccumulator:
         return PerplexityResult(ppl, ppl * se, self.n_ctx, self.count, list(self.running))
 
 
-def perplexity(model, text, n_ctx: int | None = None, max_chunks: int | None = None) -> PerplexityResult:
+def perplexity(model, text, n_ctx: int | None = None, max_chunks: int | None = None,
+               progress=None) -> PerplexityResult:
     """Perplexity of ``model`` over ``text`` (a string, or token ids with BOS already first
     when the model uses one) with windows of ``n_ctx`` tokens (default: 512, or the model's
-    context when shorter)."""
+    context when shorter). ``progress(done, total, running_ppl)`` is called before the first
+    window (done=0, running_ppl None) and after each one."""
     tokens = model.tokenize(text, special=False) if isinstance(text, str) else [int(t) for t in text]
     n_ctx = n_ctx or min(DEFAULT_CTX, model.n_ctx)
     acc = PerplexityAccumulator(n_ctx)
-    for window in windows(model, tokens, n_ctx, max_chunks):
-        acc.add(score_window(model, window))
+    chunks = windows(model, tokens, n_ctx, max_chunks)
+    if progress:
+        progress(0, len(chunks), None)
+    for done, window in enumerate(chunks, 1):
+        running = acc.add(score_window(model, window))
+        if progress:
+            progress(done, len(chunks), running)
     return acc.result()

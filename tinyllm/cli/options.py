@@ -4,6 +4,9 @@ from __future__ import annotations
 import click
 
 from tinyllm.defaults import resolve_model
+from tinyllm.kernels import BACKENDS
+
+CPU_BACKENDS = [name for name in BACKENDS if name != "cuda"]  # cuda is chosen with --device
 
 
 def model_argument(f):
@@ -18,7 +21,7 @@ def runtime_options(f):
                      help="Context length (default: the model's, at most 4096).")(f)
     f = click.option("--threads", "-t", type=click.IntRange(min=1), default=None,
                      help="CPU threads (default: all cores).")(f)
-    f = click.option("--backend", type=click.Choice(["numba", "numpy"]), default=None,
+    f = click.option("--backend", type=click.Choice(CPU_BACKENDS), default=None,
                      help="Kernels: numba (fast, default) or numpy (the reference).")(f)
     return f
 
@@ -52,10 +55,15 @@ def valid_text(ctx, param, value):
     return value
 
 
+def say(text: str) -> None:
+    """A notice on stderr, in the CLI's colour for them."""
+    click.secho(text, err=True, fg="yellow")
+
+
 def load_model(model, backend, threads, n_ctx, device, announce=True, fetch=False):
     """Find the model (the default one when none is given; ``fetch``: download the default
     chat model if it is not cached yet) and load it."""
     from tinyllm import load
 
-    path = resolve_model(model, announce=announce, fetch=fetch)
+    path = resolve_model(model, announce=announce, fetch=fetch, notice=say)
     return load(path, backend=backend, threads=threads, n_ctx=n_ctx, device=device)

@@ -23,7 +23,7 @@ def perplexity(model, file, chunks, backend, threads, n_ctx, device):
     The text is cut into windows of --ctx tokens (default 512, or the model's context when
     shorter); the second half of each window is scored, as llama.cpp's perplexity does.
     Prints "Final estimate: PPL = x +/- standard error"."""
-    from tinyllm.perplexity import DEFAULT_CTX, PerplexityAccumulator, score_window, windows
+    from tinyllm.perplexity import DEFAULT_CTX, perplexity
 
     try:
         text = Path(file).read_text(encoding="utf-8")
@@ -34,14 +34,20 @@ def perplexity(model, file, chunks, backend, threads, n_ctx, device):
     m = load_model(model, backend, threads, n_ctx, device)
     window = n_ctx or min(DEFAULT_CTX, m.n_ctx)
     tokens = m.tokenize(text, special=False)
-    chunks = windows(m, tokens, window, chunks)
-    click.echo(f"{len(tokens)} tokens, {len(chunks)} chunks of {window} tokens, "
-               f"scoring the last {window - 1 - window // 2} of each", err=True)
-    acc = PerplexityAccumulator(window)
-    with click.progressbar(chunks, label="perplexity", file=sys.stderr,
-                           item_show_func=lambda _: f"PPL {acc.running[-1]:.4f}" if acc.running else None) as bar:
-        for w in bar:
-            acc.add(score_window(m, w))
-    result = acc.result()
+    bar = None
+
+    def progress(done, total, running):
+        nonlocal bar
+        if bar is None:
+            click.echo(f"{len(tokens)} tokens, {total} chunks of {window} tokens, "
+                       f"scoring the last {window - 1 - window // 2} of each", err=True)
+            bar = click.progressbar(length=total, label="perplexity", file=sys.stderr,
+                                    item_show_func=lambda ppl: f"PPL {ppl:.4f}" if ppl else None)
+        else:
+            bar.update(1, running)
+        if done == total:
+            bar.render_finish()
+
+    result = perplexity(m, tokens, n_ctx=window, max_chunks=chunks, progress=progress)
     click.echo(" ".join(f"[{i + 1}]{p:.4f}," for i, p in enumerate(result.running)))
     click.echo(f"Final estimate: {result}")

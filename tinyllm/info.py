@@ -1,0 +1,52 @@
+"""What is inside a model file, read from its header and tensor table: no weights prepared,
+no KV cache allocated (`tinyllm info` and `tinyllm show` print this)."""
+from __future__ import annotations
+
+from collections import defaultdict
+from math import prod
+from pathlib import Path
+
+from tinyllm.arch import get_arch
+from tinyllm.errors import reading
+from tinyllm.fileformat import ModelFile, file_kind
+from tinyllm.tokenizer import Tokenizer
+from tinyllm.validate import build_config, check_metadata, check_weights
+
+
+def describe_file(path) -> list[tuple[str, object]]:
+    """(label, value) rows describing the model file at ``path``, validated as the loader
+    validates it (a file `info` describes is a file `load` accepts)."""
+    path = Path(path)
+    with reading(path):
+        if file_kind(path) == "gguf":
+            from tinyllm.converters.gguf import open_gguf
+
+            source = open_gguf(path)  # GGUF tensors are regrouped in memory: there is no table to read alone
+        else:
+            source = ModelFile(path, verify=False)
+        check_metadata(source.metadata, str(path))
+        meta = source.metadata
+        arch = get_arch(meta["architecture"])
+        cfg = build_config(arch, meta["config"], str(path))
+        check_weights(arch.weights(cfg), source.tensors, str(path))
+        tok = Tokenizer.from_spec(meta["tokenizer"])
+    by_format = defaultdict(lambda: [0, 0])
+    for t in source.tensors.values():
+        by_format[t.format][0] += 1
+        by_format[t.format][1] += t.nbytes
+    rows = [
+        ("file", f"{path} ({path.stat().st_size / 2**20:.2f} MiB)"),
+        ("architecture", meta["architecture"]),
+        ("parameters", f"{sum(prod(t.shape) for t in source.tensors.values()):,}"),
+        ("layers", cfg.num_hidden_layers),
+        ("hidden size", cfg.hidden_size),
+        ("heads", f"{cfg.num_attention_heads} (head dim {cfg.head_dim})"),
+        ("context length", cfg.context_length),
+        ("vocabulary", cfg.vocab_size),
+        *arch.describe(cfg).items(),
+        *[(f"tensors {fmt}", f"{n} tensors, {size / 2**20:.2f} MiB") for fmt, (n, size) in sorted(by_format.items())],
+        ("tokenizer", f"{tok.spec['kind']}, {tok.vocab_size} tokens, bos={tok.bos_id}, eos={tok.eos_ids}"),
+        ("chat template", "yes" if meta.get("chat_template") else "none"),
+        ("generation defaults", dict(meta.get("generation") or {}) or "none"),
+    ]
+    return rows
