@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tinyllm.arch import llama
 from tinyllm.arch.llama import Config
 from tinyllm.converters.convert import config_dict
 from tinyllm.converters.hf_tokenizer import tokenizer_spec_from_hf_dir
@@ -39,16 +40,9 @@ def bench_dir() -> Path:
 
 
 def tensor_shapes(cfg: Config) -> dict:
-    """tinyllm tensor name -> shape (out_features, in_features) or (n,), for a LLaMA config."""
-    D, F, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-    per_layer = {"attention_norm": (D,), "attention.wq": (cfg.num_attention_heads * hd, D),
-                 "attention.wk": (cfg.n_kv_heads * hd, D), "attention.wv": (cfg.n_kv_heads * hd, D),
-                 "attention.wo": (D, cfg.num_attention_heads * hd), "ffn_norm": (D,),
-                 "feed_forward.w1": (F, D), "feed_forward.w2": (D, F), "feed_forward.w3": (F, D)}
-    shapes = {"tok_embeddings": (cfg.vocab_size, D), "norm": (D,), "output": (cfg.vocab_size, D)}
-    for name, _, _ in tensor_plan(cfg):
-        if name.startswith("layers."):
-            shapes[name] = per_layer[name.split(".", 2)[2]]
+    """tinyllm tensor name -> shape (out_features, in_features) or (n,), in file order: the
+    architecture's declared weight set, ordered as the converter writes it."""
+    shapes = llama.weights(cfg)
     return {name: shapes[name] for name, _, _ in tensor_plan(cfg)}
 
 

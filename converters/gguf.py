@@ -42,7 +42,7 @@ import numpy as np
 
 from tinyllm.arch import get_arch
 from tinyllm.converters.convert import _ROW_CHUNK, config_dict, refuse_overwriting_input, tensor_format
-from tinyllm.converters.gguf_arch import GGUF_ARCHITECTURES, clean_float
+from tinyllm.converters.gguf_arch import GGUF_ARCHITECTURES, clean_float, gguf_shapes
 from tinyllm.converters.gguf_kquants import q4_k_to_q4_1_blocks
 from tinyllm.converters.gguf_tokenizer import tokenizer_spec_from_gguf
 from tinyllm.errors import FormatError, TinyLLMError, UnsupportedError, reading
@@ -237,14 +237,14 @@ class GGUFModel:
         if missing:
             raise FormatError(f"{self.path}: GGUF file lacks tensor(s) {', '.join(missing[:8])}")
 
-        shapes = table.shapes(self.config)
+        shapes = gguf_shapes(plan, arch.weights(self.config))
         self.tensors: dict[str, QTensor] = {}
         loaded: dict[str, QTensor] = {}  # a fused GGUF tensor is read once, then sliced
         recoded = Counter()
         for name, gname, transform in plan:
             if gname not in loaded:
                 g = gtensors[gname]
-                want = shapes[gname.split(".", 2)[-1] if gname.startswith("blk.") else gname]
+                want = shapes[gname]
                 if g.shape != tuple(want):
                     raise FormatError(f"{self.path}: tensor {gname} has shape {g.shape}, expected {tuple(want)}")
                 fmt = g.target_format(name, quant)

@@ -44,6 +44,17 @@ def row_slice(start: int, stop: int):
     return take
 
 
+def gguf_shapes(plan: list, expected: dict) -> dict:
+    """GGUF name -> the numpy-order shape it must have, from ``plan`` and the weight set
+    ``expected`` (tinyllm name -> shape). Transforms keep shapes, except row slices of a fused
+    matrix, whose rows add up."""
+    parts: dict[str, list] = {}
+    for ours, gname, _ in plan:
+        parts.setdefault(gname, []).append(tuple(expected[ours]))
+    return {g: shapes[0] if len(shapes) == 1 else (sum(s[0] for s in shapes),) + shapes[0][1:]
+            for g, shapes in parts.items()}
+
+
 class GGUFArch:
     """A GGUF architecture table. Besides these attributes each provides three classmethods:
 
@@ -51,7 +62,10 @@ class GGUFArch:
                                           ``get(key, default)`` reads "<arch>.<key>", ``tensors``
                                           maps GGUF names to GGUFTensor (.shape, .load(fmt))
         plan(cfg) -> [(tinyllm name, GGUF name, transform of the loaded QTensor or None)]
-        shapes(cfg) -> {GGUF name without "blk.N.": numpy-order shape, (out, in) for matrices}
+
+    The shape each GGUF tensor must have follows from the plan and the architecture's weight
+    set (``gguf_shapes``): a tensor read whole has its tinyllm tensor's shape, a fused one the
+    rows of its slices stacked.
     """
 
     arch: str                       # tinyllm architecture name
@@ -151,16 +165,6 @@ class Llama(GGUFArch):
             plan.append(("output", "output.weight", None))
         return plan
 
-    @classmethod
-    def shapes(cls, cfg) -> dict:
-        d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-        q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
-        return {"token_embd.weight": (cfg.vocab_size, d), "output.weight": (cfg.vocab_size, d),
-                "output_norm.weight": (d,), "attn_norm.weight": (d,), "ffn_norm.weight": (d,),
-                "attn_q.weight": (q, d), "attn_k.weight": (kv, d), "attn_v.weight": (kv, d),
-                "attn_output.weight": (d, q),
-                "ffn_gate.weight": (f, d), "ffn_down.weight": (d, f), "ffn_up.weight": (f, d)}
-
 
 class Falcon(GGUFArch):
     """Falcon 7B/40B/180B-style: llama.cpp arch "falcon". llama.cpp's converter regroups the
@@ -219,15 +223,6 @@ class Falcon(GGUFArch):
             plan.append(("output", "output.weight", None))
         return plan
 
-    @classmethod
-    def shapes(cls, cfg) -> dict:
-        d, f = cfg.hidden_size, cfg.ffn_hidden_size
-        qkv = (cfg.num_attention_heads + 2 * cfg.n_kv_heads) * cfg.head_dim
-        norms = {f"{n}.{k}": (d,) for n in ("attn_norm", "attn_norm_2", "output_norm") for k in ("weight", "bias")}
-        return {**norms, "token_embd.weight": (cfg.vocab_size, d), "output.weight": (cfg.vocab_size, d),
-                "attn_qkv.weight": (qkv, d), "attn_output.weight": (d, d),
-                "ffn_up.weight": (f, d), "ffn_down.weight": (d, f)}
-
 
 class MPT(GGUFArch):
     """MPT: llama.cpp arch "mpt". The fused Wqkv keeps MosaicML's q | k | v row order."""
@@ -273,15 +268,6 @@ class MPT(GGUFArch):
             plan.append(("output", "output.weight", None))
         return plan
 
-    @classmethod
-    def shapes(cls, cfg) -> dict:
-        d, f = cfg.d_model, 4 * cfg.d_model
-        qkv = d + 2 * cfg.kv_n_heads * cfg.head_dim
-        return {"token_embd.weight": (cfg.vocab_size, d), "output.weight": (cfg.vocab_size, d),
-                "output_norm.weight": (d,), "attn_norm.weight": (d,), "ffn_norm.weight": (d,),
-                "attn_qkv.weight": (qkv, d), "attn_output.weight": (d, d),
-                "ffn_up.weight": (f, d), "ffn_down.weight": (d, f)}
-
 
 class GPTJ(GGUFArch):
     """GPT-J: arch "gptj" as convert_hf_to_gguf.py's GPTJModel writes it: the Hugging Face
@@ -325,14 +311,6 @@ class GPTJ(GGUFArch):
         if not cfg.tie_word_embeddings:
             plan.append(("output", "output.weight", None))
         return plan + [("output_bias", "output.bias", None)]
-
-    @classmethod
-    def shapes(cls, cfg) -> dict:
-        d, f, v = cfg.n_embd, cfg.n_inner, cfg.vocab_size
-        square = {f"attn_{n}.weight": (d, d) for n in ("q", "k", "v", "output")}
-        return {**square, "token_embd.weight": (v, d), "output.weight": (v, d), "output.bias": (v,),
-                "attn_norm.weight": (d,), "attn_norm.bias": (d,), "output_norm.weight": (d,), "output_norm.bias": (d,),
-                "ffn_up.weight": (f, d), "ffn_up.bias": (f,), "ffn_down.weight": (d, f), "ffn_down.bias": (d,)}
 
 
 GGUF_ARCHITECTURES = {"llama": Llama, "falcon": Falcon, "mpt": MPT, "gptj": GPTJ}
