@@ -56,7 +56,7 @@ def gguf_shapes(plan: list, expected: dict) -> dict:
 
 
 class GGUFArch:
-    """A GGUF architecture table. Besides these attributes each provides three classmethods:
+    """A GGUF architecture table. Besides these attributes each provides two classmethods:
 
         hf_config(get, tensors) -> dict   config.json keys for the tinyllm Config.from_hf;
                                           ``get(key, default)`` reads "<arch>.<key>", ``tensors``

@@ -15,7 +15,8 @@ import pytest
 from tinyllm.device import check_cuda, simulator_enabled
 from tinyllm.errors import TinyLLMError
 
-SIM_COMMAND = "NUMBA_ENABLE_CUDASIM=1 python -m pytest tests/test_kernels_cuda.py tests/test_model_cuda.py"
+SIM_COMMAND = ("NUMBA_ENABLE_CUDASIM=1 python -m pytest tests/test_kernels_cuda.py tests/test_model_cuda.py "
+               "tests/test_backend_conformance.py")
 
 
 def cuda_backend():

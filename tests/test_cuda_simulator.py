@@ -17,7 +17,7 @@ from tinyllm.errors import TinyLLMError
 
 from .conftest import REPO
 
-CUDA_TESTS = ["tests/test_kernels_cuda.py", "tests/test_model_cuda.py"]
+CUDA_TESTS = ["tests/test_kernels_cuda.py", "tests/test_model_cuda.py", "tests/test_backend_conformance.py"]
 ALLOWED_SKIP = "the cuda extra (numba-cuda) is not installed"
 
 

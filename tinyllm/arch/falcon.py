@@ -32,6 +32,8 @@ from tinyllm.arch.common import (
     weight_set,
 )
 from tinyllm.errors import UnsupportedError
+from tinyllm.kernels.backend import Backend
+from tinyllm.kvcache import KVCache
 
 ARCH = "falcon"
 # activation -> use the tanh approximation of GELU?
@@ -151,7 +153,8 @@ def weights(cfg: Config) -> dict:
     return weight_set(cfg.num_hidden_layers, layer, top)
 
 
-def forward(cfg: Config, w: dict, ops, cache, tokens: np.ndarray, start_pos: int, last_only: bool = False):
+def forward(cfg: Config, w: dict, ops: Backend, cache: KVCache, tokens: np.ndarray, start_pos: int,
+            last_only: bool = False):
     """tokens (T,) at positions start_pos.. -> logits (T, vocab) (or (1, vocab) if last_only)."""
     T = len(tokens)
     positions = np.arange(start_pos, start_pos + T)

@@ -19,6 +19,8 @@ import numpy as np
 
 from tinyllm.arch.common import check_config, config_from_hf, lm_head, require, rope_inv_freq, weight_set
 from tinyllm.errors import UnsupportedError
+from tinyllm.kernels.backend import Backend
+from tinyllm.kvcache import KVCache
 
 ARCH = "gptj"
 # activation_function -> use the tanh approximation of GELU?
@@ -82,7 +84,8 @@ def weights(cfg: Config) -> dict:
     return weight_set(cfg.n_layer, layer, top)
 
 
-def forward(cfg: Config, w: dict, ops, cache, tokens: np.ndarray, start_pos: int, last_only: bool = False):
+def forward(cfg: Config, w: dict, ops: Backend, cache: KVCache, tokens: np.ndarray, start_pos: int,
+            last_only: bool = False):
     """tokens (T,) at positions start_pos.. -> logits (T, vocab) (or (1, vocab) if last_only)."""
     T = len(tokens)
     positions = np.arange(start_pos, start_pos + T)

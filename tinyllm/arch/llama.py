@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tinyllm.arch.common import check_config, config_from_hf, lm_head, require, rope_inv_freq, rope_settings, weight_set
+from tinyllm.kernels.backend import Backend
+from tinyllm.kvcache import KVCache
 
 ARCH = "llama"
 
@@ -77,7 +79,8 @@ def weights(cfg: Config) -> dict:
     return weight_set(cfg.num_hidden_layers, layer, top)
 
 
-def forward(cfg: Config, w: dict, ops, cache, tokens: np.ndarray, start_pos: int, last_only: bool = False):
+def forward(cfg: Config, w: dict, ops: Backend, cache: KVCache, tokens: np.ndarray, start_pos: int,
+            last_only: bool = False):
     """tokens (T,) at positions start_pos.. -> logits (T, vocab) (or (1, vocab) if last_only)."""
     T = len(tokens)
     positions = np.arange(start_pos, start_pos + T)

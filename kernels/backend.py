@@ -1,0 +1,47 @@
+"""The contract between the architectures and the kernels: the ops a forward pass calls.
+
+Every backend (``reference`` = numpy, ``numba_cpu`` = numba, ``cuda``) provides exactly these,
+with these signatures, and ``tests/test_backend_conformance.py`` checks each one against the
+NumPy reference. Conventions: activations are 2-D float32 ``(T, features)`` in the backend's
+own array type (``from_numpy`` / ``to_numpy`` cross the boundary), heads contiguous in a row;
+weights are what ``prepare`` returns for a loaded ``QTensor`` (matrices, ``(out, in)``) or a
+1-D float32 array (norms, biases); a layer's KV cache is whatever ``new_kv_cache`` gives per
+layer, written by ``kv_write`` at a position and read by ``attention``. Shapes and positions
+are trusted: the loader (tinyllm/validate.py) and Model._forward check them beforehand.
+"""
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+
+@runtime_checkable
+class Backend(Protocol):
+    name: str
+
+    # weights, buffers, and the host boundary
+    def prepare(self, w) -> Any: ...                                      # QTensor / 1-D array -> backend weight
+    def from_numpy(self, x: np.ndarray) -> Any: ...                       # (T, F) host -> backend
+    def to_numpy(self, x) -> np.ndarray: ...                              # backend -> (T, F) host
+    def new_kv_cache(self, n_layers: int, n_kv_heads: int, n_ctx: int, head_dim: int) -> list: ...
+
+    # products
+    def embedding(self, table, tokens: np.ndarray) -> Any: ...            # (T,) ids -> (T, D)
+    def matmul(self, x, w, bias=None) -> Any: ...                         # (T, K) @ W(N, K)^T (+ bias) -> (T, N)
+
+    # elementwise and normalization
+    def add(self, a, b) -> Any: ...
+    def rmsnorm(self, x, weight, eps: float) -> Any: ...
+    def layernorm(self, x, weight, bias, eps: float) -> Any: ...          # bias None: no bias
+    def gelu(self, x, approximate: bool = False) -> Any: ...              # approximate: the tanh form
+    def swiglu(self, gate, up) -> Any: ...                                # SiLU(gate) * up
+    def clip(self, x, limit: float) -> Any: ...                           # to [-limit, limit]
+
+    # positions and attention
+    def rope(self, x, positions: np.ndarray, inv_freq: np.ndarray, n_heads: int) -> Any: ...
+    def kv_write(self, cache, k, v, start_pos: int) -> None: ...          # (T, Hkv*hd) at start_pos..
+    def attention(self, q, cache, start_pos: int, n_heads: int, scale: float, alibi_slopes=None) -> Any: ...
+
+
+BACKEND_OPS = tuple(name for name in Backend.__dict__ if not name.startswith("_") and callable(Backend.__dict__[name]))
