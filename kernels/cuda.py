@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tinyllm.device import check_cuda
-from tinyllm.errors import TinyLLMError, UnsupportedError
+from tinyllm.errors import ShapeError, UnsupportedError
 from tinyllm.kernels.quant import QTensor, n_blocks
 
 check_cuda()
@@ -184,7 +184,7 @@ def embedding(table: DeviceWeight, tokens) -> object:
     ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
     rows, cols = table.shape
     if ids.size and (ids.min() < 0 or ids.max() >= rows):
-        raise TinyLLMError(f"token id out of range 0..{rows - 1}")
+        raise ShapeError(f"token id out of range 0..{rows - 1}")
     out = _empty((ids.size, cols))
     if ids.size:
         n = ids.size * n_blocks(cols) * 16
@@ -198,7 +198,7 @@ def matmul(x, w: DeviceWeight, bias=None):
     T, cols = x.shape
     N, Kw = w.shape
     if cols != Kw:
-        raise TinyLLMError(f"matmul shape mismatch: activations have {cols} features, weight expects {Kw}")
+        raise ShapeError(f"matmul shape mismatch: activations have {cols} features, weight expects {Kw}")
     out = _empty((T, N))
     if T == 0:
         return out
@@ -229,7 +229,7 @@ def add(a, b):
     """a + b for equal shapes, or a (T, F) + b (F,) broadcast over rows."""
     a, b = _device(a), _device(b)
     if a.shape != b.shape and not (b.ndim == 1 and a.shape[a.ndim - 1] == b.shape[0]):
-        raise TinyLLMError(f"add: shapes {a.shape} and {b.shape} do not match")
+        raise ShapeError(f"add: shapes {a.shape} and {b.shape} do not match")
     return _elementwise(K.add, a.shape, a, b)
 
 
@@ -241,7 +241,7 @@ def silu(x):
 def swiglu(gate, up):
     gate, up = _device(gate), _device(up)
     if gate.shape != up.shape:
-        raise TinyLLMError(f"swiglu: shapes {gate.shape} and {up.shape} do not match")
+        raise ShapeError(f"swiglu: shapes {gate.shape} and {up.shape} do not match")
     return _elementwise(K.swiglu, gate.shape, gate, up)
 
 
@@ -291,11 +291,11 @@ def rope(x, positions, inv_freq, n_heads: int):
     T, D = x.shape
     head_dim = D // n_heads
     if head_dim * n_heads != D or 2 * len(inv_freq) > head_dim:
-        raise TinyLLMError(f"rope: {D} features do not split into {n_heads} heads with "
+        raise ShapeError(f"rope: {D} features do not split into {n_heads} heads with "
                            f"{2 * len(inv_freq)} rotary dims each")
     pos = np.asarray(positions, dtype=np.int64).reshape(-1)
     if pos.size != T:
-        raise TinyLLMError(f"rope: {pos.size} positions for {T} tokens")
+        raise ShapeError(f"rope: {pos.size} positions for {T} tokens")
     out = _empty((T, D))
     if T == 0:
         return out
@@ -316,10 +316,10 @@ def kv_write(cache, k, v, start_pos: int) -> None:
     n_kv, n_ctx, hd = k_cache.shape
     T = k.shape[0]
     if k.shape != (T, n_kv * hd) or v.shape != k.shape:
-        raise TinyLLMError(f"kv_write: keys {k.shape} / values {v.shape} do not fit a cache of "
+        raise ShapeError(f"kv_write: keys {k.shape} / values {v.shape} do not fit a cache of "
                            f"{n_kv} heads x {hd} dims")
     if start_pos < 0 or start_pos + T > n_ctx:
-        raise TinyLLMError(f"kv_write: positions {start_pos}..{start_pos + T - 1} exceed the "
+        raise ShapeError(f"kv_write: positions {start_pos}..{start_pos + T - 1} exceed the "
                            f"KV cache of {n_ctx} positions")
     if T:
         K.kv_write[_grid(T * n_kv * hd), K.MAX_BLOCK](k, v, k_cache, v_cache, start_pos)
@@ -333,10 +333,10 @@ def attention(q, cache, start_pos: int, n_heads: int, scale: float, alibi_slopes
     n_kv, n_ctx, hd = k_cache.shape
     T = q.shape[0]
     if q.shape[1] != n_heads * hd or n_heads % n_kv:
-        raise TinyLLMError(f"attention: queries {q.shape} do not match {n_heads} heads over a "
+        raise ShapeError(f"attention: queries {q.shape} do not match {n_heads} heads over a "
                            f"cache of {n_kv} heads x {hd} dims")
     if start_pos + T > n_ctx:
-        raise TinyLLMError(f"attention: {start_pos + T} positions exceed the KV cache of {n_ctx}")
+        raise ShapeError(f"attention: {start_pos + T} positions exceed the KV cache of {n_ctx}")
     if hd > K.ATTN_MAX_HEAD_DIM:
         raise UnsupportedError(f"the cuda attention kernel supports head_dim <= {K.ATTN_MAX_HEAD_DIM}, got {hd}")
     out = _empty((T, n_heads * hd))

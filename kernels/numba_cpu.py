@@ -17,7 +17,7 @@ import os
 import numba
 import numpy as np
 
-from tinyllm.errors import TinyLLMError
+from tinyllm.errors import ShapeError, TinyLLMError
 from tinyllm.kernels import numba_ops, numba_quant, numba_simd
 from tinyllm.kernels.numba_ops import kv_write, new_kv_cache  # noqa: F401  (keys stored transposed, see numba_ops)
 from tinyllm.kernels.quant import QTensor
@@ -114,7 +114,7 @@ def embedding(table, tokens) -> np.ndarray:
     ids = np.ascontiguousarray(tokens, dtype=np.int64)
     rows, cols = t.shape
     if ids.size and (ids.min() < 0 or ids.max() >= rows):
-        raise IndexError(f"token id out of range 0..{rows - 1}")
+        raise ShapeError(f"token id out of range 0..{rows - 1}")
     out = np.empty((ids.shape[0], cols), np.float32)
     v = t.views
     if t.format in ("q4_0", "q4_1"):
@@ -133,7 +133,7 @@ def matmul(x: np.ndarray, w, bias: np.ndarray | None = None) -> np.ndarray:
     w = prepare(w)
     x = _rows_f32(x)
     if x.ndim != 2 or x.shape[1] != w.shape[1]:
-        raise ValueError(f"matmul: activation {x.shape} does not match weight {w.shape}")
+        raise ShapeError(f"matmul: activation {x.shape} does not match weight {w.shape}")
     y = _matmul_nobias(x, w)
     if bias is not None:
         y += bias

@@ -12,6 +12,7 @@ import math
 
 import numpy as np
 
+from tinyllm.errors import ShapeError
 from tinyllm.kernels.quant import QK, QTensor, _round_half_away, _unpack_nibbles, dequantize, n_blocks
 
 name = "numpy"
@@ -47,6 +48,8 @@ def embedding(table: QTensor, tokens: np.ndarray) -> np.ndarray:
 
 def matmul(x: np.ndarray, w: QTensor, bias: np.ndarray | None = None) -> np.ndarray:
     """(T, K) @ W(N, K)^T (+ bias) -> (T, N)."""
+    if x.ndim != 2 or x.shape[1] != w.shape[1]:
+        raise ShapeError(f"matmul: activation {x.shape} does not match weight {tuple(w.shape)}")
     y = x @ dequantize(w).T
     return y + bias if bias is not None else y
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from tinyllm.errors import ShapeError
 from tinyllm.kernels import get_backend, quant
 from tinyllm.kernels import reference as ref
 from tinyllm.kernels.backend import BACKEND_OPS, Backend
@@ -33,6 +34,12 @@ def rand(*shape, seed=0):
 def test_every_backend_provides_the_contract(ops):
     assert isinstance(ops, Backend)
     assert all(callable(getattr(ops, name)) for name in BACKEND_OPS)
+
+
+def test_a_broken_contract_is_one_error_class_on_every_backend(ops):
+    w = ops.prepare(quant.quantize(rand(4, 32), "q8_0"))
+    with pytest.raises(ShapeError, match="matmul"):
+        ops.matmul(ops.from_numpy(rand(2, 40)), w)
 
 
 @pytest.mark.parametrize("fmt", ["f32", "f16", "q8_0", "q4_0", "q4_1"])

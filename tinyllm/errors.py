@@ -13,6 +13,11 @@ class UnsupportedError(TinyLLMError):
     """An architecture, config option or tensor type tinyllm does not implement."""
 
 
+class ShapeError(TinyLLMError, ValueError):
+    """A backend op was called with arrays that break its contract (kernels/backend.py): every
+    backend raises this one class for it (a ValueError too, as NumPy would raise)."""
+
+
 # Python errors that a value of the wrong type, shape or size provokes while untrusted input
 # (a model file, a checkpoint's config.json, GGUF metadata) is being interpreted.
 MALFORMED_INPUT_ERRORS = (TypeError, ValueError, KeyError, IndexError, AttributeError, OverflowError,
