@@ -6,7 +6,7 @@
 converted in memory at load time, nothing is written to disk. ``convert_gguf(src, out)``
 writes the same tensors as a .q4 file (memory-mapped at load, no conversion work).
 
-Architectures (converters/gguf_arch.py): llama (LLaMA 1-3, Mistral, SmolLM, ...: GQA, tied
+Architectures (the ``GGUF`` table in each converters/<arch>.py): llama (LLaMA 1-3, Mistral, SmolLM, ...: GQA, tied
 embeddings, q/k un-permuted back to rotate-half), falcon and mpt (fused q/k/v split into row
 ranges), gptj. Vocabularies (converters/gguf_tokenizer.py): "llama" SentencePiece-style and
 "gpt2" byte-level BPE.
@@ -34,15 +34,16 @@ embedding and output head under a 4-bit quant).
 """
 from __future__ import annotations
 
+import importlib
 import sys
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
-from tinyllm.arch import get_arch
+from tinyllm.arch import ARCHITECTURES, get_arch
 from tinyllm.converters.convert import _ROW_CHUNK, config_dict, refuse_overwriting_input, tensor_format
-from tinyllm.converters.gguf_arch import GGUF_ARCHITECTURES, clean_float, gguf_shapes
+from tinyllm.converters.gguf_arch import clean_float, gguf_shapes
 from tinyllm.converters.gguf_kquants import q4_k_to_q4_1_blocks
 from tinyllm.converters.gguf_tokenizer import tokenizer_spec_from_gguf
 from tinyllm.errors import FormatError, TinyLLMError, UnsupportedError, reading
@@ -50,6 +51,9 @@ from tinyllm.fileformat import ModelWriter
 from tinyllm.kernels.quant import FORMATS, QTensor, from_ggml_blocks, quantize
 from tinyllm.validate import check_metadata, check_weights
 
+# GGUF architecture name -> its table: each tinyllm architecture's converter module has one
+GGUF_ARCHITECTURES = {t.arch: t for t in (importlib.import_module(f"tinyllm.converters.{name}").GGUF
+                                          for name in ARCHITECTURES)}
 GGUF_MAGIC = b"GGUF"
 LOSSLESS = {"F32": "f32", "F16": "f16", "Q4_0": "q4_0", "Q4_1": "q4_1", "Q8_0": "q8_0"}
 REQUANT = {"BF16": "f32", "Q2_K": "q4_1", "Q3_K": "q4_1", "Q4_K": "q4_1",

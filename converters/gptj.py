@@ -1,14 +1,16 @@
-"""GPT-J checkpoint -> tinyllm tensor names.
+"""GPT-J checkpoints -> tinyllm tensors: Hugging Face (``tensor_plan``) and GGUF (``GGUF``).
 
 GPT-J's rotary embedding rotates adjacent pairs (x[2i], x[2i+1]) of the first rotary_dim
 dims of each head; tinyllm's RoPE rotates (x[i], x[i + rotary_dim/2]). Reordering the rows
 of Wq and Wk within each head's rotary dims to [0, 2, 4, ..., 1, 3, 5, ...] makes the two
-identical: each pair meets the same frequency, and q·k is unchanged because q and k are
-permuted alike. Wv and everything after attention are untouched.
+identical (rows.pairs_to_rotate_half), in both plans. Wv and everything after attention are
+untouched.
 """
 from __future__ import annotations
 
-import numpy as np
+from tinyllm.converters.gguf_arch import GGUFArch, clean_float
+from tinyllm.converters.rows import pairs_to_rotate_half, taking
+from tinyllm.errors import UnsupportedError
 
 # per-layer tensors: Hugging Face name -> tinyllm name
 LAYER_TENSORS = {
@@ -28,21 +30,9 @@ ROTARY = ("attention.wq", "attention.wk")
 IGNORED = (r"\.attn\.(masked_)?bias$",)
 
 
-def rotary_row_order(n_heads: int, head_dim: int, rotary_dim: int) -> np.ndarray:
-    """Row permutation of Wq/Wk (n_heads * head_dim rows): within each head, the even
-    rotary dims first, then the odd ones, then the non-rotary dims as they were."""
-    within = np.concatenate([np.arange(0, rotary_dim, 2), np.arange(1, rotary_dim, 2),
-                             np.arange(rotary_dim, head_dim)])
-    return (np.arange(n_heads)[:, None] * head_dim + within[None, :]).reshape(-1)
-
-
 def tensor_plan(cfg):
     """[(tinyllm name, hf name, transform or None)] in file order."""
-    order = rotary_row_order(cfg.n_head, cfg.head_dim, cfg.rotary_dim)
-
-    def permute(w):  # rows of an (n_embd, n_embd) matrix
-        return w[order]
-
+    permute = taking(pairs_to_rotate_half(cfg.n_head, cfg.head_dim, cfg.rotary_dim))
     plan = [("tok_embeddings", "transformer.wte.weight", None)]
     for i in range(cfg.n_layer):
         plan += [(f"layers.{i}.{ours}", f"transformer.h.{i}.{hf}", permute if ours in ROTARY else None)
@@ -52,3 +42,45 @@ def tensor_plan(cfg):
         plan.append(("output", "lm_head.weight", None))
     plan.append(("output_bias", "lm_head.bias", None))
     return plan
+
+
+class GGUF(GGUFArch):
+    """GPT-J: arch "gptj" as convert_hf_to_gguf.py's GPTJModel writes it: the Hugging Face
+    tensors renamed (biases included), q/k rows untouched. GPT-J rotates adjacent pairs, so
+    the Hugging Face converter's row reordering (converters/gptj.py) applies here too."""
+
+    arch = "gptj"
+    KNOWN_KEYS = {"context_length", "embedding_length", "block_count", "feed_forward_length", "vocab_size",
+                  "attention.head_count", "attention.layer_norm_epsilon", "rope.dimension_count", "rope.freq_base"}
+    LAYER_TENSORS = {"attn_norm.weight": "attention_norm", "attn_norm.bias": "attention_norm_bias",
+                     "attn_q.weight": "attention.wq", "attn_k.weight": "attention.wk", "attn_v.weight": "attention.wv",
+                     "attn_output.weight": "attention.wo", "ffn_up.weight": "feed_forward.w1",
+                     "ffn_up.bias": "feed_forward.w1_bias", "ffn_down.weight": "feed_forward.w2",
+                     "ffn_down.bias": "feed_forward.w2_bias"}
+
+    @classmethod
+    def hf_config(cls, get, tensors: dict) -> dict:
+        d, heads = get("embedding_length"), get("attention.head_count")
+        if clean_float(get("rope.freq_base", 10000.0)) != 10000.0:
+            raise UnsupportedError(f"GGUF gptj rope.freq_base={get('rope.freq_base')} is not supported "
+                                   "(GPT-J uses 10000)")
+        return {"n_embd": d, "n_layer": get("block_count"), "n_head": heads,
+                "vocab_size": get("vocab_size", None) or tensors["token_embd.weight"].shape[0],
+                "rotary_dim": get("rope.dimension_count", d // heads),
+                "n_inner": (tensors["blk.0.ffn_up.weight"].shape[0] if "blk.0.ffn_up.weight" in tensors
+                            else get("feed_forward_length", 4 * d)),
+                "n_positions": get("context_length", 2048),
+                "layer_norm_epsilon": clean_float(get("attention.layer_norm_epsilon", 1e-5)),
+                "tie_word_embeddings": "output.weight" not in tensors}
+
+    @classmethod
+    def plan(cls, cfg) -> list:
+        order = taking(pairs_to_rotate_half(cfg.n_head, cfg.head_dim, cfg.rotary_dim))
+        fix = {"attention.wq": order, "attention.wk": order}
+        plan = [("tok_embeddings", "token_embd.weight", None)]
+        for i in range(cfg.n_layer):
+            plan += [(f"layers.{i}.{ours}", f"blk.{i}.{g}", fix.get(ours)) for g, ours in cls.LAYER_TENSORS.items()]
+        plan += [("norm", "output_norm.weight", None), ("norm_bias", "output_norm.bias", None)]
+        if not cfg.tie_word_embeddings:
+            plan.append(("output", "output.weight", None))
+        return plan + [("output_bias", "output.bias", None)]

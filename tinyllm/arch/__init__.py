@@ -1,7 +1,8 @@
 """Architectures: one short module each, registered here by name.
 
-An architecture module provides
+An architecture module provides (the ArchModule protocol in arch/common.py)
     ARCH            its name in the .q4 header ("llama", ...)
+    HF_CLASSES      the config.json "architectures" class names it reads
     Config          a dataclass built by ``Config.from_hf(config_dict)``, fields named as
                     in the checkpoint's config.json; unsupported options are refused there
     forward(cfg, w, ops, cache, tokens, start_pos) -> logits (T, vocab)
@@ -13,16 +14,9 @@ import importlib
 
 from tinyllm.errors import UnsupportedError
 
-# architecture name -> module; model_type/architectures in config.json -> architecture name
+# architecture name -> its module (adding an architecture: its module here, its converter
+# module in converters/, an entry in the tests' table; CONTRIBUTING.md has the steps)
 ARCHITECTURES = {"llama": "llama", "gptj": "gptj", "mpt": "mpt", "falcon": "falcon"}
-HF_ARCHITECTURES = {
-    "LlamaForCausalLM": "llama",
-    "GPTJForCausalLM": "gptj",
-    "MptForCausalLM": "mpt",
-    "MPTForCausalLM": "mpt",
-    "FalconForCausalLM": "falcon",
-    "RWForCausalLM": "falcon",
-}
 
 
 def get_arch(name: str):
@@ -46,3 +40,7 @@ def arch_from_hf_config(config: dict) -> str:
     names = config.get("architectures") or model_type
     raise UnsupportedError(f"unsupported architecture {names!r}; tinyllm supports "
                            f"{', '.join(sorted(HF_ARCHITECTURES))}")
+
+
+# config.json "architectures" class name -> architecture name, from each module's HF_CLASSES
+HF_ARCHITECTURES = {cls: name for name in ARCHITECTURES for cls in get_arch(name).HF_CLASSES}

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import typing
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -57,6 +58,33 @@ def config_from_hf(cls, config: dict, known: dict, must_equal: dict | None = Non
     kwargs = {field: config[key] for key, field in known.items()
               if field is not None and key in config and config[key] is not None and field in fields}
     return cls(**kwargs)
+
+
+@runtime_checkable
+class ArchConfig(Protocol):
+    """What every layer outside an architecture reads from its Config, under one naming
+    (each Config keeps its checkpoint's own field names and derives these)."""
+
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    n_kv_heads: int
+    head_dim: int
+    context_length: int
+    tie_word_embeddings: bool
+
+
+class ArchModule(Protocol):
+    """An architecture module (tinyllm/arch/<name>.py)."""
+
+    ARCH: str                    # its name in a .q4 header
+    HF_CLASSES: tuple            # config.json "architectures" names it reads
+    Config: type                 # dataclass; ``Config.from_hf(config_json)`` refuses unknown options by name
+
+    def weights(self, cfg) -> dict: ...        # the declared weight set: name -> shape ((out, in) for matrices)
+    def forward(self, cfg, w: dict, ops, cache, tokens, start_pos: int, last_only: bool = False): ...
+    def describe(self, cfg) -> dict: ...       # architecture-specific rows for `tinyllm info`
 
 
 def check_config(cfg) -> None:

@@ -36,6 +36,7 @@ from tinyllm.kernels.backend import Backend
 from tinyllm.kvcache import KVCache
 
 ARCH = "falcon"
+HF_CLASSES = ("FalconForCausalLM", "RWForCausalLM")  # config.json "architectures" names
 # activation -> use the tanh approximation of GELU?
 ACTIVATIONS = {"gelu": False, "gelu_new": True, "gelu_pytorch_tanh": True}
 

@@ -23,6 +23,7 @@ from tinyllm.kernels.backend import Backend
 from tinyllm.kvcache import KVCache
 
 ARCH = "gptj"
+HF_CLASSES = ("GPTJForCausalLM",)  # config.json "architectures" names
 # activation_function -> use the tanh approximation of GELU?
 ACTIVATIONS = {"gelu_new": True, "gelu_pytorch_tanh": True, "gelu": False}
 

@@ -18,6 +18,7 @@ from tinyllm.kernels.backend import Backend
 from tinyllm.kvcache import KVCache
 
 ARCH = "llama"
+HF_CLASSES = ("LlamaForCausalLM",)  # config.json "architectures" names
 
 
 @dataclass

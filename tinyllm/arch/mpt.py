@@ -23,6 +23,7 @@ from tinyllm.kernels.backend import Backend
 from tinyllm.kvcache import KVCache
 
 ARCH = "mpt"
+HF_CLASSES = ("MptForCausalLM", "MPTForCausalLM")  # config.json "architectures" names
 
 # Nested config dicts are flattened to "attn_config.<key>" so every option is checked by name.
 NESTED = ("attn_config", "ffn_config")
