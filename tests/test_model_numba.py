@@ -10,6 +10,8 @@ token must agree wherever the reference's lead over the runner-up exceeds MARGIN
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -83,3 +85,28 @@ def test_quantized_logits_match_reference(checkpoint, quant):
     _assert_close(fast.logits(PROMPT), want)                                    # prefill path
     fast.reset()
     _assert_close(np.stack([fast.eval(PROMPT[:t + 1]) for t in range(len(PROMPT))]), want)   # decode path
+
+
+def test_the_thread_count_follows_the_model_into_other_threads():
+    """Numba's thread count is per thread: a model loaded with threads=1 and run on another
+    thread (as `tinyllm serve` runs it) must still use one thread there."""
+    import threading
+
+    import numba
+
+    from tinyllm.kernels import numba_cpu
+
+    m = tinyllm.load(Path(__file__).resolve().parents[1] / "tinyllm" / "data" / "stories260K.q4", threads=1)
+    seen = []
+    forward = m.arch.forward
+
+    def spy(*args, **kwargs):
+        seen.append(numba.get_num_threads())
+        return forward(*args, **kwargs)
+
+    m.arch = type("Arch", (), {"forward": staticmethod(spy)})
+    t = threading.Thread(target=m.logits, args=([1, 2, 3],))
+    t.start()
+    t.join()
+    assert seen == [1]
+    numba_cpu.set_threads()  # this thread back to the default

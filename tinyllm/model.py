@@ -55,8 +55,9 @@ class Model:
             kv_bytes = 2 * 4 * cfg.num_hidden_layers * cfg.n_kv_heads * cfg.head_dim * self.n_ctx
             check_allocation(kv_bytes, f"the KV cache for {self.n_ctx} positions", "load with a smaller n_ctx (--ctx)")
         self.ops = get_backend(backend)
-        if threads and hasattr(self.ops, "set_threads"):
-            self.ops.set_threads(threads)
+        # the model's own thread count (None: the backend's default), applied in whichever thread
+        # runs a forward pass: Numba's count is per thread, and a server runs the model on its own
+        self.threads = self.ops.set_threads(threads) if threads and hasattr(self.ops, "set_threads") else None
         self.file_tensors = source.tensors
         self.weights = {name: self.ops.prepare(_runtime_tensor(t)) for name, t in source.tensors.items()}
         if "output" not in self.weights:  # tied embeddings
@@ -100,6 +101,8 @@ class Model:
         ids = np.asarray(tokens, dtype=np.int64)
         if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
             raise TinyLLMError(f"token id out of range 0..{self.config.vocab_size - 1}")
+        if self.threads is not None and self.ops.get_threads() != self.threads:
+            self.ops.set_threads(self.threads)
         out = self.ops.to_numpy(self.arch.forward(self.config, self.weights, self.ops, self.cache, ids, start_pos,
                                                   last_only))
         if not np.isfinite(out).all():  # weights that overflow float32: say so, never sample from NaN
