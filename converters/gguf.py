@@ -47,7 +47,7 @@ from tinyllm.converters.gguf_arch import clean_float, gguf_shapes
 from tinyllm.converters.gguf_kquants import q4_k_to_q4_1_blocks
 from tinyllm.converters.gguf_tokenizer import tokenizer_spec_from_gguf
 from tinyllm.errors import FormatError, TinyLLMError, UnsupportedError, reading
-from tinyllm.fileformat import ModelWriter
+from tinyllm.fileformat import ModelWriter, no_model_file
 from tinyllm.kernels.quant import FORMATS, QTensor, from_ggml_blocks, quantize
 from tinyllm.validate import check_metadata, check_weights
 
@@ -173,7 +173,7 @@ def _read_gguf(path: Path):
     import gguf
 
     if not path.is_file():
-        raise TinyLLMError(f"model file {str(path)!r} not found")
+        raise no_model_file(path)
     with open(path, "rb") as f:
         if f.read(4) != GGUF_MAGIC:
             raise FormatError(f"{path}: not a GGUF file (bad magic)")

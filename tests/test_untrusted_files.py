@@ -370,3 +370,21 @@ def test_stale_partial_files_are_removed_on_the_next_run(hf_dir, tmp_path):
     assert not stale.exists() and live.exists()
     assert "interrupted conversion" in result.output
     logits_ok(out)
+
+
+def test_messages_name_the_file_the_variable_and_the_next_step(hf_dir, monkeypatch, tmp_path):
+    with pytest.raises(TinyLLMError, match="is a directory.*tinyllm convert"):
+        tinyllm.load(hf_dir)
+    monkeypatch.setenv("TINYLLM_MODEL", str(tmp_path / "gone.q4"))
+    result = CliRunner().invoke(main, ["generate", "-n", "2"])
+    assert result.exit_code == 1 and "$TINYLLM_MODEL" in result.output and "gone.q4" in result.output
+    gguf_named_q4 = tmp_path / "model.q4"  # told apart by its magic bytes, not its name
+    shutil.copy(BUNDLED, tmp_path / "real.q4")
+    assert tinyllm.load(tmp_path / "real.q4", backend="numpy")
+    gguf_named_q4.write_bytes(b"GGUF" + b"\0" * 60)
+    with pytest.raises(FormatError, match="GGUF"):
+        tinyllm.load(gguf_named_q4, backend="numpy")
+    truncated = tmp_path / "short.q4"
+    truncated.write_bytes(BUNDLED.read_bytes()[:40])
+    with pytest.raises(FormatError, match="truncated"):
+        tinyllm.load(truncated, backend="numpy")

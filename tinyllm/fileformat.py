@@ -57,6 +57,15 @@ def file_kind(path) -> str | None:
     return "gguf" if head[:4] == b"GGUF" else None
 
 
+def no_model_file(path: Path) -> TinyLLMError:
+    """The error for a model path that is not a file, saying what it is and what to do."""
+    if path.is_dir():
+        hint = (": it holds a Hugging Face checkpoint, convert it first with `tinyllm convert DIR -o model.q4`"
+                if (path / "config.json").is_file() else "")
+        return TinyLLMError(f"{str(path)!r} is a directory, not a model file{hint}")
+    return TinyLLMError(f"model file {str(path)!r} not found")
+
+
 def partial_path(path: Path, pid: int) -> Path:
     """Where process ``pid`` writes ``path`` until it is complete: a hidden file beside it."""
     return path.parent / f".{path.name}.{pid}.partial"
@@ -210,7 +219,7 @@ class ModelFile:
     def __init__(self, path, verify: bool = True):
         self.path = Path(path)
         if not self.path.is_file():
-            raise TinyLLMError(f"model file {str(self.path)!r} not found")
+            raise no_model_file(self.path)
         size = self.path.stat().st_size
         with open(self.path, "rb") as f:
             pre = f.read(PREAMBLE_SIZE)

@@ -1,9 +1,12 @@
 """Options shared by the commands that load and run a model."""
 from __future__ import annotations
 
+import os
+
 import click
 
 from tinyllm.defaults import resolve_model
+from tinyllm.errors import TinyLLMError
 from tinyllm.kernels import BACKENDS
 
 CPU_BACKENDS = [name for name in BACKENDS if name != "cuda"]  # cuda is chosen with --device
@@ -66,4 +69,7 @@ def load_model(model, backend, threads, n_ctx, device, announce=True, fetch=Fals
     from tinyllm import load
 
     path = resolve_model(model, announce=announce, fetch=fetch, notice=say)
+    if model is None and os.environ.get("TINYLLM_MODEL") and not path.exists():
+        raise TinyLLMError(f"$TINYLLM_MODEL is {str(path)!r}, which does not exist: "
+                           "set it to a model file, or unset it")
     return load(path, backend=backend, threads=threads, n_ctx=n_ctx, device=device)
