@@ -250,3 +250,16 @@ def test_ctrl_c_ends_open_streams_with_an_error_event(model):
     assert json.loads(events[-2])["error"]["code"] == "server_shutdown"
     assert proc.returncode == 0
     assert "Traceback" not in err and "CancelledError" not in err
+
+
+def test_the_limits_refuse_what_is_expensive_not_what_looks_odd():
+    from tinyllm.templates import render_template
+
+    messages = [{"role": "user", "content": "50% off {1234567} %1000000d"}]
+    for template in ("{{ messages[0].content|trim }}", "{{ 100000000|string }}", "{{ '%s!' % messages[0].content }}",
+                     "{{ messages[0].content.replace('a', 'b') }}", "{{ '%05d'|format(3) }}"):
+        render_template(template, messages)
+    for template in ("{{ '%1000000000d'|format(1) }}", "{{ '{:>1000000000}'.format('x') }}", "{{ 'x'.ljust(10**9) }}",
+                     "{{ 'a'|indent(100000000) }}", "{{ 'x'|center(1000000000) }}"):
+        with pytest.raises(TinyLLMError, match="chat template error"):
+            render_template(template, messages)

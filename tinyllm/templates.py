@@ -121,11 +121,16 @@ def _check_size(value):
 
 
 def _check_args(args, kwargs) -> None:
+    """Refuse integer arguments that would size a string or list past the limit (a width, a count)."""
     for a in (*args, *kwargs.values()):
         if isinstance(a, int) and not isinstance(a, bool) and abs(a) > TEMPLATE_MAX_CHARS:
             _limit(f"argument {a} is out of range")
-        if isinstance(a, str) and _BIG_WIDTH.search(a):
-            _limit("a format width of six or more digits")
+
+
+def _check_format(text) -> None:
+    """Refuse printf / str.format widths of six or more digits before formatting runs."""
+    if isinstance(text, str) and _BIG_WIDTH.search(text):
+        _limit("a format width of six or more digits")
 
 
 class _LimitedCodeGenerator(CodeGenerator):
@@ -160,8 +165,8 @@ class LimitedEnvironment(ImmutableSandboxedEnvironment):
             if isinstance(left, (str, list, tuple)) and isinstance(right, (str, list, tuple)):
                 if len(left) + len(right) > TEMPLATE_MAX_CHARS:
                     _limit("concatenation too long")
-        elif operator == "%" and isinstance(left, str) and _BIG_WIDTH.search(left):
-            _limit("a format width of six or more digits")
+        elif operator == "%":
+            _check_format(left)
         return _check_size(super().call_binop(context, operator, left, right))
 
     def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja2's own signature)
@@ -170,21 +175,29 @@ class LimitedEnvironment(ImmutableSandboxedEnvironment):
 
     def wrap_str_format(self, value):
         wrapped = super().wrap_str_format(value)  # str.format / format_map, as the sandbox runs them
-        if wrapped is not None and _BIG_WIDTH.search(value.__self__):
-            return lambda *args, **kwargs: _limit("a format width of six or more digits")
+        if wrapped is not None:
+            _check_format(value.__self__)
         return wrapped
 
     def checked_concat(self, parts):
         return _check_size("".join(map(str, parts)))
 
 
-def _checked_filter(f):
+def _checked_filter(name: str, f):
+    """A filter with the limits: integer arguments bounded (the filtered value itself, and the
+    context or environment a pass_* filter receives first, are not arguments), the format
+    filter's format string checked, the result's size checked."""
+    passes = getattr(f, "jinja_pass_arg", None)
+    skip = 2 if passes is not None else 1
+
     def checked(*args, **kwargs):
-        _check_args(args[1:] if getattr(f, "jinja_pass_arg", None) else args, kwargs)
+        _check_args(args[skip:], kwargs)
+        if name == "format" and len(args) >= skip:
+            _check_format(args[skip - 1])
         return _check_size(f(*args, **kwargs))
-    for attr in ("jinja_pass_arg",):
-        if hasattr(f, attr):
-            setattr(checked, attr, getattr(f, attr))
+
+    if passes is not None:
+        checked.jinja_pass_arg = passes
     return checked
 
 
@@ -194,7 +207,7 @@ def _environment() -> LimitedEnvironment:
     raise_exception, strftime_now and a tojson that does not escape HTML; with limits."""
     env = LimitedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
-    env.filters = {name: _checked_filter(f) for name, f in env.filters.items()}
+    env.filters = {name: _checked_filter(name, f) for name, f in env.filters.items()}
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = _strftime_now
     return env
