@@ -49,7 +49,7 @@ from tinyllm.converters.gguf_tokenizer import tokenizer_spec_from_gguf
 from tinyllm.errors import FormatError, TinyLLMError, UnsupportedError, reading
 from tinyllm.fileformat import ModelWriter, no_model_file
 from tinyllm.kernels.quant import FORMATS, QTensor, from_ggml_blocks, quantize
-from tinyllm.validate import check_metadata, check_weights
+from tinyllm.validate import check_source
 
 # GGUF architecture name -> its table: each tinyllm architecture's converter module has one
 GGUF_ARCHITECTURES = {t.arch: t for t in (importlib.import_module(f"tinyllm.converters.{name}").GGUF
@@ -287,8 +287,7 @@ def convert_gguf(src, out, quant: str | None = None, progress=None, notice=_stde
     out = Path(out)
     refuse_overwriting_input(Path(src), out)
     model = open_gguf(src, quant=quant, notice=notice)
-    check_metadata(model.metadata, str(src))
-    check_weights(get_arch(model.metadata["architecture"]).weights(model.config), model.tensors, str(src))
+    check_source(model, str(src))
     with ModelWriter(out, model.metadata) as writer:
         for done, (name, t) in enumerate(model.tensors.items(), 1):
             writer.add(name, t)

@@ -19,15 +19,13 @@ import time
 import traceback
 from pathlib import Path
 
-import numpy as np
-
-import tinyllm
 from tinyllm.errors import TinyLLMError
 
 from .untrusted import (
     BUNDLED,
     bundled_gguf,
     gguf_contents,
+    logits_ok,
     mutate_bytes,
     mutate_gguf_fields,
     mutate_header,
@@ -41,12 +39,10 @@ from .untrusted import (
 
 def outcome(path: Path) -> tuple[str, str]:
     try:
-        m = tinyllm.load(path, backend="numpy")
-        logits = m.logits([1, 2, 3])
-        if logits.shape != (3, m.config.vocab_size) or not np.isfinite(logits).all():
-            return "wrong-output", f"logits {logits.shape}"
-        m.generate([1, 2], max_new_tokens=2, temperature=0, stream=False)
+        logits_ok(path)
         return "ok", ""
+    except AssertionError as e:
+        return "wrong-output", str(e)
     except TinyLLMError as e:
         return "refused", str(e)
     except Exception as e:  # what the fuzzer is looking for

@@ -292,12 +292,14 @@ def run_files_in_child(paths: list[Path], timeout: float = 600) -> dict:
 
 
 def logits_ok(path: Path, backend: str = "numpy"):
-    """Load and run ``path`` in this process; returns the logits, or raises what the load raised."""
+    """Load and run ``path`` in this process: the logits of a short prompt (checked finite and of
+    the declared shape) after a few tokens were generated; raises whatever loading raised."""
     import tinyllm
 
     m = tinyllm.load(path, backend=backend)
     logits = m.logits([1, 2, 3])
-    assert logits.shape == (3, m.config.vocab_size) and np.isfinite(logits).all()
+    assert logits.shape == (3, m.config.vocab_size) and np.isfinite(logits).all(), "wrong output"
+    m.generate([1, 2], max_new_tokens=2, temperature=0, stream=False)
     return logits
 
 

@@ -6,11 +6,10 @@ from collections import defaultdict
 from math import prod
 from pathlib import Path
 
-from tinyllm.arch import get_arch
 from tinyllm.errors import reading
 from tinyllm.fileformat import ModelFile, file_kind
 from tinyllm.tokenizer import Tokenizer
-from tinyllm.validate import build_config, check_metadata, check_weights
+from tinyllm.validate import check_source
 
 
 def describe_file(path) -> list[tuple[str, object]]:
@@ -24,11 +23,8 @@ def describe_file(path) -> list[tuple[str, object]]:
             source = open_gguf(path)  # GGUF tensors are regrouped in memory: there is no table to read alone
         else:
             source = ModelFile(path, verify=False)
-        check_metadata(source.metadata, str(path))
+        arch, cfg = check_source(source, str(path))
         meta = source.metadata
-        arch = get_arch(meta["architecture"])
-        cfg = build_config(arch, meta["config"], str(path))
-        check_weights(arch.weights(cfg), source.tensors, str(path))
         tok = Tokenizer.from_spec(meta["tokenizer"])
     by_format = defaultdict(lambda: [0, 0])
     for t in source.tensors.values():

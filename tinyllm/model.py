@@ -6,14 +6,13 @@ from typing import Iterator
 
 import numpy as np
 
-from tinyllm.arch import get_arch
 from tinyllm.errors import TinyLLMError, reading
 from tinyllm.fileformat import ModelFile, file_kind
 from tinyllm.kernels import get_backend
 from tinyllm.kvcache import KVCache
 from tinyllm.sampling import SamplingParams
 from tinyllm.tokenizer import Tokenizer
-from tinyllm.validate import build_config, check_allocation, check_metadata, check_weights
+from tinyllm.validate import check_allocation, check_source
 
 DEFAULT_MAX_CTX = 4096  # KV cache positions allocated unless n_ctx asks for more
 
@@ -36,11 +35,8 @@ class Model:
         self.path = Path(source.path)
         where = str(self.path)
         # validate, then map: nothing from the source reaches a kernel before these checks
-        check_metadata(source.metadata, where)
+        self.arch, self.config = check_source(source, where)
         self.metadata = source.metadata
-        self.arch = get_arch(self.metadata["architecture"])
-        self.config = build_config(self.arch, self.metadata["config"], where)
-        check_weights(self.arch.weights(self.config), source.tensors, where)
         self.tokenizer = Tokenizer.from_spec(self.metadata["tokenizer"])
         self.chat_template = self.metadata.get("chat_template")
         self.generation_defaults = dict(self.metadata.get("generation") or {})

@@ -75,6 +75,18 @@ def build_config(arch, raw: dict, where: str):
         raise type(e)(f"{where}: {e}") from None
 
 
+def check_source(source, where: str):
+    """The whole contract for a source (``metadata`` and ``tensors``): returns (architecture
+    module, its validated Config). Model, `tinyllm info` and GGUF conversion all call this."""
+    from tinyllm.arch import get_arch
+
+    check_metadata(source.metadata, where)
+    arch = get_arch(source.metadata["architecture"])
+    cfg = build_config(arch, source.metadata["config"], where)
+    check_weights(arch.weights(cfg), source.tensors, where)
+    return arch, cfg
+
+
 def check_weights(expected: dict, tensors: dict, where: str) -> None:
     """``tensors`` (name -> QTensor) is exactly the weight set ``expected`` (name -> shape)."""
     missing = [n for n in expected if n not in tensors]
