@@ -16,34 +16,10 @@ import numpy as np
 from tinyllm.arch import arch_from_hf_config, get_arch
 from tinyllm.converters.hf import Checkpoint, generation_defaults, read_json
 from tinyllm.converters.hf_tokenizer import chat_template_from_hf_dir, tokenizer_spec_from_hf_dir
+from tinyllm.converters.recipe import Recipe
 from tinyllm.errors import TinyLLMError, reading
 from tinyllm.fileformat import ModelWriter, file_kind
-from tinyllm.kernels.quant import FORMATS, QTensor, quantize
 from tinyllm.validate import check_metadata
-
-# With 4-bit weights, the embedding table and output head keep 8 bits: they are read
-# one row per token (embedding) or dominate the logits' accuracy (output).
-EDGE_TENSORS = ("tok_embeddings", "output")
-_ROW_CHUNK = 4096  # rows quantized at a time, bounding temporaries for big matrices
-
-
-def tensor_format(name: str, ndim: int, quant: str) -> str:
-    """Which format a tensor is stored in for a requested --quant."""
-    if ndim != 2:
-        return "f32"  # norms, biases
-    if quant in ("q4_0", "q4_1") and name in EDGE_TENSORS:
-        return "q8_0"
-    return quant
-
-
-def quantize_chunked(w: np.ndarray, fmt: str) -> QTensor:
-    """quantize() by row chunks: same bytes, bounded temporary memory."""
-    if fmt in ("f32", "f16") or w.shape[0] <= _ROW_CHUNK:
-        return quantize(w, fmt)
-    chunks = [quantize(w[r:r + _ROW_CHUNK], fmt) for r in range(0, w.shape[0], _ROW_CHUNK)]
-    parts = {k: np.concatenate([c.parts[k] for c in chunks]) for k in chunks[0].parts}
-    return QTensor(fmt, tuple(w.shape), parts)
-
 
 def refuse_overwriting_input(src: Path, out: Path) -> None:
     """A conversion never writes over what it reads: not the source file, nor any existing
@@ -78,27 +54,37 @@ def config_dict(cfg) -> dict:
 DEFAULT_QUANT = "q4_0"  # for a Hugging Face checkpoint; a GGUF file keeps its own formats by default
 
 
-def convert(src, out, quant: str | None = None, progress=None) -> Path:
+def convert(src, out, quant: str | None = None, progress=None, quantizer: str = "nearest",
+            imatrix=None) -> Path:
     """Convert ``src`` (a Hugging Face checkpoint directory, or a GGUF file, told by its magic
-    bytes) into the .q4 file ``out``; ``progress(done, total)`` after each tensor written."""
+    bytes) into the .q4 file ``out``; ``progress(done, total)`` after each tensor written.
+    ``quantizer`` ("nearest" or "search") and ``imatrix`` (an importance matrix file, or a
+    {tensor name: values} dict) choose how 4-bit matrices are encoded (converters/recipe.py)."""
     from tinyllm.converters.gguf import convert_gguf
+    from tinyllm.imatrix import read_imatrix
 
     src = Path(src)
     if not src.exists():
         raise TinyLLMError(f"{str(src)!r} does not exist")
-    if src.is_file() and file_kind(src) == "gguf":
-        return convert_gguf(src, out, quant=quant, progress=progress)
-    if src.is_file():
+    gguf = src.is_file() and file_kind(src) == "gguf"
+    if src.is_file() and not gguf:
         raise TinyLLMError(f"{str(src)!r} is neither a GGUF file nor a Hugging Face checkpoint directory")
-    return convert_hf(src, out, quant=quant or DEFAULT_QUANT, progress=progress)
+    importance = imatrix if isinstance(imatrix, dict) or imatrix is None else read_imatrix(imatrix)
+    if gguf and quant is None and (quantizer != "nearest" or importance):
+        raise TinyLLMError("--quantizer and --imatrix choose how to requantize: give --quant too "
+                           "(without it a GGUF file keeps its own formats)")
+    recipe = Recipe(quant or DEFAULT_QUANT, quantizer, importance or {})  # imatrix: GGUF tensor names
+    if gguf:
+        return convert_gguf(src, out, quant=quant, progress=progress, recipe=recipe)
+    return convert_hf(src, out, recipe=recipe, progress=progress)
 
 
-def convert_hf(src, out, quant: str = DEFAULT_QUANT, progress=None) -> Path:
-    """Convert the checkpoint directory ``src`` into ``out``. ``progress(done, total)`` is
-    called after each tensor written. Returns the output path."""
+def convert_hf(src, out, quant: str = DEFAULT_QUANT, progress=None, recipe: Recipe | None = None) -> Path:
+    """Convert the checkpoint directory ``src`` into ``out`` (``quant``, or the full ``recipe``).
+    ``progress(done, total)`` is called after each tensor written. Returns the output path."""
     src, out = Path(src), Path(out)
-    if quant not in FORMATS:
-        raise TinyLLMError(f"unknown quant format {quant!r}; choose one of {', '.join(FORMATS)}")
+    recipe = recipe or Recipe(quant)
+    quant = recipe.quant
     if not src.is_dir():
         raise TinyLLMError(f"{str(src)!r} is not a Hugging Face checkpoint directory")
     if not out.parent.is_dir():
@@ -113,6 +99,7 @@ def convert_hf(src, out, quant: str = DEFAULT_QUANT, progress=None) -> Path:
         table = importlib.import_module(f"{__package__}.{arch_name}")
         cfg = arch.Config.from_hf(hf_config)
         expected = arch.weights(cfg)
+        recipe = recipe.bind(arch_name, cfg)
     with reading(src):
         tokenizer = tokenizer_spec_from_hf_dir(src, hf_config)
         ckpt = Checkpoint(src)
@@ -147,7 +134,7 @@ def convert_hf(src, out, quant: str = DEFAULT_QUANT, progress=None) -> Path:
                                    f"implies {tuple(expected[name])} (config and weights disagree)")
             if not np.isfinite(w).all():
                 raise TinyLLMError(f"{src}: tensor {hf_name} holds NaN or infinite values")
-            writer.add(name, quantize_chunked(w, tensor_format(name, w.ndim, quant)))
+            writer.add(name, recipe.encode(name, w))
             if progress:
                 progress(done, len(plan))
     return out

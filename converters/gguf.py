@@ -13,21 +13,18 @@ ranges), gptj. Vocabularies (converters/gguf_tokenizer.py): "llama" SentencePiec
 
 Tensor types (GGUF -> tinyllm), decided per tensor by ``GGUFTensor.target_format``:
 
-    F32, F16, Q4_0, Q4_1, Q8_0   the same format, without loss: ggml's interleaved blocks
-                                 are regrouped into tinyllm's plane-major parts, bit for bit
+    F32, F16, Q4_0, Q4_1,        the same format, without loss: ggml's interleaved blocks
+    Q4_K, Q8_0                   are regrouped into tinyllm's plane-major parts, bit for bit
     BF16                         f32 (exact)
-    Q4_K                         repacked to q4_1: each 32-weight sub-block is already an
-                                 affine 16-level grid, only its scale/min round to f16
-                                 (gguf_kquants.py)
-    Q2_K, Q3_K                   dequantized with gguf.quants, requantized to q4_1
+    Q2_K, Q3_K                   dequantized with gguf.quants, requantized to q4_k (searched)
     Q5_0, Q5_1, Q5_K, Q6_K       dequantized with gguf.quants, requantized to q8_0
     anything else                refused, naming the type and the tensor
     (a token embedding or output head whose choice is 4-bit gets q8_0: tinyllm's policy)
 
-Why those targets: tinyllm has no 256-weight super-block formats. q4_1 keeps the 2-4 bit
-types in their size class (5.0 bits a weight); the 5- and 6-bit types would lose precision
-in a 4-bit grid, so they go to q8_0 (measured on random blocks: RMS requantization error
-~0.5% of the weights' std, against ~7% for Q6_K -> q4_1). Which re-encodings happened is
+Why those targets: q4_k keeps the 2-3 bit types in their size class (4.5 bits a weight);
+the 5- and 6-bit types would lose precision in a 4-bit grid, so they go to q8_0 (measured on
+random blocks: RMS requantization error ~0.5% of the weights' std, against ~7% for Q6_K ->
+q4_1). Which re-encodings happened is
 printed once per load. ``quant=`` (``tinyllm convert --quant``)
 instead requantizes every matrix to one format, with the HF converter's policy (8-bit
 embedding and output head under a 4-bit quant).
@@ -42,9 +39,9 @@ from pathlib import Path
 import numpy as np
 
 from tinyllm.arch import ARCHITECTURES, get_arch
-from tinyllm.converters.convert import _ROW_CHUNK, config_dict, refuse_overwriting_input, tensor_format
+from tinyllm.converters.convert import config_dict, refuse_overwriting_input
 from tinyllm.converters.gguf_arch import clean_float, gguf_shapes
-from tinyllm.converters.gguf_kquants import q4_k_to_q4_1_blocks
+from tinyllm.converters.recipe import ROW_CHUNK, Recipe, format_of
 from tinyllm.converters.gguf_tokenizer import tokenizer_spec_from_gguf
 from tinyllm.errors import FormatError, TinyLLMError, UnsupportedError, reading
 from tinyllm.fileformat import ModelWriter, no_model_file
@@ -55,8 +52,8 @@ from tinyllm.validate import check_source
 GGUF_ARCHITECTURES = {t.arch: t for t in (importlib.import_module(f"tinyllm.converters.{name}").GGUF
                                           for name in ARCHITECTURES)}
 GGUF_MAGIC = b"GGUF"
-LOSSLESS = {"F32": "f32", "F16": "f16", "Q4_0": "q4_0", "Q4_1": "q4_1", "Q8_0": "q8_0"}
-REQUANT = {"BF16": "f32", "Q2_K": "q4_1", "Q3_K": "q4_1", "Q4_K": "q4_1",
+LOSSLESS = {"F32": "f32", "F16": "f16", "Q4_0": "q4_0", "Q4_1": "q4_1", "Q4_K": "q4_k", "Q8_0": "q8_0"}
+REQUANT = {"BF16": "f32", "Q2_K": "q4_k", "Q3_K": "q4_k",
            "Q5_0": "q8_0", "Q5_1": "q8_0", "Q5_K": "q8_0", "Q6_K": "q8_0"}
 # metadata values that are strings (or flags); every other "<arch>.<key>" tinyllm reads is a number
 STRING_KEYS = {"rope.scaling.type", "tensor_data_layout"}
@@ -130,16 +127,12 @@ class GGUFTensor:
         converter's policy when given; otherwise its own format, or for a type tinyllm lacks
         the REQUANT choice, again with 8-bit embedding and output head under a 4-bit choice."""
         if quant:
-            return tensor_format(name, len(self.shape), quant)
+            return format_of(name, len(self.shape), quant)
         if len(self.shape) == 1:
             return "f32"
-        return LOSSLESS.get(self.type) or tensor_format(name, 2, REQUANT[self.type])
+        return LOSSLESS.get(self.type) or format_of(name, 2, REQUANT[self.type])
 
-    def repacks_to(self, fmt: str) -> bool:
-        """Whether this tensor converts to ``fmt`` by regrouping its blocks (gguf_kquants.py)."""
-        return self.type == "Q4_K" and fmt == "q4_1" and len(self.shape) == 2
-
-    def load(self, fmt: str) -> QTensor:
+    def load(self, fmt: str, recipe: Recipe | None = None, name: str = "") -> QTensor:
         """The tensor in tinyllm format ``fmt``: a lossless regrouping when fmt is this
         tensor's own format, otherwise decoded (row chunks, bounded memory) and re-encoded."""
         data = self._t.data
@@ -149,11 +142,10 @@ class GGUFTensor:
             return quantize(self._decode(data).reshape(self.shape), fmt)
         if LOSSLESS.get(self.type) == fmt:
             return from_ggml_blocks(data, fmt, self.shape)
-        if self.repacks_to(fmt):
-            return from_ggml_blocks(q4_k_to_q4_1_blocks(data), fmt, self.shape)
+        recipe = recipe or Recipe(fmt)
         rows = self.shape[0]
         data = np.asarray(data).reshape(rows, -1)  # one row of ggml blocks (or floats) per matrix row
-        chunks = [quantize(self._decode(data[r:r + _ROW_CHUNK]), fmt) for r in range(0, rows, _ROW_CHUNK)]
+        chunks = [recipe.encode(name, self._decode(data[r:r + ROW_CHUNK]), fmt) for r in range(0, rows, ROW_CHUNK)]
         parts = {k: np.concatenate([c.parts[k] for c in chunks]) for k in chunks[0].parts}
         return QTensor(fmt, self.shape, parts)
 
@@ -195,14 +187,14 @@ def _read_gguf(path: Path):
 class GGUFModel:
     """A GGUF file in tinyllm terms; the ``source`` that ``Model`` takes (like ModelFile)."""
 
-    def __init__(self, path, quant: str | None = None, notice=_stderr):
+    def __init__(self, path, quant: str | None = None, notice=_stderr, recipe: Recipe | None = None):
         self.path = Path(path)
         if quant is not None and quant not in FORMATS:
             raise TinyLLMError(f"unknown quant format {quant!r}; choose one of {', '.join(FORMATS)}")
         with reading(self.path):
-            self._read(quant, notice)
+            self._read(quant, notice, recipe)
 
-    def _read(self, quant: str | None, notice) -> None:
+    def _read(self, quant: str | None, notice, recipe: Recipe | None) -> None:
         meta, gtensors = _read_gguf(self.path)
         arch_name = meta.get("general.architecture")
         if arch_name not in GGUF_ARCHITECTURES:
@@ -242,6 +234,7 @@ class GGUFModel:
             raise FormatError(f"{self.path}: GGUF file lacks tensor(s) {', '.join(missing[:8])}")
 
         shapes = gguf_shapes(plan, arch.weights(self.config))
+        recipe = recipe.bind(table.arch, self.config) if recipe else None
         self.tensors: dict[str, QTensor] = {}
         loaded: dict[str, QTensor] = {}  # a fused GGUF tensor is read once, then sliced
         recoded = Counter()
@@ -253,10 +246,8 @@ class GGUFModel:
                     raise FormatError(f"{self.path}: tensor {gname} has shape {g.shape}, expected {tuple(want)}")
                 fmt = g.target_format(name, quant)
                 if LOSSLESS.get(g.type) != fmt:
-                    how = ("widened" if g.type == "BF16" else "repacked" if g.repacks_to(fmt)
-                           else "dequantized and requantized")
-                    recoded[g.type, how, fmt] += 1
-                loaded[gname] = g.load(fmt)
+                    recoded[g.type, "widened" if g.type == "BF16" else "dequantized and requantized", fmt] += 1
+                loaded[gname] = g.load(fmt, recipe, name)
             self.tensors[name] = transform(loaded[gname]) if transform else loaded[gname]
         for (src, how, fmt), n in sorted(recoded.items()):
             notice(f"{self.path.name}: {n} {src} tensor(s) {how} to {fmt}"
@@ -275,18 +266,20 @@ class GGUFModel:
         }
 
 
-def open_gguf(path, quant: str | None = None, notice=_stderr) -> GGUFModel:
-    """Read a GGUF file for ``Model``; ``notice(line)`` reports re-encoded tensor types."""
-    return GGUFModel(path, quant=quant, notice=notice)
+def open_gguf(path, quant: str | None = None, notice=_stderr, recipe: Recipe | None = None) -> GGUFModel:
+    """Read a GGUF file for ``Model``; ``notice(line)`` reports re-encoded tensor types; ``recipe``
+    says how requantized tensors are encoded (default: round to nearest, q4_k searched)."""
+    return GGUFModel(path, quant=quant, notice=notice, recipe=recipe)
 
 
-def convert_gguf(src, out, quant: str | None = None, progress=None, notice=_stderr) -> Path:
+def convert_gguf(src, out, quant: str | None = None, progress=None, notice=_stderr,
+                 recipe: Recipe | None = None) -> Path:
     """Write GGUF file ``src`` as the .q4 file ``out``: the file's own formats where tinyllm
     has them (quant=None), or every matrix requantized to ``quant``. ``progress(done, total)``
     is called after each tensor written."""
     out = Path(out)
     refuse_overwriting_input(Path(src), out)
-    model = open_gguf(src, quant=quant, notice=notice)
+    model = open_gguf(src, quant=quant, notice=notice, recipe=recipe)
     check_source(model, str(src))
     with ModelWriter(out, model.metadata) as writer:
         for done, (name, t) in enumerate(model.tensors.items(), 1):

@@ -13,9 +13,7 @@ def take_rows(w, rows):
     """Rows ``rows`` (an index array, or a slice: then views, nothing copied) of a matrix or
     a 1-D bias."""
     if isinstance(w, QTensor):
-        parts = {k: v[rows] if isinstance(rows, slice) else np.ascontiguousarray(v[rows]) for k, v in w.parts.items()}
-        n = next(iter(parts.values())).shape[0]
-        return QTensor(w.format, (n,) + tuple(w.shape[1:]), parts)
+        return w.take_rows(rows)
     return w[rows]
 
 

@@ -29,7 +29,7 @@ from numba import cuda, float32, float64, int32
 from tinyllm.kernels.quant import QK  # weights per quant block
 
 # Weight decoders, selected by ``fmt``.
-FMT_Q4_0, FMT_Q4_1, FMT_Q8_0, FMT_DENSE = 0, 1, 2, 3
+FMT_Q4_0, FMT_Q4_1, FMT_Q8_0, FMT_DENSE, FMT_Q4_K = 0, 1, 2, 3, 4
 
 MAX_BLOCK = 256        # threads of a 1-D block; shared scratch arrays are this long
 MATVEC_THREADS = 128   # threads of a matrix-vector block: (lanes per row) x (rows per block)
@@ -46,6 +46,15 @@ _NEG_INF = float32(-math.inf)
 # -- shared helpers --------------------------------------------------------------------
 
 @cuda.jit(device=True)
+def q4_k_scale_min(scales, sb, k):
+    """6-bit scale and minimum of block k of q4_k super-block sb (quant.unpack_scales)."""
+    if k < 4:
+        return int32(scales[sb, k]) & 63, int32(scales[sb, k + 4]) & 63
+    return ((int32(scales[sb, k + 4]) & 15) | ((int32(scales[sb, k - 4]) >> 6) << 4),
+            (int32(scales[sb, k + 4]) >> 4) | ((int32(scales[sb, k]) >> 6) << 4))
+
+
+@cuda.jit(device=True)
 def weight_pair(fmt, d, m, qs, wd, r, b, j, K):
     """W[r, 32b + j] and W[r, 32b + j + 16] as float32; zero past column K (dense only:
     quantized rows are zero-padded to whole blocks already)."""
@@ -58,10 +67,17 @@ def weight_pair(fmt, d, m, qs, wd, r, b, j, K):
         if k + 16 < K:
             hi = float32(wd[r, k + 16])
         return lo, hi
+    byte = int32(qs[r, j, b])           # q[j] in the low nibble, q[j + 16] in the high one
+    if fmt == FMT_Q4_K:                 # d (nsb, 2) float16, m: the (nsb, 12) 6-bit scales
+        g = r * qs.shape[2] + b
+        sb = g >> 3
+        sc, mn = q4_k_scale_min(m, sb, g & 7)
+        scale = float32(d[sb, 0]) * float32(sc)
+        low = float32(d[sb, 1]) * float32(mn)
+        return scale * float32(byte & 15) - low, scale * float32(byte >> 4) - low
     scale = float32(d[r, b])
     if fmt == FMT_Q8_0:
         return scale * float32(qs[r, j, b]), scale * float32(qs[r, j + 16, b])
-    byte = int32(qs[r, j, b])           # q[j] in the low nibble, q[j + 16] in the high one
     lo = float32(byte & 15)
     hi = float32(byte >> 4)
     if fmt == FMT_Q4_0:

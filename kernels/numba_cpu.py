@@ -116,15 +116,7 @@ def embedding(table, tokens) -> np.ndarray:
     if ids.size and (ids.min() < 0 or ids.max() >= rows):
         raise ShapeError(f"token id out of range 0..{rows - 1}")
     out = np.empty((ids.shape[0], cols), np.float32)
-    v = t.views
-    if t.format in ("q4_0", "q4_1"):
-        numba_quant.dequantize_q4_rows(v["qs"], v["d"], v.get("m"), ids, out)
-    elif t.format == "q8_0":
-        numba_quant.dequantize_q8_rows(v["qs"], v["d"], ids, out)
-    elif t.format == "f16":
-        numba_quant.f16_rows(v["w"], ids, out)
-    else:
-        out[:] = v["w"][ids]
+    dequantize_rows_into(t, ids, out)
     return out
 
 
@@ -157,6 +149,14 @@ def _matmul_nobias(x, w):
             numba_quant.q4_rows_portable(v["qs"], v["d"], v.get("m"), *numba_quant.quantize_planes(x), out)
             return out
         return _matmul_blas_tiles(x, w)
+    if w.format == "q4_k":
+        if SIMD_WIDTH:
+            return numba_quant.q4k_matmul_simd(x, v["qs"], v["d"], v["scales"], _chunk_width(w))
+        if T < PORTABLE_BLAS_MIN_TOKENS:
+            out = np.empty((T, w.shape[0]), np.float32)
+            numba_quant.q4k_rows_portable(v["qs"], v["d"], v["scales"], *numba_quant.quantize_planes(x), out)
+            return out
+        return _matmul_blas_tiles(x, w)
     if w.format == "q8_0":
         if SIMD_WIDTH:
             return numba_quant.q8_matmul_simd(x, v["qs"], v["d"], _chunk_width(w))
@@ -180,6 +180,8 @@ def dequantize_rows_into(w: NumbaTensor, rows: np.ndarray, out: np.ndarray) -> N
     v = w.views
     if w.format in ("q4_0", "q4_1"):
         numba_quant.dequantize_q4_rows(v["qs"], v["d"], v.get("m"), rows, out)
+    elif w.format == "q4_k":
+        numba_quant.dequantize_q4k_rows(v["qs"], v["d"], v["scales"], rows, out)
     elif w.format == "q8_0":
         numba_quant.dequantize_q8_rows(v["qs"], v["d"], rows, out)
     elif w.format == "f16":

@@ -206,6 +206,88 @@ def _pair_blocks(width):
     return _PAIR_CACHE[width]
 
 
+# -- q4_k products: the q4 kernels on block scales decoded per row ---------------------------
+# A q4_k block is a q4_1 block whose scale and minimum come from its super-block (quant.py):
+# x = (d sc) q - (dmin m). Each row's block scales are decoded to float32 once per call into a
+# scratch array that the q4 chunk kernel reads in place of q4_1's float16 d and m.
+
+@njit(inline="always", cache=True, error_model="numpy")
+def _scale_min(scales, sb, k):
+    """6-bit scale and minimum of block k (0..7) of super-block sb (ggml's get_scale_min_k4)."""
+    if k < 4:
+        return scales[sb, k] & 63, scales[sb, k + 4] & 63
+    return ((scales[sb, k + 4] & 15) | ((scales[sb, k - 4] >> 6) << 4),
+            (scales[sb, k + 4] >> 4) | ((scales[sb, k] >> 6) << 4))
+
+
+@njit(inline="always", cache=True, error_model="numpy")
+def q4k_row_scales(d, scales, r, nb, ds, ms):
+    """Blocks of row r -> ds, ms (nb,) float32 with x = ds * q + ms (ms = -dmin m)."""
+    for b in range(nb):
+        g = r * nb + b
+        sb = g >> 3
+        sc, mn = _scale_min(scales, sb, g & 7)
+        ds[b] = f16_bits_to_f32(d[sb, 0]) * np.float32(sc)
+        ms[b] = -(f16_bits_to_f32(d[sb, 1]) * np.float32(mn))
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def _q4k_rows_simd(qs, d, scales, xq, corr, dx, sxf, out, width, tt):
+    """As _q4_rows_simd for a q4_k weight: d (nsb, 2) float16 bits, scales (nsb, 12)."""
+    numba.literally(width)
+    numba.literally(tt)
+    N, _, nb = qs.shape
+    Tp, nch = xq.shape[0], xq.shape[1]
+    x_tstride = nch * 16 * 2 * width
+    c_tstride = nch * width
+    for rb in prange((N + ROW_BLOCK - 1) // ROW_BLOCK):
+        r0, r1 = rb * ROW_BLOCK, min(N, rb * ROW_BLOCK + ROW_BLOCK)
+        ds = np.empty((ROW_BLOCK, nb), np.float32)
+        ms = np.empty((ROW_BLOCK, nb), np.float32)
+        for r in range(r0, r1):
+            q4k_row_scales(d, scales, r, nb, ds[r - r0], ms[r - r0])
+        for t0 in range(0, Tp, tt):
+            for r in range(r0, r1):
+                for c in range(nch):
+                    b0 = c * width
+                    numba_simd.q4_chunk_dot(qs, r * 16 * nb + b0, nb, xq, t0 * x_tstride + c * 16 * 2 * width,
+                                            x_tstride, ds, ms, (r - r0) * nb + b0, corr, dx, sxf,
+                                            t0 * c_tstride + b0, c_tstride, min(width, nb - b0), out, t0 * N + r,
+                                            N, width, tt)
+
+
+@njit(cache=True, error_model="numpy")
+def q4k_simd64(qs, d, scales, x, tile, lo, hi):
+    xq, corr, dx, sxf = quantize_for_simd(x, 64, tile, lo, hi)
+    out = np.zeros((xq.shape[0], qs.shape[0]), np.float32)
+    if tile == 1:
+        _q4k_rows_simd(qs, d, scales, xq, corr, dx, sxf, out, 64, 1)
+    else:
+        _q4k_rows_simd(qs, d, scales, xq, corr, dx, sxf, out, 64, PREFILL_TILE)
+    return out
+
+
+@njit(cache=True, error_model="numpy")
+def q4k_simd32(qs, d, scales, x, tile, lo, hi):
+    xq, corr, dx, sxf = quantize_for_simd(x, 32, tile, lo, hi)
+    out = np.zeros((xq.shape[0], qs.shape[0]), np.float32)
+    if tile == 1:
+        _q4k_rows_simd(qs, d, scales, xq, corr, dx, sxf, out, 32, 1)
+    else:
+        _q4k_rows_simd(qs, d, scales, xq, corr, dx, sxf, out, 32, PREFILL_TILE)
+    return out
+
+
+Q4K_SIMD_KERNELS = {64: q4k_simd64, 32: q4k_simd32}
+
+
+def q4k_matmul_simd(x, qs, d, scales, width):
+    """(T, K) float32 @ q4_k weight^T -> (T, N) through the SIMD kernels."""
+    T = x.shape[0]
+    lo, hi = _pair_blocks(width)
+    return Q4K_SIMD_KERNELS[width](qs, d, scales, x, 1 if T == 1 else PREFILL_TILE, lo, hi)[:T]
+
+
 # -- q8_0 products: SIMD ----------------------------------------------------------------------
 
 @njit(parallel=True, cache=True, error_model="numpy")
@@ -267,29 +349,53 @@ def q8_matmul_simd(x, qs, d, width):
 
 # -- q4 products: portable ----------------------------------------------------------------
 
+@njit(inline="always", cache=True, error_model="numpy")
+def q4_row_scales(d, m, r, ds, ms):
+    """Blocks of row r of a q4_0 / q4_1 weight -> ds, ms (nb,) float32, x = ds * q + ms."""
+    for b in range(ds.shape[0]):
+        ds[b] = f16_bits_to_f32(d[r, b])
+        ms[b] = -np.float32(8.0) * ds[b] if m is None else f16_bits_to_f32(m[r, b])
+
+
+@njit(inline="always", cache=True, fastmath=True, error_model="numpy")
+def _q4_row_portable(w, ds, ms, xq, corr, dx, sxf, out, r, acc):
+    """out[:, r] = one q4 row (16, nb) with block grids x = ds * q + ms . every token."""
+    nb = w.shape[1]
+    for t in range(xq.shape[0]):
+        acc[:] = 0
+        for j in range(16):
+            lo_x, hi_x, plane = xq[t, j], xq[t, j + 16], w[j]
+            for b in range(nb):
+                byte = np.int16(plane[b])
+                acc[b] += (byte & np.int16(15)) * lo_x[b] + (byte >> np.int16(4)) * hi_x[b]
+        s = np.float32(0.0)
+        for b in range(nb):
+            centered = np.float32(np.int16(acc[b] - corr[t, b]))  # sum((q - 8) x), exact
+            # x = ds q + ms = ds (q - 8) + (ms + 8 ds)
+            s += centered * ds[b] * dx[t, b] + (ms[b] + np.float32(8.0) * ds[b]) * sxf[t, b]
+        out[t, r] = s
+
+
 @njit(parallel=True, cache=True, fastmath=True, error_model="numpy")
 def q4_rows_portable(qs, d, m, xq, corr, dx, sxf, out):
-    """out (T, N) = q4 weight (N, 16, nb) . activations from quantize_planes."""
+    """out (T, N) = q4_0 / q4_1 weight (N, 16, nb) . activations from quantize_planes."""
     N, _, nb = qs.shape
-    T = xq.shape[0]
     for r in prange(N):
         acc = np.empty(nb, np.int16)
-        w = qs[r]
-        for t in range(T):
-            acc[:] = 0
-            for j in range(16):
-                lo_x, hi_x, plane = xq[t, j], xq[t, j + 16], w[j]
-                for b in range(nb):
-                    byte = np.int16(plane[b])
-                    acc[b] += (byte & np.int16(15)) * lo_x[b] + (byte >> np.int16(4)) * hi_x[b]
-            s = np.float32(0.0)
-            for b in range(nb):
-                centered = np.float32(np.int16(acc[b] - corr[t, b]))  # sum((q - 8) x), exact
-                dw = f16_bits_to_f32(d[r, b])
-                s += centered * dw * dx[t, b]
-                if m is not None:  # q4_1: x = d q + m = d (q - 8) + (m + 8 d)
-                    s += (f16_bits_to_f32(m[r, b]) + np.float32(8.0) * dw) * sxf[t, b]
-            out[t, r] = s
+        ds, ms = np.empty(nb, np.float32), np.empty(nb, np.float32)
+        q4_row_scales(d, m, r, ds, ms)
+        _q4_row_portable(qs[r], ds, ms, xq, corr, dx, sxf, out, r, acc)
+
+
+@njit(parallel=True, cache=True, fastmath=True, error_model="numpy")
+def q4k_rows_portable(qs, d, scales, xq, corr, dx, sxf, out):
+    """out (T, N) = q4_k weight . activations from quantize_planes."""
+    N, _, nb = qs.shape
+    for r in prange(N):
+        acc = np.empty(nb, np.int16)
+        ds, ms = np.empty(nb, np.float32), np.empty(nb, np.float32)
+        q4k_row_scales(d, scales, r, nb, ds, ms)
+        _q4_row_portable(qs[r], ds, ms, xq, corr, dx, sxf, out, r, acc)
 
 
 @njit(parallel=True, cache=True, fastmath=True, error_model="numpy")
@@ -316,23 +422,37 @@ def q8_rows_portable(qs, d, xq, dx, out):
 # Single-threaded on purpose: these feed BLAS, and Numba's thread pool still spinning while
 # OpenBLAS's starts made a tiled product 7x slower (60 ms instead of 9 for 2048x2048 x 128).
 
+@njit(inline="always", cache=True, error_model="numpy")
+def _decode_q4_row(qs, r, ds, ms, out_row):
+    K = out_row.shape[0]
+    for b in range(ds.shape[0]):
+        base = b * QK
+        for j in range(16):
+            byte = qs[r, j, b]
+            if base + j < K:
+                out_row[base + j] = np.float32(byte & 15) * ds[b] + ms[b]
+            if base + j + 16 < K:
+                out_row[base + j + 16] = np.float32(byte >> 4) * ds[b] + ms[b]
+
+
 @njit(cache=True, error_model="numpy")
 def dequantize_q4_rows(qs, d, m, rows, out):
     """out (len(rows), K) = decoded q4_0 (m None) / q4_1 rows; K = out.shape[1] <= nb*32."""
-    K = out.shape[1]
     nb = qs.shape[2]
+    ds, ms = np.empty(nb, np.float32), np.empty(nb, np.float32)
     for i in range(rows.shape[0]):
-        r = rows[i]
-        for b in range(nb):
-            scale = f16_bits_to_f32(d[r, b])
-            offset = -np.float32(8.0) * scale if m is None else f16_bits_to_f32(m[r, b])
-            base = b * QK
-            for j in range(16):
-                byte = qs[r, j, b]
-                if base + j < K:
-                    out[i, base + j] = np.float32(byte & 15) * scale + offset
-                if base + j + 16 < K:
-                    out[i, base + j + 16] = np.float32(byte >> 4) * scale + offset
+        q4_row_scales(d, m, rows[i], ds, ms)
+        _decode_q4_row(qs, rows[i], ds, ms, out[i])
+
+
+@njit(cache=True, error_model="numpy")
+def dequantize_q4k_rows(qs, d, scales, rows, out):
+    """out (len(rows), K) = decoded q4_k rows."""
+    nb = qs.shape[2]
+    ds, ms = np.empty(nb, np.float32), np.empty(nb, np.float32)
+    for i in range(rows.shape[0]):
+        q4k_row_scales(d, scales, rows[i], nb, ds, ms)
+        _decode_q4_row(qs, rows[i], ds, ms, out[i])
 
 
 @njit(cache=True, error_model="numpy")

@@ -100,7 +100,8 @@ def _vec_ptr(context, builder, aryty, ary, offset, vec_type):
 
 def _masked_load(builder, ptr, mask, align):
     vt = ptr.type.pointee
-    name = f"llvm.masked.load.v{vt.count}i{vt.element.width}.p0"
+    element = "f32" if isinstance(vt.element, ir.FloatType) else f"i{vt.element.width}"
+    name = f"llvm.masked.load.v{vt.count}{element}.p0"
     fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vt, [ptr.type, I32, mask.type, vt]), name)
     return builder.call(fn, [ptr, ir.Constant(I32, align), mask, ir.Constant(vt, [0] * vt.count)])
 
@@ -182,9 +183,14 @@ def _emit_q4_chunk(context, builder, sig, args, W, tt, has_min, masked):
 
     vf = ir.VectorType(F32, W)
     vi = ir.VectorType(I16, W)
-    dw = builder.fpext(builder.bitcast(load(at[6], d, d_off, vi, 2), ir.VectorType(F16, W)), vf)
+    def scales(aryty, ary):  # float16 bits (q4_0, q4_1) or float32 (q4_k's decoded block scales)
+        if aryty.dtype == types.float32:
+            return load(aryty, ary, d_off, vf, 4)
+        return builder.fpext(builder.bitcast(load(aryty, ary, d_off, vi, 2), ir.VectorType(F16, W)), vf)
+
+    dw = scales(at[6], d)
     if has_min:
-        mw = builder.fpext(builder.bitcast(load(at[7], m, d_off, vi, 2), ir.VectorType(F16, W)), vf)
+        mw = scales(at[7], m)
         # x = d*q + m = d*(q-8) + (m + 8d)
         mw = builder.fadd(mw, builder.fmul(dw, _const(F32, [8.0] * W)))
     for t in range(tt):
@@ -292,7 +298,8 @@ def q4_chunk_dot(typingctx, qs, q_off, plane_stride, xq, x_off, x_tstride, d, m,
 
     qs     uint8 weights, the chunk's plane 0 at flat offset q_off, plane j at + j*plane_stride
     xq     int8 activations from quantize_for_simd, token t's chunk at x_off + t*x_tstride
-    d, m   uint16 (float16 bits) scales and q4_1 minimums (m None: q4_0), chunk at d_off
+    d, m   uint16 (float16 bits) scales and q4_1 minimums (m None: q4_0), or float32 ones
+           (q4_k's block scales, decoded per row), chunk at d_off
     corr   int16 8*sum(x) per block; dx float32 activation scale; sxf float32 dx*sum(x);
            token t's chunk at c_off + t*c_tstride
     nvalid blocks of this chunk inside the row (< width only for the row's last chunk)

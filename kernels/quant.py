@@ -16,8 +16,19 @@ innermost loop of a matrix-vector kernel runs contiguously across blocks.
           qs uint8   (rows, 16, nb)     as q4_0
     q8_0  d  float16 (rows, nb)         x = d * q,         q in -127..127
           qs int8    (rows, 32, nb)
+    q4_k  d      float16 (nsb, 2)       super-block scale and minimum scale (ggml's d, dmin)
+          scales uint8   (nsb, 12)      6-bit sub-block scales sc and minimums m, ggml's packing
+          qs     uint8   (rows, 16, nb) as q4_0
+                                        x = (d sc) q - (dmin m),  q in 0..15
     f16   w  float16 (rows, cols)
     f32   w  float32 (...)              also every 1-D tensor (norms, biases)
+
+q4_k (ggml's Q4_K in values) groups every 8 consecutive blocks of the matrix, in row-major
+order, into a super-block whose two float16 scales are shared and whose per-block scale and
+minimum are 6-bit integers: 4.5 bits per weight. The grouping runs across row ends, so rows
+of 64 or 172 weights get super-blocks too (ggml's Q4_K needs rows of a multiple of 256; for
+those, tinyllm's super-blocks are exactly ggml's and the bytes convert either way). The
+super-block holding block b of row r is g // 8, g = r * nb + b, and it is its (g % 8)-th.
 
 Encoders are bit-exact with ggml's reference quantizers (as in the `gguf` package);
 ``to_ggml_blocks``/``from_ggml_blocks`` convert to and from ggml's interleaved blocks.
@@ -29,10 +40,11 @@ from dataclasses import dataclass
 import numpy as np
 
 QK = 32  # weights per block
+SUPER = 8  # blocks per q4_k super-block (256 weights)
 
 # Bytes per weight, for sizes and bandwidth figures.
-BITS_PER_WEIGHT = {"q4_0": 4.5, "q4_1": 5.0, "q8_0": 8.5, "f16": 16.0, "f32": 32.0}
-QUANT_FORMATS = ("q4_0", "q4_1", "q8_0")
+BITS_PER_WEIGHT = {"q4_0": 4.5, "q4_1": 5.0, "q4_k": 4.5, "q8_0": 8.5, "f16": 16.0, "f32": 32.0}
+QUANT_FORMATS = ("q4_0", "q4_1", "q4_k", "q8_0")
 FORMATS = QUANT_FORMATS + ("f16", "f32")
 
 
@@ -51,8 +63,30 @@ class QTensor:
     def dequantize(self) -> np.ndarray:
         return dequantize(self)
 
+    def take_rows(self, rows) -> "QTensor":
+        """The matrix of the selected rows (an index array, or a slice: then views). q4_k needs
+        rows of whole super-blocks (a multiple of 256 weights, as every GGUF Q4_K tensor has)."""
+        def take(v, per_row=1):
+            v = v.reshape((self.shape[0], -1) + v.shape[1:]) if per_row != 1 else v
+            v = v[rows] if isinstance(rows, slice) else np.ascontiguousarray(v[rows])
+            return v.reshape((-1,) + v.shape[2:]) if per_row != 1 else v
+        if self.format != "q4_k":
+            parts = {k: take(v) for k, v in self.parts.items()}
+        elif n_blocks(self.shape[1]) % SUPER:
+            raise ValueError(f"q4_k rows of {self.shape[1]} weights share super-blocks; rows cannot be taken apart")
+        else:
+            parts = {k: take(v, per_row=n_blocks(self.shape[1]) // SUPER if k != "qs" else 1)
+                     for k, v in self.parts.items()}
+        n = parts["qs" if "qs" in parts else "w"].shape[0]
+        return QTensor(self.format, (n,) + tuple(self.shape[1:]), parts)
+
     def dequantize_rows(self, rows) -> np.ndarray:
         """Decode only the selected rows (an index array or slice): (n, cols) float32."""
+        if self.format == "q4_k":
+            rows = np.arange(self.shape[0])[rows]
+            scale, offset = q4_k_block_scales(self.parts, rows, self.shape[1])
+            q = _unpack_nibbles(np.asarray(self.parts["qs"])[rows]).astype(np.float32)
+            return (scale[..., None] * q - offset[..., None]).reshape(len(rows), -1)[:, :self.shape[1]]
         sub = {k: v[rows] for k, v in self.parts.items()}
         n = next(iter(sub.values())).shape[0]
         return dequantize(QTensor(self.format, (n,) + tuple(self.shape[1:]), sub))
@@ -60,6 +94,10 @@ class QTensor:
 
 def n_blocks(cols: int) -> int:
     return (cols + QK - 1) // QK
+
+
+def n_super_blocks(rows: int, cols: int) -> int:
+    return (rows * n_blocks(cols) + SUPER - 1) // SUPER
 
 
 def part_layout(fmt: str, shape: tuple) -> dict:
@@ -76,6 +114,10 @@ def part_layout(fmt: str, shape: tuple) -> dict:
         raise ValueError(f"{fmt} needs a 2-D matrix, got shape {tuple(shape)}")
     rows, cols = shape
     nb = n_blocks(cols)
+    if fmt == "q4_k":
+        nsb = n_super_blocks(rows, cols)
+        return {"d": (np.dtype("<f2"), (nsb, 2)), "scales": (np.dtype("u1"), (nsb, 12)),
+                "qs": (np.dtype("u1"), (rows, QK // 2, nb))}
     scales = {name: (np.dtype("<f2"), (rows, nb)) for name in _GGML_HEAD[fmt]}
     qs = (np.dtype("i1"), (rows, QK, nb)) if fmt == "q8_0" else (np.dtype("u1"), (rows, QK // 2, nb))
     return {**scales, "qs": qs}
@@ -137,6 +179,9 @@ def quantize(w: np.ndarray, fmt: str) -> QTensor:
         q = np.trunc((x - lo) * inv + np.float32(0.5)).astype(np.uint8).clip(0, 15)
         return QTensor(fmt, w.shape, {"d": d[..., 0].astype(np.float16),
                                       "m": lo[..., 0].astype(np.float16), "qs": _pack_nibbles(q)})
+    if fmt == "q4_k":  # round to nearest on each block's range: quantizer.py searches for better fits
+        lo = np.minimum(x.min(axis=-1), 0)
+        return encode_q4_k(x, (x.max(axis=-1) - lo) / np.float32(15), -lo, w.shape)
     # q8_0
     d = np.abs(x).max(axis=-1, keepdims=True) / np.float32(127)
     with np.errstate(divide="ignore"):
@@ -151,6 +196,8 @@ def dequantize(t: QTensor) -> np.ndarray:
     if t.format in ("f32", "f16"):
         return np.asarray(t.parts["w"], dtype=np.float32).reshape(t.shape)
     rows, cols = t.shape
+    if t.format == "q4_k":
+        return t.dequantize_rows(slice(None))
     d = np.asarray(t.parts["d"], dtype=np.float32)[..., None]  # (rows, nb, 1)
     if t.format == "q8_0":
         x = d * np.asarray(t.parts["qs"]).transpose(0, 2, 1).astype(np.float32)
@@ -165,6 +212,70 @@ def dequantize(t: QTensor) -> np.ndarray:
     return x.reshape(rows, -1)[:, :cols]
 
 
+# -- q4_k: super-blocks of 8 blocks with 6-bit block scales ----------------------------------
+
+def unpack_scales(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(n, 12) uint8 -> sc, m (n, 8), ggml's 6-bit packing: bytes 0-3 hold sc[0:4] in their low
+    6 bits, bytes 4-7 m[0:4]; bytes 8-11 hold the low 4 bits of sc[4:8] (low nibble) and m[4:8]
+    (high nibble), whose top 2 bits are the top bits of bytes 0-3 and 4-7."""
+    a, b, c = packed[:, 0:4], packed[:, 4:8], packed[:, 8:12]
+    sc = np.concatenate([a & 0x3F, (c & 0x0F) | ((a >> 2) & 0x30)], axis=1)
+    m = np.concatenate([b & 0x3F, (c >> 4) | ((b >> 2) & 0x30)], axis=1)
+    return sc, m
+
+
+def pack_scales(sc: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """sc, m (n, 8) integers 0..63 -> (n, 12) uint8; the inverse of unpack_scales."""
+    sc, m = sc.astype(np.uint8), m.astype(np.uint8)
+    a = (sc[:, :4] & 0x3F) | ((sc[:, 4:] >> 4) << 6)
+    b = (m[:, :4] & 0x3F) | ((m[:, 4:] >> 4) << 6)
+    c = (sc[:, 4:] & 0x0F) | ((m[:, 4:] & 0x0F) << 4)
+    return np.ascontiguousarray(np.concatenate([a, b, c], axis=1))
+
+
+def q4_k_block_scales(parts: dict, rows: np.ndarray, cols: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each block's affine grid for the selected rows: scale, offset (len(rows), nb) float32 with
+    x = scale * q - offset, computed in float32 as ggml does (d * sc, dmin * m)."""
+    nb = n_blocks(cols)
+    g = np.asarray(rows, np.int64)[:, None] * nb + np.arange(nb)     # flat block index
+    sb, k = g // SUPER, g % SUPER
+    sc, m = unpack_scales(np.asarray(parts["scales"]))
+    d = np.asarray(parts["d"], dtype=np.float32)
+    return d[sb, 0] * sc[sb, k].astype(np.float32), d[sb, 1] * m[sb, k].astype(np.float32)
+
+
+def _super_blocks(v: np.ndarray, nsb: int) -> np.ndarray:
+    """(rows, nb) per-block values -> (nsb, 8) in flat block order, zero-filled past the end."""
+    flat = np.zeros(nsb * SUPER, np.float32)
+    flat[:v.size] = v.reshape(-1)
+    return flat.reshape(nsb, SUPER)
+
+
+def encode_q4_k(x: np.ndarray, scale: np.ndarray, minimum: np.ndarray, shape: tuple) -> QTensor:
+    """Blocks x (rows, nb, 32) with a fitted grid per block, x ~ scale * q - minimum (both >= 0,
+    (rows, nb)) -> q4_k. The fits are quantized to 6 bits against the super-block's largest
+    (d = max scale / 63 in float16, likewise dmin), then every q is recomputed on the grid
+    actually stored, as ggml's quantize_row_q4_K does."""
+    rows, nb, _ = x.shape
+    nsb = n_super_blocks(rows, shape[1])
+    fits = [_super_blocks(np.maximum(v, 0), nsb) for v in (scale, minimum)]     # (nsb, 8) each
+    heads, codes = [], []
+    for v in fits:
+        top = (v.max(axis=1) / np.float32(63)).astype(np.float16)              # (nsb,)
+        step = top.astype(np.float32)[:, None]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            code = np.where(step > 0, np.rint(v / step), 0)
+        heads.append(top)
+        codes.append(np.clip(code, 0, 63).astype(np.uint8))
+    parts = {"d": np.ascontiguousarray(np.stack(heads, axis=1)), "scales": pack_scales(*codes)}
+    grid_scale, grid_offset = q4_k_block_scales(parts, np.arange(rows), shape[1])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.rint((x + grid_offset[..., None]) / grid_scale[..., None])
+    q = np.where(grid_scale[..., None] > 0, q, 0)
+    parts["qs"] = _pack_nibbles(np.clip(q, 0, 15).astype(np.uint8))
+    return QTensor("q4_k", tuple(shape), parts)
+
+
 # ggml interchange: blocks as ggml stores them, one row of bytes per block.
 _GGML_HEAD = {"q4_0": ("d",), "q4_1": ("d", "m"), "q8_0": ("d",)}
 
@@ -172,6 +283,8 @@ _GGML_HEAD = {"q4_0": ("d",), "q4_1": ("d", "m"), "q8_0": ("d",)}
 def to_ggml_blocks(t: QTensor) -> np.ndarray:
     """QTensor -> (rows * nb, block_bytes) uint8, ggml's block layout."""
     rows = t.shape[0]
+    if t.format == "q4_k":
+        return _q4_k_to_ggml(t)
     heads = [np.asarray(t.parts[k]).reshape(rows, -1, 1).view(np.uint8) for k in _GGML_HEAD[t.format]]
     qs = np.asarray(t.parts["qs"]).transpose(0, 2, 1).view(np.uint8)  # (rows, nb, 16|32)
     return np.concatenate(heads + [qs], axis=-1).reshape(-1, sum(h.shape[-1] for h in heads) + qs.shape[-1])
@@ -181,6 +294,8 @@ def from_ggml_blocks(blocks: np.ndarray, fmt: str, shape: tuple) -> QTensor:
     """ggml's blocks (any shape of uint8 that flattens to whole blocks) -> QTensor."""
     rows, cols = shape
     nb = n_blocks(cols)
+    if fmt == "q4_k":
+        return _q4_k_from_ggml(blocks, shape)
     heads = _GGML_HEAD[fmt]
     raw = np.asarray(blocks, dtype=np.uint8).reshape(rows, nb, -1)
     parts = {}
@@ -191,3 +306,36 @@ def from_ggml_blocks(blocks: np.ndarray, fmt: str, shape: tuple) -> QTensor:
         qs = qs.view(np.int8)
     parts["qs"] = np.ascontiguousarray(qs.transpose(0, 2, 1))
     return QTensor(fmt, tuple(shape), parts)
+
+
+# ggml's Q4_K block (144 bytes, 256 weights): d, dmin (float16), scales (12 bytes), then qs as
+# 4 chunks of 32 bytes, chunk c holding blocks 2c (low nibbles) and 2c+1 (high), byte l = weight l.
+Q4_K_BYTES = 144
+
+
+def _ggml_super_blocks(cols: int) -> int:
+    if cols % (SUPER * QK):
+        raise ValueError(f"ggml's Q4_K needs rows of a multiple of {SUPER * QK} weights, not {cols}")
+    return cols // (SUPER * QK)
+
+
+def _q4_k_to_ggml(t: QTensor) -> np.ndarray:
+    rows, cols = t.shape
+    nsb = rows * _ggml_super_blocks(cols)
+    q = _unpack_nibbles(np.asarray(t.parts["qs"])).reshape(nsb, 4, 2, QK)   # chunk, low/high, weight
+    out = np.empty((nsb, Q4_K_BYTES), np.uint8)
+    out[:, 0:4] = np.asarray(t.parts["d"]).view(np.uint8).reshape(nsb, 4)
+    out[:, 4:16] = t.parts["scales"]
+    out[:, 16:] = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(nsb, 128)
+    return out
+
+
+def _q4_k_from_ggml(blocks: np.ndarray, shape: tuple) -> QTensor:
+    rows, cols = shape
+    nsb = rows * _ggml_super_blocks(cols)
+    raw = np.asarray(blocks, dtype=np.uint8).reshape(nsb, Q4_K_BYTES)
+    chunks = raw[:, 16:].reshape(nsb, 4, 1, QK) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
+    q = (chunks & 0x0F).reshape(rows, -1, QK)                                # (rows, nb, 32)
+    return QTensor("q4_k", tuple(shape), {"d": np.ascontiguousarray(raw[:, 0:4]).view(np.float16),
+                                          "scales": np.ascontiguousarray(raw[:, 4:16]),
+                                          "qs": _pack_nibbles(q)})

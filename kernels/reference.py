@@ -13,7 +13,8 @@ import math
 import numpy as np
 
 from tinyllm.errors import ShapeError
-from tinyllm.kernels.quant import QK, QTensor, _round_half_away, _unpack_nibbles, dequantize, n_blocks
+from tinyllm.kernels.quant import (QK, QTensor, _round_half_away, _unpack_nibbles, dequantize, n_blocks,
+                                  q4_k_block_scales)
 
 name = "numpy"
 
@@ -55,7 +56,7 @@ def matmul(x: np.ndarray, w: QTensor, bias: np.ndarray | None = None) -> np.ndar
 
 
 def matmul_int8_activations(x: np.ndarray, w: QTensor) -> np.ndarray:
-    """(T, K) @ W(N, K)^T as the fast kernels compute it for q4_0 / q4_1 / q8_0 weights: the
+    """(T, K) @ W(N, K)^T as the fast kernels compute it for q4_0 / q4_1 / q4_k / q8_0 weights: the
     exact twin of their arithmetic, not an approximation of the float product. Activation
     blocks of 32 are quantized to int8 with a float32 scale amax / 127 (round half away from
     zero, as ggml's q8_0), block dot products are exact integers, scales apply once per block."""
@@ -68,16 +69,27 @@ def matmul_int8_activations(x: np.ndarray, w: QTensor) -> np.ndarray:
     with np.errstate(divide="ignore"):
         inv = np.where(dx == 0, np.float32(0), np.float32(1) / dx).astype(np.float32)
     qx = _round_half_away(xb * inv[..., None]).astype(np.int64)                         # (T, nb, 32)
-    d = np.asarray(w.parts["d"], dtype=np.float64)                                      # (N, nb)
     if w.format == "q8_0":
+        d = np.asarray(w.parts["d"], dtype=np.float64)                                  # (N, nb)
         qw = np.asarray(w.parts["qs"]).transpose(0, 2, 1).astype(np.int64)               # (N, nb, 32)
         dots = np.einsum("nbj,tbj->tnb", qw, qx)
         return np.einsum("tnb,nb,tb->tn", dots, d, dx).astype(np.float32)
+    scale, offset = q4_block_grids(w)                                                   # x = scale q + offset
     qw = _unpack_nibbles(np.asarray(w.parts["qs"])).astype(np.int64)                    # (N, nb, 32), 0..15
-    y = np.einsum("tnb,nb,tb->tn", np.einsum("nbj,tbj->tnb", qw - 8, qx), d, dx)
-    if w.format == "q4_1":  # x = d q + m = d (q - 8) + (m + 8 d)
-        y += np.einsum("nb,tb->tn", np.asarray(w.parts["m"], dtype=np.float64) + 8 * d, dx * qx.sum(-1))
-    return y.astype(np.float32)
+    # x = scale (q - 8) + (offset + 8 scale): the kernels' centered integer dot plus one term per block
+    y = np.einsum("tnb,nb,tb->tn", np.einsum("nbj,tbj->tnb", qw - 8, qx), scale, dx)
+    return (y + np.einsum("nb,tb->tn", offset + 8 * scale, dx * qx.sum(-1))).astype(np.float32)
+
+
+def q4_block_grids(w: QTensor) -> tuple[np.ndarray, np.ndarray]:
+    """A 4-bit weight's per-block grid, scale and offset (N, nb) float64: x = scale * q + offset."""
+    if w.format == "q4_k":
+        scale, minimum = q4_k_block_scales(w.parts, np.arange(w.shape[0]), w.shape[1])
+        return scale.astype(np.float64), -minimum.astype(np.float64)
+    d = np.asarray(w.parts["d"], dtype=np.float64)
+    if w.format == "q4_1":
+        return d, np.asarray(w.parts["m"], dtype=np.float64)
+    return d, -8 * d
 
 
 # -- elementwise and normalization ---------------------------------------------------

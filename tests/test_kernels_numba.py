@@ -160,7 +160,7 @@ def path(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize("fmt", ["q4_0", "q4_1"])
+@pytest.mark.parametrize("fmt", ["q4_0", "q4_1", "q4_k"])
 @pytest.mark.parametrize("T,N,K", MATMUL_SHAPES)
 def test_q4_matmul_exact_and_close(rng, path, fmt, T, N, K):
     w = quant.quantize(rng.standard_normal((N, K)).astype(np.float32) + 0.3, fmt)
@@ -202,7 +202,7 @@ def test_quantized_matmul_bias_and_unprepared_weight(rng):
 
 def test_blas_tile_path_matches_reference(rng, monkeypatch):
     monkeypatch.setattr(nb, "BLAS_TILE_ROWS", 4)      # several tiles and a ragged last one
-    for fmt in ("q4_0", "q4_1", "q8_0", "f16"):
+    for fmt in ("q4_0", "q4_1", "q4_k", "q8_0", "f16"):
         w = nb.prepare(quant.quantize(rng.standard_normal((10, 50)).astype(np.float32), fmt))
         x = rng.standard_normal((3, 50)).astype(np.float32)
         assert rel_err(nb._matmul_blas_tiles(x, w), ref.matmul(x, w)) < FLOAT_TOL

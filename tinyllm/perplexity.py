@@ -7,6 +7,12 @@ BOS. Only the second half is scored (so every scored token has at least n_ctx/2 
 context): the logits at positions first .. n_ctx-2 predict tokens first+1 .. n_ctx-1, with
 first = n_ctx // 2. PPL = exp(mean NLL); its standard error is PPL * SE(mean NLL), the
 delta-method estimate llama.cpp prints as "PPL = x +/- y".
+
+With a reference model (``kl_divergence``), both models score the same windows and each
+scored position adds KL(P_ref || P_model) of the next-token distributions, whether the two
+agree on the most likely token, and both NLLs; the summary is the one llama-perplexity's
+--kl-divergence prints: mean KLD, same-top-token rate, PPL ratio and difference, each with
+its standard error (from the per-token values, paired where two models are compared).
 """
 from __future__ import annotations
 
@@ -20,12 +26,16 @@ from tinyllm.errors import TinyLLMError
 DEFAULT_CTX = 512  # the window of most published llama.cpp perplexity tables (-c 512)
 
 
-def token_nll(logits: np.ndarray, targets) -> np.ndarray:
-    """Negative log-likelihood of each target: logits (T, vocab), targets (T,) -> (T,) float64."""
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """(T, vocab) -> (T, vocab) float64 log-probabilities."""
     x = np.asarray(logits, dtype=np.float64)
     top = x.max(axis=1, keepdims=True)
-    log_z = top[:, 0] + np.log(np.exp(x - top).sum(axis=1))
-    return log_z - x[np.arange(len(x)), np.asarray(targets, dtype=np.int64)]
+    return x - (top + np.log(np.exp(x - top).sum(axis=1, keepdims=True)))
+
+
+def token_nll(logits: np.ndarray, targets) -> np.ndarray:
+    """Negative log-likelihood of each target: logits (T, vocab), targets (T,) -> (T,) float64."""
+    return -log_softmax(logits)[np.arange(len(logits)), np.asarray(targets, dtype=np.int64)]
 
 
 def windows(model, tokens: list[int], n_ctx: int, max_chunks: int | None = None) -> list[list[int]]:
@@ -105,6 +115,94 @@ def perplexity(model, text, n_ctx: int | None = None, max_chunks: int | None = N
         progress(0, len(chunks), None)
     for done, window in enumerate(chunks, 1):
         running = acc.add(score_window(model, window))
+        if progress:
+            progress(done, len(chunks), running)
+    return acc.result()
+
+
+def _mean_se(v: np.ndarray) -> tuple[float, float]:
+    return float(v.mean()), float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else 0.0
+
+
+@dataclass
+class KLDivergenceResult:
+    """A model against a reference on the same scored tokens; each figure with its standard error."""
+
+    tokens: int
+    ppl: tuple[float, float]              # the model's perplexity
+    ppl_reference: tuple[float, float]
+    ppl_ratio: tuple[float, float]        # PPL / PPL_reference = exp(mean NLL difference)
+    ppl_delta: tuple[float, float]        # PPL - PPL_reference
+    kld: tuple[float, float]              # mean KL(P_reference || P_model), nats
+    kld_max: float
+    kld_p99: float
+    same_top: tuple[float, float]         # fraction of positions whose most likely token agrees
+
+    def __str__(self) -> str:
+        f = "{:.6f} +/- {:.6f}".format
+        return "\n".join([
+            f"PPL(model)          : {f(*self.ppl)}", f"PPL(reference)      : {f(*self.ppl_reference)}",
+            f"PPL ratio           : {f(*self.ppl_ratio)}", f"PPL difference      : {f(*self.ppl_delta)}",
+            f"Mean KLD            : {f(*self.kld)}", f"99.0% KLD           : {self.kld_p99:.6f}",
+            f"Maximum KLD         : {self.kld_max:.6f}",
+            f"Same top token      : {100 * self.same_top[0]:.3f} +/- {100 * self.same_top[1]:.3f} %",
+            f"Tokens scored       : {self.tokens}"])
+
+
+class KLDivergenceAccumulator:
+    """Per-token KLD, top-token agreement and both NLLs, kept for the summary's statistics."""
+
+    def __init__(self):
+        self.kld, self.same, self.nll, self.nll_ref = [], [], [], []
+
+    def add(self, logits: np.ndarray, ref_logits: np.ndarray, targets) -> float:
+        """One window's scored positions: logits of both (T, vocab), targets (T,); returns the running mean KLD."""
+        lq, lp = log_softmax(logits), log_softmax(ref_logits)
+        rows = np.arange(len(lq))
+        t = np.asarray(targets, dtype=np.int64)
+        self.kld.append(np.maximum((np.exp(lp) * (lp - lq)).sum(axis=1), 0))
+        self.same.append((lq.argmax(axis=1) == lp.argmax(axis=1)).astype(np.float64))
+        self.nll.append(-lq[rows, t])
+        self.nll_ref.append(-lp[rows, t])
+        return float(np.concatenate(self.kld).mean())
+
+    def result(self) -> KLDivergenceResult:
+        kld, same, nll, nll_ref = (np.concatenate(v) for v in (self.kld, self.same, self.nll, self.nll_ref))
+        n = len(kld)
+        (m, se), (mr, ser), (md, sed) = _mean_se(nll), _mean_se(nll_ref), _mean_se(nll - nll_ref)
+        ppl, ppl_ref, ratio = math.exp(m), math.exp(mr), math.exp(md)
+        p_same = float(same.mean())
+        return KLDivergenceResult(
+            tokens=n, ppl=(ppl, ppl * se), ppl_reference=(ppl_ref, ppl_ref * ser), ppl_ratio=(ratio, ratio * sed),
+            ppl_delta=(ppl - ppl_ref, ppl_ref * ratio * sed), kld=_mean_se(kld), kld_max=float(kld.max()),
+            kld_p99=float(np.quantile(kld, 0.99)),
+            same_top=(p_same, math.sqrt(p_same * (1 - p_same) / max(n - 1, 1))))
+
+
+def kl_divergence(model, reference, text, n_ctx: int | None = None, max_chunks: int | None = None,
+                  progress=None) -> KLDivergenceResult:
+    """``model`` against ``reference`` (e.g. the unquantized weights) over the windows that
+    ``perplexity`` scores; both must share a tokenizer. ``progress(done, total, running_kld)``
+    as in perplexity."""
+    if model.tokenizer.vocab_size != reference.tokenizer.vocab_size:
+        raise TinyLLMError(f"the reference's vocabulary ({reference.tokenizer.vocab_size} tokens) differs from "
+                           f"the model's ({model.tokenizer.vocab_size}): KL divergence compares the same tokens")
+    tokens = model.tokenize(text, special=False) if isinstance(text, str) else [int(t) for t in text]
+    if isinstance(text, str) and reference.tokenize(text, special=False) != tokens:
+        raise TinyLLMError("the reference tokenizes the text differently from the model: they need the same tokenizer")
+    n_ctx = n_ctx or min(DEFAULT_CTX, model.n_ctx, reference.n_ctx)
+    if n_ctx > reference.n_ctx:
+        raise TinyLLMError(f"context {n_ctx} exceeds the reference's context length ({reference.n_ctx})")
+    acc = KLDivergenceAccumulator()
+    chunks = windows(model, tokens, n_ctx, max_chunks)
+    if progress:
+        progress(0, len(chunks), None)
+    for done, window in enumerate(chunks, 1):
+        first = len(window) // 2
+        logits, ref_logits = model.logits(window)[first:-1], reference.logits(window)[first:-1]
+        if logits.shape != ref_logits.shape:
+            raise TinyLLMError(f"the model gives {logits.shape[1]} logits per token, the reference {ref_logits.shape[1]}")
+        running = acc.add(logits, ref_logits, window[first + 1:])
         if progress:
             progress(done, len(chunks), running)
     return acc.result()

@@ -6,6 +6,7 @@ import sys
 import click
 
 from tinyllm.cli import main
+from tinyllm.converters.recipe import QUANTIZERS
 from tinyllm.kernels.quant import FORMATS
 
 
@@ -14,8 +15,15 @@ from tinyllm.kernels.quant import FORMATS
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The .q4 file to write.")
 @click.option("--quant", type=click.Choice(FORMATS), default=None,
               help="Format of the weight matrices (norms and biases stay f32). Default: q4_0 for a "
-                   "Hugging Face directory; for a GGUF file, its own formats where tinyllm has them.")
-def convert(source, output, quant):
+                   "Hugging Face directory; for a GGUF file, its own formats where tinyllm has them. "
+                   "q4_k: 4.5 bits like q4_0, much closer to the original (FORMAT.md).")
+@click.option("--quantizer", type=click.Choice(QUANTIZERS), default="nearest", show_default=True,
+              help="How q4_0/q4_1 blocks are encoded: round to nearest (bit-identical to llama.cpp) or an "
+                   "error-minimizing search (same format, closer values). q4_k always searches.")
+@click.option("--imatrix", type=click.Path(dir_okay=False), default=None,
+              help="An importance matrix (tinyllm imatrix, or llama-imatrix's GGUF file) weighting the search "
+                   "by how much each input channel matters.")
+def convert(source, output, quant, quantizer, imatrix):
     """Convert SOURCE (a Hugging Face model directory or a .gguf file) into a tinyllm .q4 file."""
     from tinyllm.converters.convert import convert as convert_model
 
@@ -29,5 +37,5 @@ def convert(source, output, quant):
         if done == total:
             bar.render_finish()
 
-    path = convert_model(source, output, quant=quant, progress=progress)
+    path = convert_model(source, output, quant=quant, progress=progress, quantizer=quantizer, imatrix=imatrix)
     click.echo(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")

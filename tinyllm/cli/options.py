@@ -73,3 +73,15 @@ def load_model(model, backend, threads, n_ctx, device, announce=True, fetch=Fals
         raise TinyLLMError(f"$TINYLLM_MODEL is {str(path)!r}, which does not exist: "
                            "set it to a model file, or unset it")
     return load(path, backend=backend, threads=threads, n_ctx=n_ctx, device=device)
+
+
+def read_text(file) -> str:
+    """A UTF-8 text file (perplexity, imatrix calibration), or a one-line error."""
+    from pathlib import Path
+
+    try:
+        return Path(file).read_text(encoding="utf-8")
+    except OSError as e:
+        raise TinyLLMError(f"cannot read {file!r}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise TinyLLMError(f"{file!r} is not UTF-8 text: {e}") from None

@@ -2,13 +2,11 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import click
 
 from tinyllm.cli import main
-from tinyllm.cli.options import load_model, runtime_options
-from tinyllm.errors import TinyLLMError
+from tinyllm.cli.options import load_model, read_text, runtime_options
 
 
 @main.command()
@@ -16,23 +14,23 @@ from tinyllm.errors import TinyLLMError
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--chunks", type=click.IntRange(min=1), default=None,
               help="Score at most this many windows (default: all).")
+@click.option("--kl-divergence", "reference", type=click.Path(dir_okay=False), default=None,
+              help="Also run REFERENCE (e.g. the unquantized model) on the same windows and report the KL "
+                   "divergence of MODEL's next-token distributions from it, as llama-perplexity --kl-divergence.")
 @runtime_options
-def perplexity(model, file, chunks, backend, threads, n_ctx, device):
+def perplexity(model, file, chunks, reference, backend, threads, n_ctx, device):
     """Perplexity of MODEL over the text in FILE.
 
     The text is cut into windows of --ctx tokens (default 512, or the model's context when
     shorter); the second half of each window is scored, as llama.cpp's perplexity does.
-    Prints "Final estimate: PPL = x +/- standard error"."""
-    from tinyllm.perplexity import DEFAULT_CTX, perplexity
+    Prints "Final estimate: PPL = x +/- standard error"; with --kl-divergence, the mean KLD,
+    the same-top-token rate and the PPL ratio and difference against the reference."""
+    from tinyllm.perplexity import DEFAULT_CTX, kl_divergence, perplexity
 
-    try:
-        text = Path(file).read_text(encoding="utf-8")
-    except OSError as e:
-        raise TinyLLMError(f"cannot read {file!r}: {e.strerror or e}") from None
-    except UnicodeDecodeError as e:
-        raise TinyLLMError(f"{file!r} is not UTF-8 text: {e}") from None
+    text = read_text(file)
     m = load_model(model, backend, threads, n_ctx, device)
-    window = n_ctx or min(DEFAULT_CTX, m.n_ctx)
+    ref = load_model(reference, backend, threads, n_ctx, device) if reference else None
+    window = n_ctx or min(DEFAULT_CTX, m.n_ctx, *([ref.n_ctx] if ref else []))
     tokens = m.tokenize(text, special=False)
     bar = None
 
@@ -41,13 +39,17 @@ def perplexity(model, file, chunks, backend, threads, n_ctx, device):
         if bar is None:
             click.echo(f"{len(tokens)} tokens, {total} chunks of {window} tokens, "
                        f"scoring the last {window - 1 - window // 2} of each", err=True)
-            bar = click.progressbar(length=total, label="perplexity", file=sys.stderr,
-                                    item_show_func=lambda ppl: f"PPL {ppl:.4f}" if ppl else None)
+            shown = "KLD {:.5f}" if ref else "PPL {:.4f}"
+            bar = click.progressbar(length=total, label="kl-divergence" if ref else "perplexity", file=sys.stderr,
+                                    item_show_func=lambda v: shown.format(v) if v else None)
         else:
             bar.update(1, running)
         if done == total:
             bar.render_finish()
 
+    if ref:
+        click.echo(str(kl_divergence(m, ref, text, n_ctx=window, max_chunks=chunks, progress=progress)))
+        return
     result = perplexity(m, tokens, n_ctx=window, max_chunks=chunks, progress=progress)
     click.echo(" ".join(f"[{i + 1}]{p:.4f}," for i, p in enumerate(result.running)))
     click.echo(f"Final estimate: {result}")

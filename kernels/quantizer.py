@@ -1,0 +1,160 @@
+"""The error-minimizing quantizer: each block's grid chosen by weighted least squares.
+
+``quant.quantize`` rounds to the nearest point of a grid fixed by each block's range (for
+q4_0/q4_1 exactly ggml's reference encoders). Here the grid is searched instead, after the
+idea of llama.cpp's make_qx_quants / make_qkx2_quants: for about twenty candidate scales
+near the range's, round every weight, then solve in closed form for the scale (and minimum)
+that minimize
+
+    E = sum_i w_i (x_i - grid(q_i))^2
+
+given those q, and keep the candidate with the smallest E. The weights w_i say how much an
+error on weight i costs. Without calibration data they favour the block's large weights
+(w_i = rms(block) + |x_i|); with an importance matrix, the mean squared activation of input
+channel i (tinyllm/imatrix.py), w_i = imp_i * sqrt(sigma^2 + x_i^2): the error of a matrix
+product y = W a is sum_i (dW_i a_i)^2, whose expectation weighs dW_i^2 by E[a_i^2].
+
+The output is in the same formats, readable by every backend (and, exported, by ggml). For
+q4_0 and q4_1 the final choice is made block by block against round-to-nearest, after both
+are rounded to their stored float16 scales, so the searched blocks are never worse in E.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from tinyllm.kernels.quant import QK, QTensor, _blocks, _pack_nibbles, _unpack_nibbles, encode_q4_k, quantize
+
+SEARCHED = ("q4_0", "q4_1", "q4_k")  # formats with a search; the others are quant.quantize
+CANDIDATES = np.arange(-10, 11) / 10  # candidate scales: levels + c over the range, as ggml's rdelta
+
+
+def block_weights(x: np.ndarray, cols: int, importance: np.ndarray | None = None) -> np.ndarray:
+    """The cost weight of every element of blocks x (rows, nb, 32); zero on the padding."""
+    rows, nb, _ = x.shape
+    valid = (np.arange(nb * QK) < cols).reshape(1, nb, QK)
+    if importance is None:
+        w = np.sqrt(np.mean(x * x, axis=-1, keepdims=True)) + np.abs(x)
+    else:
+        imp = np.zeros(nb * QK, np.float32)
+        imp[:cols] = np.asarray(importance, np.float32)
+        sigma2 = np.sum(x * x, axis=(1, 2), keepdims=True) / cols
+        w = imp.reshape(1, nb, QK) * np.sqrt(sigma2 + x * x)
+    return np.where(valid, w, 0).astype(np.float32)
+
+
+def _weighted_error(x, w, value):
+    return np.sum(w * (x - value) ** 2, axis=-1)
+
+
+def fit_affine(x: np.ndarray, w: np.ndarray, levels: int, min_at_most_zero: bool):
+    """Blocks x, weights w (..., 32) -> scale, low (...): x ~ scale * q + low, q in 0..levels,
+    by weighted least squares over candidate roundings. ``min_at_most_zero``: low <= 0 (q4_k
+    stores -low as an unsigned 6-bit code)."""
+    valid = w > 0
+    lo = np.where(valid, x, np.inf).min(-1)
+    hi = np.where(valid, x, -np.inf).max(-1)
+    lo, hi = np.where(np.isfinite(lo), lo, 0), np.where(np.isfinite(hi), hi, 0)
+    if min_at_most_zero:
+        lo = np.minimum(lo, 0)
+    span = hi - lo
+    flat = span <= 0
+    span = np.where(flat, 1, span)
+    best_scale = np.where(flat, 0, span / levels).astype(np.float32)          # round to nearest first
+    best_low = lo.astype(np.float32)
+    q = np.clip(np.rint((x - lo[..., None]) / best_scale[..., None].clip(1e-30)), 0, levels)
+    best = _weighted_error(x, w, best_scale[..., None] * q + best_low[..., None])
+    sw, sx = w.sum(-1), (w * x).sum(-1)
+    for c in CANDIDATES:
+        q = np.clip(np.rint((x - lo[..., None]) * ((levels + c) / span)[..., None]), 0, levels)
+        sl, sl2, sxl = (w * q).sum(-1), (w * q * q).sum(-1), (w * x * q).sum(-1)
+        det = sw * sl2 - sl * sl
+        with np.errstate(divide="ignore", invalid="ignore"):
+            scale = (sw * sxl - sx * sl) / det
+            low = (sl2 * sx - sl * sxl) / det
+            if min_at_most_zero:
+                positive = low > 0
+                scale = np.where(positive, sxl / sl2, scale)
+                low = np.where(positive, 0, low)
+        ok = (det > 0) & np.isfinite(scale) & np.isfinite(low) & (scale >= 0)
+        err = np.where(ok, _weighted_error(x, w, scale[..., None] * q + low[..., None]), np.inf)
+        better = (err < best) & ~flat
+        best = np.where(better, err, best)
+        best_scale = np.where(better, scale, best_scale).astype(np.float32)
+        best_low = np.where(better, low, best_low).astype(np.float32)
+    return best_scale, best_low
+
+
+def fit_symmetric(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Blocks x, weights w (..., 32) -> d (...): x ~ d * k, k in -8..7 (q4_0), by weighted least
+    squares over candidate roundings of both orientations (the largest weight at -8 or at +7)."""
+    imax = np.abs(x).argmax(-1)[..., None]
+    peak = np.take_along_axis(x, imax, -1)[..., 0]                             # signed
+    best_d = (peak / -8).astype(np.float32)
+    best = _weighted_error(x, w, best_d[..., None] * np.clip(np.rint(x / _nonzero(best_d)[..., None]), -8, 7))
+    for levels in (-8.0, 7.0):
+        for c in CANDIDATES:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                k = np.clip(np.rint(x * ((levels + np.sign(levels) * c) / peak)[..., None]), -8, 7)
+            k = np.nan_to_num(k)
+            skk, sxk = (w * k * k).sum(-1), (w * x * k).sum(-1)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                d = np.where(skk > 0, sxk / skk, 0).astype(np.float32)
+            err = _weighted_error(x, w, d[..., None] * k)
+            better = err < best
+            best = np.where(better, err, best)
+            best_d = np.where(better, d, best_d).astype(np.float32)
+    return best_d
+
+
+def _nonzero(d):
+    return np.where(d == 0, np.float32(1), d)
+
+
+def _stored(v):
+    return v.astype(np.float16).astype(np.float32)
+
+
+def quantize_searched(w: np.ndarray, fmt: str, importance: np.ndarray | None = None) -> QTensor:
+    """Encode matrix w (rows, cols) in ``fmt`` with searched grids; importance (cols,) is the
+    mean squared activation per input channel, or None. Formats without a search (q8_0, f16,
+    f32) are encoded as quant.quantize does."""
+    w = np.asarray(w, np.float32)
+    if fmt not in SEARCHED:
+        return quantize(w, fmt)
+    if importance is not None and np.shape(importance) != (w.shape[1],):
+        raise ValueError(f"importance has shape {np.shape(importance)}, expected ({w.shape[1]},)")
+    x = _blocks(w)                                                             # (rows, nb, 32)
+    cost = block_weights(x, w.shape[1], importance)
+    if fmt == "q4_k":
+        scale, low = fit_affine(x, cost, 15, min_at_most_zero=True)
+        return encode_q4_k(x, scale, -low, w.shape)
+    nearest = quantize(w, fmt)
+    if fmt == "q4_0":
+        d = _stored(fit_symmetric(x, cost))
+        k = np.clip(np.rint(x / _nonzero(d)[..., None]), -8, 7)
+        err = _weighted_error(x, cost, d[..., None] * k)
+        take = err < _weighted_error(x, cost, _blocks(nearest.dequantize()))
+        parts = {"d": np.where(take, d, np.asarray(nearest.parts["d"], np.float32)).astype(np.float16),
+                 "qs": _pack_nibbles(np.where(take[..., None], k + 8, _unpack(nearest)).astype(np.uint8))}
+        return QTensor(fmt, w.shape, parts)
+    # q4_1: x = d q + m
+    scale, low = fit_affine(x, cost, 15, min_at_most_zero=False)
+    d, m = _stored(scale), _stored(low)
+    q = np.clip(np.rint((x - m[..., None]) / _nonzero(d)[..., None]), 0, 15)
+    err = _weighted_error(x, cost, d[..., None] * q + m[..., None])
+    err0 = _weighted_error(x, cost, _blocks(nearest.dequantize()))
+    take = err < err0
+    parts = {"d": np.where(take, d, np.asarray(nearest.parts["d"], np.float32)).astype(np.float16),
+             "m": np.where(take, m, np.asarray(nearest.parts["m"], np.float32)).astype(np.float16),
+             "qs": _pack_nibbles(np.where(take[..., None], q, _unpack(nearest)).astype(np.uint8))}
+    return QTensor(fmt, w.shape, parts)
+
+
+def _unpack(t: QTensor) -> np.ndarray:
+    return _unpack_nibbles(np.asarray(t.parts["qs"]))
+
+
+def weighted_error(w: np.ndarray, t: QTensor, importance: np.ndarray | None = None) -> float:
+    """E of a quantized tensor against its float original, with the quantizer's cost weights."""
+    x = _blocks(w)
+    return float(np.sum(block_weights(x, w.shape[1], importance) * (x - _blocks(t.dequantize())) ** 2))
