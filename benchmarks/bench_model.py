@@ -22,7 +22,7 @@ from tinyllm.converters.convert import config_dict
 from tinyllm.converters.hf_tokenizer import tokenizer_spec_from_hf_dir
 from tinyllm.converters.llama import tensor_plan
 from tinyllm.fileformat import ModelWriter
-from tinyllm.kernels.quant import QTensor, n_blocks, to_ggml_blocks
+from tinyllm.kernels.quant import QTensor, n_blocks, n_super_blocks, pack_scales, to_ggml_blocks
 
 TINYLLAMA = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                  num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-5,
@@ -47,7 +47,7 @@ def tensor_shapes(cfg: Config) -> dict:
 
 
 def random_tensor(shape, fmt: str, rng, std: float = 0.02) -> QTensor:
-    """Random weights already in ``fmt`` (q4_0, q8_0, or f32 around 1 for norms)."""
+    """Random weights already in ``fmt`` (q4_0, q4_k, q8_0, or f32 around 1 for norms)."""
     if len(shape) == 1:
         return QTensor("f32", shape, {"w": rng.uniform(0.8, 1.2, shape).astype(np.float32)})
     rows, cols = shape
@@ -55,6 +55,12 @@ def random_tensor(shape, fmt: str, rng, std: float = 0.02) -> QTensor:
     if fmt == "q4_0":   # q uniform on 0..15: (q - 8) has std ~4.6
         d = rng.uniform(0.5, 1.5, (rows, nb)) * (std / 4.6)
         qs = rng.integers(0, 256, (rows, 16, nb), dtype=np.uint8)
+    elif fmt == "q4_k":  # 6-bit codes around 32 and 8, q uniform on 0..15: std ~ d0 * 32 * 4.6
+        nsb = n_super_blocks(rows, cols)
+        d = np.stack([rng.uniform(0.5, 1.5, nsb) * (std / 4.6 / 32), rng.uniform(0.5, 1.5, nsb) * (std / 8)], 1)
+        codes = rng.integers(16, 48, (nsb, 8)), rng.integers(0, 16, (nsb, 8))
+        return QTensor(fmt, tuple(shape), {"d": d.astype(np.float16), "scales": pack_scales(*codes),
+                                           "qs": rng.integers(0, 256, (rows, 16, nb), dtype=np.uint8)})
     elif fmt == "q8_0":  # q uniform on -127..127: std ~73
         d = rng.uniform(0.5, 1.5, (rows, nb)) * (std / 73)
         qs = rng.integers(-127, 128, (rows, 32, nb), dtype=np.int8)

@@ -1,6 +1,6 @@
 """One benchmark per kernel, at real model shapes, on both backends.
 
-Matrix products at the LLaMA-7B / TinyLlama shapes for q4_0 and q8_0: decode (one token,
+Matrix products at the LLaMA-7B / TinyLlama shapes for q4_0, q4_k and q8_0: decode (one token,
 reported as GB/s of weights read) and prefill (128 tokens, reported as GOP/s), where the
 Numba backend's SIMD integer kernel is also measured against dequantize-a-tile-then-BLAS.
 The other ops at TinyLlama's sizes (hidden 2048, 32 heads of 64, 4 kv heads).
@@ -38,7 +38,7 @@ def shape_id(shape):
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
-@pytest.mark.parametrize("fmt", ["q4_0", "q8_0"])
+@pytest.mark.parametrize("fmt", ["q4_0", "q4_k", "q8_0"])
 @pytest.mark.parametrize("backend", list(BACKENDS))
 def test_matvec_decode(benchmark, backend, fmt, shape):
     w = weight(fmt, shape)
@@ -57,7 +57,7 @@ PREFILL_PATHS = {
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
-@pytest.mark.parametrize("fmt", ["q4_0", "q8_0"])
+@pytest.mark.parametrize("fmt", ["q4_0", "q4_k", "q8_0"])
 @pytest.mark.parametrize("path", list(PREFILL_PATHS))
 def test_matmul_prefill_128(benchmark, path, fmt, shape):
     if path == "numba-simd" and not numba_cpu.SIMD_WIDTH:

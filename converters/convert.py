@@ -21,6 +21,7 @@ from tinyllm.errors import TinyLLMError, reading
 from tinyllm.fileformat import ModelWriter, file_kind
 from tinyllm.validate import check_metadata
 
+
 def refuse_overwriting_input(src: Path, out: Path) -> None:
     """A conversion never writes over what it reads: not the source file, nor any existing
     file inside the source directory (its weights, its tokenizer, its configs). A new file

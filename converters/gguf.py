@@ -41,8 +41,8 @@ import numpy as np
 from tinyllm.arch import ARCHITECTURES, get_arch
 from tinyllm.converters.convert import config_dict, refuse_overwriting_input
 from tinyllm.converters.gguf_arch import clean_float, gguf_shapes
-from tinyllm.converters.recipe import ROW_CHUNK, Recipe, format_of
 from tinyllm.converters.gguf_tokenizer import tokenizer_spec_from_gguf
+from tinyllm.converters.recipe import ROW_CHUNK, Recipe, format_of
 from tinyllm.errors import FormatError, TinyLLMError, UnsupportedError, reading
 from tinyllm.fileformat import ModelWriter, no_model_file
 from tinyllm.kernels.quant import FORMATS, QTensor, from_ggml_blocks, quantize

@@ -52,7 +52,8 @@ class Recipe:
 
         bound = replace(self, names=gguf_names(arch, cfg))
         if self.imatrix and not any(g in self.imatrix for g in bound.names.values()):
-            raise TinyLLMError("the importance matrix has no entry for any tensor of this model (made for another one?)")
+            raise TinyLLMError("the importance matrix has no entry for any tensor of this model "
+                               "(made for another one?)")
         return bound
 
     def importance(self, name: str):

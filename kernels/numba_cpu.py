@@ -151,7 +151,7 @@ def _matmul_nobias(x, w):
         return _matmul_blas_tiles(x, w)
     if w.format == "q4_k":
         if SIMD_WIDTH:
-            return numba_quant.q4k_matmul_simd(x, v["qs"], v["d"], v["scales"], _chunk_width(w))
+            return numba_quant.q4_matmul_simd(x, v["qs"], v["d"], None, _chunk_width(w), scales=v["scales"])
         if T < PORTABLE_BLAS_MIN_TOKENS:
             out = np.empty((T, w.shape[0]), np.float32)
             numba_quant.q4k_rows_portable(v["qs"], v["d"], v["scales"], *numba_quant.quantize_planes(x), out)

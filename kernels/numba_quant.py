@@ -139,77 +139,10 @@ def quantize_for_simd_q8(x, width, tile, slots):
     return xq, dx
 
 
-# -- q4 products: SIMD ------------------------------------------------------------------
-
-@njit(parallel=True, cache=True, error_model="numpy")
-def _q4_rows_simd(qs, d, m, xq, corr, dx, sxf, out, width, tt):
-    """out (Tp, N) += q4 weight (N, 16, nb) . activations; width, tt: compile-time constants."""
-    numba.literally(width)
-    numba.literally(tt)
-    N, _, nb = qs.shape
-    Tp, nch = xq.shape[0], xq.shape[1]
-    x_tstride = nch * 16 * 2 * width
-    c_tstride = nch * width
-    for rb in prange((N + ROW_BLOCK - 1) // ROW_BLOCK):
-        for t0 in range(0, Tp, tt):
-            for r in range(rb * ROW_BLOCK, min(N, rb * ROW_BLOCK + ROW_BLOCK)):
-                for c in range(nch):
-                    b0 = c * width
-                    numba_simd.q4_chunk_dot(qs, r * 16 * nb + b0, nb, xq, t0 * x_tstride + c * 16 * 2 * width,
-                                            x_tstride, d, m, r * nb + b0, corr, dx, sxf, t0 * c_tstride + b0,
-                                            c_tstride, min(width, nb - b0), out, t0 * N + r, N, width, tt)
-
-
-# Entry points: activation in, product out, the constants fixed (calling a literally()
-# function from Python would re-type it on every call). One call per matmul: quantizing the
-# activation and allocating inside the same compiled function keeps the per-call overhead
-# of a decode step's ~150 matmuls small.
-@njit(cache=True, error_model="numpy")
-def q4_simd64(qs, d, m, x, tile, lo, hi):
-    xq, corr, dx, sxf = quantize_for_simd(x, 64, tile, lo, hi)
-    out = np.zeros((xq.shape[0], qs.shape[0]), np.float32)
-    if tile == 1:
-        _q4_rows_simd(qs, d, m, xq, corr, dx, sxf, out, 64, 1)
-    else:
-        _q4_rows_simd(qs, d, m, xq, corr, dx, sxf, out, 64, PREFILL_TILE)
-    return out
-
-
-@njit(cache=True, error_model="numpy")
-def q4_simd32(qs, d, m, x, tile, lo, hi):
-    xq, corr, dx, sxf = quantize_for_simd(x, 32, tile, lo, hi)
-    out = np.zeros((xq.shape[0], qs.shape[0]), np.float32)
-    if tile == 1:
-        _q4_rows_simd(qs, d, m, xq, corr, dx, sxf, out, 32, 1)
-    else:
-        _q4_rows_simd(qs, d, m, xq, corr, dx, sxf, out, 32, PREFILL_TILE)
-    return out
-
-
-SIMD_KERNELS = {64: q4_simd64, 32: q4_simd32}
-
-
-def q4_matmul_simd(x, qs, d, m, width):
-    """(T, K) float32 @ q4 weight^T -> (T, N) through the SIMD kernels."""
-    T = x.shape[0]
-    lo, hi = _pair_blocks(width)
-    return SIMD_KERNELS[width](qs, d, m, x, 1 if T == 1 else PREFILL_TILE, lo, hi)[:T]
-
-
-_PAIR_CACHE: dict = {}
-
-
-def _pair_blocks(width):
-    if width not in _PAIR_CACHE:
-        lo, hi = numba_simd.pair_blocks(width)
-        _PAIR_CACHE[width] = (np.array(lo, np.int64), np.array(hi, np.int64))
-    return _PAIR_CACHE[width]
-
-
-# -- q4_k products: the q4 kernels on block scales decoded per row ---------------------------
+# -- q4_k: block scales decoded per row ------------------------------------------------------
 # A q4_k block is a q4_1 block whose scale and minimum come from its super-block (quant.py):
 # x = (d sc) q - (dmin m). Each row's block scales are decoded to float32 once per call into a
-# scratch array that the q4 chunk kernel reads in place of q4_1's float16 d and m.
+# scratch array that the q4 kernels read in place of q4_1's float16 d and m.
 
 @njit(inline="always", cache=True, error_model="numpy")
 def _scale_min(scales, sb, k):
@@ -231,9 +164,13 @@ def q4k_row_scales(d, scales, r, nb, ds, ms):
         ms[b] = -(f16_bits_to_f32(d[sb, 1]) * np.float32(mn))
 
 
+# -- q4 products: SIMD ------------------------------------------------------------------
+
 @njit(parallel=True, cache=True, error_model="numpy")
-def _q4k_rows_simd(qs, d, scales, xq, corr, dx, sxf, out, width, tt):
-    """As _q4_rows_simd for a q4_k weight: d (nsb, 2) float16 bits, scales (nsb, 12)."""
+def _q4_rows_simd(qs, d, m, scales, xq, corr, dx, sxf, out, width, tt):
+    """out (Tp, N) += q4 weight (N, 16, nb) . activations; width, tt: compile-time constants.
+    q4_0 / q4_1: d, m (N, nb) float16 bits, scales None. q4_k: d (nsb, 2) float16 bits, m None,
+    scales (nsb, 12): each row block's scales are decoded first (Numba prunes the other branch)."""
     numba.literally(width)
     numba.literally(tt)
     N, _, nb = qs.shape
@@ -242,50 +179,70 @@ def _q4k_rows_simd(qs, d, scales, xq, corr, dx, sxf, out, width, tt):
     c_tstride = nch * width
     for rb in prange((N + ROW_BLOCK - 1) // ROW_BLOCK):
         r0, r1 = rb * ROW_BLOCK, min(N, rb * ROW_BLOCK + ROW_BLOCK)
-        ds = np.empty((ROW_BLOCK, nb), np.float32)
-        ms = np.empty((ROW_BLOCK, nb), np.float32)
-        for r in range(r0, r1):
-            q4k_row_scales(d, scales, r, nb, ds[r - r0], ms[r - r0])
+        if scales is not None:
+            ds = np.empty((ROW_BLOCK, nb), np.float32)
+            ms = np.empty((ROW_BLOCK, nb), np.float32)
+            for r in range(r0, r1):
+                q4k_row_scales(d, scales, r, nb, ds[r - r0], ms[r - r0])
         for t0 in range(0, Tp, tt):
             for r in range(r0, r1):
                 for c in range(nch):
                     b0 = c * width
-                    numba_simd.q4_chunk_dot(qs, r * 16 * nb + b0, nb, xq, t0 * x_tstride + c * 16 * 2 * width,
-                                            x_tstride, ds, ms, (r - r0) * nb + b0, corr, dx, sxf,
-                                            t0 * c_tstride + b0, c_tstride, min(width, nb - b0), out, t0 * N + r,
-                                            N, width, tt)
+                    if scales is None:
+                        numba_simd.q4_chunk_dot(qs, r * 16 * nb + b0, nb, xq, t0 * x_tstride + c * 16 * 2 * width,
+                                                x_tstride, d, m, r * nb + b0, corr, dx, sxf, t0 * c_tstride + b0,
+                                                c_tstride, min(width, nb - b0), out, t0 * N + r, N, width, tt)
+                    else:
+                        numba_simd.q4_chunk_dot(qs, r * 16 * nb + b0, nb, xq, t0 * x_tstride + c * 16 * 2 * width,
+                                                x_tstride, ds, ms, (r - r0) * nb + b0, corr, dx, sxf,
+                                                t0 * c_tstride + b0, c_tstride, min(width, nb - b0), out,
+                                                t0 * N + r, N, width, tt)
 
 
+# Entry points: activation in, product out, the constants fixed (calling a literally()
+# function from Python would re-type it on every call). One call per matmul: quantizing the
+# activation and allocating inside the same compiled function keeps the per-call overhead
+# of a decode step's ~150 matmuls small.
 @njit(cache=True, error_model="numpy")
-def q4k_simd64(qs, d, scales, x, tile, lo, hi):
+def q4_simd64(qs, d, m, scales, x, tile, lo, hi):
     xq, corr, dx, sxf = quantize_for_simd(x, 64, tile, lo, hi)
     out = np.zeros((xq.shape[0], qs.shape[0]), np.float32)
     if tile == 1:
-        _q4k_rows_simd(qs, d, scales, xq, corr, dx, sxf, out, 64, 1)
+        _q4_rows_simd(qs, d, m, scales, xq, corr, dx, sxf, out, 64, 1)
     else:
-        _q4k_rows_simd(qs, d, scales, xq, corr, dx, sxf, out, 64, PREFILL_TILE)
+        _q4_rows_simd(qs, d, m, scales, xq, corr, dx, sxf, out, 64, PREFILL_TILE)
     return out
 
 
 @njit(cache=True, error_model="numpy")
-def q4k_simd32(qs, d, scales, x, tile, lo, hi):
+def q4_simd32(qs, d, m, scales, x, tile, lo, hi):
     xq, corr, dx, sxf = quantize_for_simd(x, 32, tile, lo, hi)
     out = np.zeros((xq.shape[0], qs.shape[0]), np.float32)
     if tile == 1:
-        _q4k_rows_simd(qs, d, scales, xq, corr, dx, sxf, out, 32, 1)
+        _q4_rows_simd(qs, d, m, scales, xq, corr, dx, sxf, out, 32, 1)
     else:
-        _q4k_rows_simd(qs, d, scales, xq, corr, dx, sxf, out, 32, PREFILL_TILE)
+        _q4_rows_simd(qs, d, m, scales, xq, corr, dx, sxf, out, 32, PREFILL_TILE)
     return out
 
 
-Q4K_SIMD_KERNELS = {64: q4k_simd64, 32: q4k_simd32}
+SIMD_KERNELS = {64: q4_simd64, 32: q4_simd32}
 
 
-def q4k_matmul_simd(x, qs, d, scales, width):
-    """(T, K) float32 @ q4_k weight^T -> (T, N) through the SIMD kernels."""
+def q4_matmul_simd(x, qs, d, m, width, scales=None):
+    """(T, K) float32 @ q4 weight^T -> (T, N) through the SIMD kernels (q4_k: m None, scales given)."""
     T = x.shape[0]
     lo, hi = _pair_blocks(width)
-    return Q4K_SIMD_KERNELS[width](qs, d, scales, x, 1 if T == 1 else PREFILL_TILE, lo, hi)[:T]
+    return SIMD_KERNELS[width](qs, d, m, scales, x, 1 if T == 1 else PREFILL_TILE, lo, hi)[:T]
+
+
+_PAIR_CACHE: dict = {}
+
+
+def _pair_blocks(width):
+    if width not in _PAIR_CACHE:
+        lo, hi = numba_simd.pair_blocks(width)
+        _PAIR_CACHE[width] = (np.array(lo, np.int64), np.array(hi, np.int64))
+    return _PAIR_CACHE[width]
 
 
 # -- q8_0 products: SIMD ----------------------------------------------------------------------

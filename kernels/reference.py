@@ -13,8 +13,15 @@ import math
 import numpy as np
 
 from tinyllm.errors import ShapeError
-from tinyllm.kernels.quant import (QK, QTensor, _round_half_away, _unpack_nibbles, dequantize, n_blocks,
-                                  q4_k_block_scales)
+from tinyllm.kernels.quant import (
+    QK,
+    QTensor,
+    _round_half_away,
+    _unpack_nibbles,
+    dequantize,
+    n_blocks,
+    q4_k_block_scales,
+)
 
 name = "numpy"
 

@@ -340,8 +340,8 @@ def test_convert_refuses_to_write_into_its_input(hf_dir, small_gguf, tmp_path):
 
 def test_sigterm_mid_conversion_leaves_no_partial_file(hf_dir, tmp_path):
     out = tmp_path / "out.q4"
-    slow = ("import time, tinyllm.converters.convert as c; q = c.quantize_chunked; "
-            "c.quantize_chunked = lambda *a: (time.sleep(0.1), q(*a))[1]; "
+    slow = ("import time; from tinyllm.converters.recipe import Recipe as R; q = R.encode; "
+            "R.encode = lambda *a, **k: (time.sleep(0.1), q(*a, **k))[1]; "
             "from tinyllm.cli import main; main()")
     proc = subprocess.Popen([sys.executable, "-c", slow, "convert", str(hf_dir), "-o", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -201,7 +201,8 @@ def kl_divergence(model, reference, text, n_ctx: int | None = None, max_chunks: 
         first = len(window) // 2
         logits, ref_logits = model.logits(window)[first:-1], reference.logits(window)[first:-1]
         if logits.shape != ref_logits.shape:
-            raise TinyLLMError(f"the model gives {logits.shape[1]} logits per token, the reference {ref_logits.shape[1]}")
+            raise TinyLLMError(f"the model gives {logits.shape[1]} logits per token, "
+                               f"the reference {ref_logits.shape[1]}")
         running = acc.add(logits, ref_logits, window[first + 1:])
         if progress:
             progress(done, len(chunks), running)

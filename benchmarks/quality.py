@@ -1,0 +1,94 @@
+"""Quantization quality table: every tinyllm 4-bit recipe against the unquantized model.
+
+    python -m benchmarks.quality [--out DIR] [--ctx 512]
+
+On stories260K (../shared/models/stories260K-hf, float32): converts it with each recipe,
+and reports bits per weight (file size x 8 / parameters, as the issue tables do), perplexity
+and mean KL divergence against the f32 file, as `tinyllm perplexity --kl-divergence` does.
+
+The texts: TinyStories' own validation split is not on these machines (no network), so both
+are stories the f32 model writes itself from BOS at temperature 1 (no top-k/top-p/min-p, no
+repeat penalty): calibration from seeds 5000..., evaluation from seeds 1000..., disjoint. Such
+text is the model's own distribution (its training distribution, to the extent it learned
+it), so its PPL is lower than on human text; KLD compares the two models position by
+position and is the figure to read.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+STORIES = REPO.parent / "shared" / "models" / "stories260K-hf"
+RECIPES = [  # label, convert options (the imatrix path is filled in)
+    ("f32 (reference)", ["--quant", "f32"]),
+    ("q8_0", ["--quant", "q8_0"]),
+    ("q4_0 (= llama.cpp Q4_0)", ["--quant", "q4_0"]),
+    ("q4_0 --quantizer search", ["--quant", "q4_0", "--quantizer", "search"]),
+    ("q4_0 search + imatrix", ["--quant", "q4_0", "--quantizer", "search", "--imatrix", None]),
+    ("q4_1", ["--quant", "q4_1"]),
+    ("q4_1 search + imatrix", ["--quant", "q4_1", "--quantizer", "search", "--imatrix", None]),
+    ("q4_k", ["--quant", "q4_k"]),
+    ("q4_k + imatrix", ["--quant", "q4_k", "--imatrix", None]),
+]
+
+
+def sample_text(model, first_seed: int, n_tokens: int) -> str:
+    stories, total, seed = [], 0, first_seed
+    while total < n_tokens:
+        story = model.generate("", max_new_tokens=400, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
+                               repeat_penalty=1.0, seed=seed, stream=False).strip()
+        stories.append(story)
+        total += len(model.tokenize(story, special=False))
+        seed += 1
+    return "\n\n".join(stories)
+
+
+def tinyllm(*args) -> str:
+    return subprocess.run([sys.executable, "-c", "from tinyllm.cli import main; main()", *map(str, args)], check=True,
+                          capture_output=True, text=True).stdout
+
+
+def main() -> None:
+    import tinyllm as t
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, default=Path.home() / ".cache" / "tinyllm" / "quality")
+    ap.add_argument("--ctx", type=int, default=512)
+    args = ap.parse_args()
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for label, options in RECIPES[:1]:
+        files[label] = out / "f32.q4"
+        tinyllm("convert", STORIES, "-o", files[label], *options)
+    ref = t.load(files["f32 (reference)"])
+    calib, held_out = out / "calibration.txt", out / "evaluation.txt"
+    calib.write_text(sample_text(ref, 5000, 8000))
+    held_out.write_text(sample_text(ref, 1000, 16000))
+    imatrix = out / "stories.imatrix"
+    tinyllm("imatrix", files["f32 (reference)"], calib, "-o", imatrix)
+    params = sum(math.prod(x.shape) for x in ref.file_tensors.values())
+    print(f"stories260K, {params} parameters; ctx {args.ctx}; evaluation {held_out} "
+          f"({len(ref.tokenize(held_out.read_text(), special=False))} tokens), calibration {calib}")
+    print("| recipe | bits/weight | PPL | delta PPL | mean KLD | same top |")
+    print("|---|---|---|---|---|---|")
+    for i, (label, options) in enumerate(RECIPES):
+        path = files.get(label) or out / f"recipe{i}.q4"
+        if label not in files:
+            tinyllm("convert", STORIES, "-o", path, *[imatrix if o is None else o for o in options])
+        report = tinyllm("perplexity", path, held_out, "--ctx", args.ctx, "--kl-divergence", files["f32 (reference)"])
+        fields = dict(line.split(":", 1) for line in report.splitlines() if ":" in line)
+        get = {k.strip(): v.strip() for k, v in fields.items()}
+        bits = path.stat().st_size * 8 / params
+        print(f"| {label} | {bits:.2f} | {get['PPL(model)']} | {get['PPL difference']} | {get['Mean KLD']} | "
+              f"{get['Same top token']} |")
+    print(json.dumps({"out": str(out)}))
+
+
+if __name__ == "__main__":
+    main()
