@@ -69,20 +69,20 @@ def random_tensor(shape, fmt: str, rng, std: float = 0.02) -> QTensor:
     return QTensor(fmt, tuple(shape), {"d": d.astype(np.float16), "qs": qs})
 
 
-def _format(name: str) -> str:
-    return "q8_0" if name in ("tok_embeddings", "output") else "q4_0"
+def _format(name: str, quant: str = "q4_0") -> str:
+    return "q8_0" if name in ("tok_embeddings", "output") else quant
 
 
-def write_q4(path: Path, cfg: Config, seed: int = SEED) -> Path:
+def write_q4(path: Path, cfg: Config, seed: int = SEED, quant: str = "q4_0") -> Path:
     rng = np.random.default_rng(seed)
     hf_config = {"architectures": ["LlamaForCausalLM"], "bos_token_id": 1, "eos_token_id": 2, **TINYLLAMA}
     metadata = {"architecture": "llama", "config": config_dict(cfg),
                 "tokenizer": tokenizer_spec_from_hf_dir(TOKENIZER_DIR, hf_config),
-                "chat_template": None, "generation": {}, "quant": "q4_0",
+                "chat_template": None, "generation": {}, "quant": quant,
                 "source": {"format": "random", "name": NAME, "seed": seed}}
     with ModelWriter(path, metadata) as out:
         for name, shape in tensor_shapes(cfg).items():
-            out.add(name, random_tensor(shape, _format(name), rng))
+            out.add(name, random_tensor(shape, _format(name, quant), rng))
     return path
 
 
@@ -155,14 +155,15 @@ def write_gguf(q4_path: Path, path: Path) -> Path:
     return path
 
 
-def bench_model(gguf_too: bool = False) -> tuple[Path, Path | None]:
-    """Paths of the cached benchmark model (.q4, and .gguf when asked), created on first use."""
+def bench_model(gguf_too: bool = False, quant: str = "q4_0") -> tuple[Path, Path | None]:
+    """Paths of the cached benchmark model (.q4 with ``quant`` matrices (q4_0 or q4_k), and for
+    q4_0 the .gguf when asked), created on first use."""
     if not (TOKENIZER_DIR / "tokenizer.model").is_file():
         raise FileNotFoundError(f"the Llama 2 tokenizer is needed to build the benchmark model: {TOKENIZER_DIR}")
     d = bench_dir()
-    q4 = d / f"{NAME}-q4_0.q4"
+    q4 = d / f"{NAME}-{quant}.q4"
     if not q4.exists():
-        write_q4(q4, Config(**TINYLLAMA))
+        write_q4(q4, Config(**TINYLLAMA), quant=quant)
     gg = None
     if gguf_too:
         gg = d / f"{NAME}-q4_0.gguf"
@@ -174,5 +175,8 @@ def bench_model(gguf_too: bool = False) -> tuple[Path, Path | None]:
 
 
 if __name__ == "__main__":
-    for p in bench_model(gguf_too=True):
-        print(p, f"{p.stat().st_size / 1e6:.1f} MB")
+    import sys
+
+    for p in bench_model(gguf_too=len(sys.argv) < 2, quant=sys.argv[1] if len(sys.argv) > 1 else "q4_0"):
+        if p is not None:
+            print(p, f"{p.stat().st_size / 1e6:.1f} MB")

@@ -170,7 +170,9 @@ def q4k_row_scales(d, scales, r, nb, ds, ms):
 def _q4_rows_simd(qs, d, m, scales, xq, corr, dx, sxf, out, width, tt):
     """out (Tp, N) += q4 weight (N, 16, nb) . activations; width, tt: compile-time constants.
     q4_0 / q4_1: d, m (N, nb) float16 bits, scales None. q4_k: d (nsb, 2) float16 bits, m None,
-    scales (nsb, 12): each row block's scales are decoded first (Numba prunes the other branch)."""
+    scales (nsb, 12). Decoding one token over rows of whole super-blocks (nb % 8 == 0, every real
+    model's big matrices), the chunk kernel decodes the scales in registers; otherwise (prefill,
+    where the tiles reuse them, or rows sharing super-blocks) each row block's are decoded first."""
     numba.literally(width)
     numba.literally(tt)
     N, _, nb = qs.shape
@@ -179,7 +181,8 @@ def _q4_rows_simd(qs, d, m, scales, xq, corr, dx, sxf, out, width, tt):
     c_tstride = nch * width
     for rb in prange((N + ROW_BLOCK - 1) // ROW_BLOCK):
         r0, r1 = rb * ROW_BLOCK, min(N, rb * ROW_BLOCK + ROW_BLOCK)
-        if scales is not None:
+        in_chunk = scales is not None and nb % 8 == 0 and tt == 1
+        if scales is not None and not in_chunk:  # decode each row's scales once, for all token tiles
             ds = np.empty((ROW_BLOCK, nb), np.float32)
             ms = np.empty((ROW_BLOCK, nb), np.float32)
             for r in range(r0, r1):
@@ -188,7 +191,12 @@ def _q4_rows_simd(qs, d, m, scales, xq, corr, dx, sxf, out, width, tt):
             for r in range(r0, r1):
                 for c in range(nch):
                     b0 = c * width
-                    if scales is None:
+                    if in_chunk:  # decode, whole super-blocks: the chunk kernel decodes them in registers
+                        numba_simd.q4_chunk_dot(qs, r * 16 * nb + b0, nb, xq, t0 * x_tstride + c * 16 * 2 * width,
+                                                x_tstride, d, scales, (r * nb + b0) >> 3, corr, dx, sxf,
+                                                t0 * c_tstride + b0, c_tstride, min(width, nb - b0), out,
+                                                t0 * N + r, N, width, tt)
+                    elif scales is None:
                         numba_simd.q4_chunk_dot(qs, r * 16 * nb + b0, nb, xq, t0 * x_tstride + c * 16 * 2 * width,
                                                 x_tstride, d, m, r * nb + b0, corr, dx, sxf, t0 * c_tstride + b0,
                                                 c_tstride, min(width, nb - b0), out, t0 * N + r, N, width, tt)

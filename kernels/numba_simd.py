@@ -188,9 +188,12 @@ def _emit_q4_chunk(context, builder, sig, args, W, tt, has_min, masked):
             return load(aryty, ary, d_off, vf, 4)
         return builder.fpext(builder.bitcast(load(aryty, ary, d_off, vi, 2), ir.VectorType(F16, W)), vf)
 
-    dw = scales(at[6], d)
+    if isinstance(at[7], types.Array) and at[7].dtype == types.uint8:  # q4_k: decode the chunk's super-blocks
+        dw, mw = _q4_k_chunk_scales(context, builder, at, d, m, d_off, nvalid, W, masked)
+    else:
+        dw = scales(at[6], d)
+        mw = scales(at[7], m) if has_min else None
     if has_min:
-        mw = scales(at[7], m)
         # x = d*q + m = d*(q-8) + (m + 8d)
         mw = builder.fadd(mw, builder.fmul(dw, _const(F32, [8.0] * W)))
     for t in range(tt):
@@ -205,6 +208,46 @@ def _emit_q4_chunk(context, builder, sig, args, W, tt, has_min, masked):
         optr = builder.gep(context.make_array(at[15])(context, builder, out).data,
                            [builder.add(o_off, builder.mul(o_tstride, ir.Constant(i64, t)))], inbounds=True)
         builder.store(builder.fadd(builder.load(optr), _hsum(builder, v)), optr)
+
+
+def _q4_k_chunk_scales(context, builder, at, d, scales, sb0, nvalid, W, masked):
+    """The chunk's W block scales and offsets (x = dw * q + mw) decoded from its W/8 whole q4_k
+    super-blocks, starting at super-block sb0: d (nsb, 2) float16 bits, scales (nsb, 12) bytes
+    in ggml's 6-bit packing (quant.unpack_scales). Constant shuffles spread each super-block's
+    bytes over its 8 lanes; products in float32, as the reference computes them."""
+    n = W // 8                                            # super-blocks in a full chunk
+    i64 = sb0.type
+    nsb_valid = builder.trunc(builder.lshr(nvalid, ir.Constant(nvalid.type, 3)), I32) if masked else None
+
+    def lanes_below(count, per, limit):                   # mask of `count` lanes: lane < per * nsb_valid
+        return builder.icmp_signed("<", _const(I32, list(range(count))),
+                                   _splat(builder, builder.mul(nsb_valid, ir.Constant(I32, per)), count)) \
+            if masked else _const(I1, [int(i < limit) for i in range(count)])
+
+    vpair = ir.VectorType(I16, 2 * n)
+    pptr = _vec_ptr(context, builder, at[6], d, builder.mul(sb0, ir.Constant(i64, 2)), vpair)
+    pairs = _masked_load(builder, pptr, lanes_below(2 * n, 2, 2 * n), 2) if masked else builder.load(pptr, align=2)
+    pairs = builder.fpext(builder.bitcast(pairs, ir.VectorType(F16, 2 * n)), ir.VectorType(F32, 2 * n))
+    d0 = builder.shuffle_vector(pairs, pairs, _const(I32, [2 * (i // 8) for i in range(W)]))
+    d1 = builder.shuffle_vector(pairs, pairs, _const(I32, [2 * (i // 8) + 1 for i in range(W)]))
+    nraw = 2 * W                                          # >= 12 * n bytes, a power of two
+    rptr = _vec_ptr(context, builder, at[7], scales, builder.mul(sb0, ir.Constant(i64, 12)), ir.VectorType(I8, nraw))
+    raw = _masked_load(builder, rptr, lanes_below(nraw, 12, 12 * n), 1)
+
+    def gather(offset):                                   # lane i <- byte 12 * (i // 8) + offset(i % 8)
+        return builder.shuffle_vector(raw, raw, _const(I32, [12 * (i // 8) + offset(i % 8) for i in range(W)]))
+
+    low = _const(I1, [int(i % 8 < 4) for i in range(W)])
+    c63, c15, c6, c4 = (_const(I8, [v] * W) for v in (63, 15, 6, 4))
+    a, b = gather(lambda j: j % 4), gather(lambda j: 4 + j % 4)   # bytes 0-3 and 4-7 of each super-block
+    c = gather(lambda j: 8 + j % 4)                               # bytes 8-11
+    high_bits = lambda v: builder.shl(builder.lshr(v, c6), c4)    # noqa: E731  (top 2 bits, moved to bits 4-5)
+    sc = builder.select(low, builder.and_(a, c63), builder.or_(builder.and_(c, c15), high_bits(a)))
+    mn = builder.select(low, builder.and_(b, c63), builder.or_(builder.lshr(c, c4), high_bits(b)))
+    vf = ir.VectorType(F32, W)
+    dw = builder.fmul(d0, builder.uitofp(sc, vf))
+    mw = builder.fneg(builder.fmul(d1, builder.uitofp(mn, vf)))
+    return dw, mw
 
 
 def _emit_q8_chunk(context, builder, sig, args, W, tt, masked):
@@ -298,8 +341,10 @@ def q4_chunk_dot(typingctx, qs, q_off, plane_stride, xq, x_off, x_tstride, d, m,
 
     qs     uint8 weights, the chunk's plane 0 at flat offset q_off, plane j at + j*plane_stride
     xq     int8 activations from quantize_for_simd, token t's chunk at x_off + t*x_tstride
-    d, m   uint16 (float16 bits) scales and q4_1 minimums (m None: q4_0), or float32 ones
-           (q4_k's block scales, decoded per row), chunk at d_off
+    d, m   uint16 (float16 bits) scales and q4_1 minimums (m None: q4_0), chunk at d_off; or
+           float32 ones (q4_k's block scales, decoded per row); or for q4_k whose chunk is whole
+           super-blocks, d (nsb, 2) uint16 and m the (nsb, 12) uint8 6-bit scales, d_off the
+           chunk's first super-block (decoded in vector registers, _q4_k_chunk_scales)
     corr   int16 8*sum(x) per block; dx float32 activation scale; sxf float32 dx*sum(x);
            token t's chunk at c_off + t*c_tstride
     nvalid blocks of this chunk inside the row (< width only for the row's last chunk)

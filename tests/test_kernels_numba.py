@@ -151,6 +151,9 @@ MATMUL_SHAPES = [  # (T, N, K): one row, rows not a multiple of the threads, K n
     (3, 33, 200),
     (5, 16, 64 * 32 + 17 * 32 + 5),
     (17, 5, 96),
+    (1, 9, 256),           # q4_k rows of whole super-blocks: scales decoded in the chunk kernel,
+    (1, 6, 80 * 32),       # a full chunk and a masked tail of 2 super-blocks
+    (5, 6, 80 * 32),
 ]
 
 
