@@ -42,10 +42,10 @@ from tinyllm.arch import ARCHITECTURES, get_arch
 from tinyllm.converters.convert import config_dict, refuse_overwriting_input
 from tinyllm.converters.gguf_arch import clean_float, gguf_shapes
 from tinyllm.converters.gguf_tokenizer import tokenizer_spec_from_gguf
-from tinyllm.converters.recipe import ROW_CHUNK, Recipe, format_of
+from tinyllm.converters.recipe import CHOICES, MIXES, ROW_CHUNK, Recipe, format_of
 from tinyllm.errors import FormatError, TinyLLMError, UnsupportedError, reading
 from tinyllm.fileformat import ModelWriter, no_model_file
-from tinyllm.kernels.quant import FORMATS, QTensor, from_ggml_blocks, quantize
+from tinyllm.kernels.quant import QTensor, from_ggml_blocks, quantize
 from tinyllm.validate import check_source
 
 # GGUF architecture name -> its table: each tinyllm architecture's converter module has one
@@ -122,12 +122,12 @@ class GGUFTensor:
             raise UnsupportedError(f"{path}: tensor {self.name} has GGUF type {self.type}, which tinyllm cannot read "
                                    f"(supported: {', '.join([*LOSSLESS, *REQUANT])})")
 
-    def target_format(self, name: str, quant: str | None) -> str:
+    def target_format(self, name: str, quant: str | None, recipe: Recipe | None = None) -> str:
         """The tinyllm format for this tensor (tinyllm name ``name``): ``quant`` with the HF
         converter's policy when given; otherwise its own format, or for a type tinyllm lacks
         the REQUANT choice, again with 8-bit embedding and output head under a 4-bit choice."""
         if quant:
-            return format_of(name, len(self.shape), quant)
+            return recipe.format_of(name, len(self.shape)) if recipe else format_of(name, len(self.shape), quant)
         if len(self.shape) == 1:
             return "f32"
         return LOSSLESS.get(self.type) or format_of(name, 2, REQUANT[self.type])
@@ -189,8 +189,10 @@ class GGUFModel:
 
     def __init__(self, path, quant: str | None = None, notice=_stderr, recipe: Recipe | None = None):
         self.path = Path(path)
-        if quant is not None and quant not in FORMATS:
-            raise TinyLLMError(f"unknown quant format {quant!r}; choose one of {', '.join(FORMATS)}")
+        if quant is not None and quant not in CHOICES:
+            raise TinyLLMError(f"unknown quant format {quant!r}; choose one of {', '.join(CHOICES)}")
+        if recipe is None and quant in MIXES:
+            recipe = Recipe(quant)
         with reading(self.path):
             self._read(quant, notice, recipe)
 
@@ -244,7 +246,7 @@ class GGUFModel:
                 want = shapes[gname]
                 if g.shape != tuple(want):
                     raise FormatError(f"{self.path}: tensor {gname} has shape {g.shape}, expected {tuple(want)}")
-                fmt = g.target_format(name, quant)
+                fmt = g.target_format(name, quant, recipe)
                 if LOSSLESS.get(g.type) != fmt:
                     recoded[g.type, "widened" if g.type == "BF16" else "dequantized and requantized", fmt] += 1
                 loaded[gname] = g.load(fmt, recipe, name)

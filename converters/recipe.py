@@ -5,12 +5,19 @@ One ``Recipe`` serves both converters (Hugging Face, GGUF requantization):
 - the format of each tensor for a requested ``--quant``: matrices in that format, except that
   under a 4-bit format the embedding table and output head keep 8 bits (they are read one
   row per token, or dominate the logits' accuracy); 1-D tensors (norms, biases) stay f32;
+- or a mix (``q4_k_m``, ``q4_k_s``): q4_k, with more bits for the tensors llama.cpp's mixes of
+  those names favour (its llama_tensor_get_type): under q4_k_m the value projection (attn_v,
+  or a fused attn_qkv) and ffn_down of the first and last eighth of the layers and of every
+  third layer between; under q4_k_s attn_v of the first 4 layers and ffn_down of the first
+  eighth. Where llama.cpp uses Q5_K / Q6_K there, tinyllm uses q8_0 (MORE_BITS) until it has
+  a 6-bit format: more bytes than llama.cpp's mix on those tensors, never fewer bits;
 - the encoder: round to nearest (``quant.quantize``: for q4_0/q4_1/q8_0 bit-identical to
   llama.cpp's reference quantizer), or the error-minimizing search (``quantizer.py``),
   weighted by an importance matrix when one is given. q4_k always searches.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -26,6 +33,9 @@ EDGE_TENSORS = ("tok_embeddings", "output")
 ROW_CHUNK = 4096
 assert ROW_CHUNK % SUPER == 0
 QUANTIZERS = ("nearest", "search")
+MIXES = ("q4_k_s", "q4_k_m")
+CHOICES = FORMATS + MIXES   # what --quant accepts
+MORE_BITS = "q8_0"          # the mixes' format for the tensors that matter most (ggml: Q5_K / Q6_K)
 
 
 @dataclass(frozen=True)
@@ -34,15 +44,16 @@ class Recipe:
     quantizer: str = "nearest"           # for q4_0 / q4_1 (q4_k always searches)
     imatrix: dict = field(default_factory=dict)   # GGUF tensor name -> (in_features,) mean squared activation
     names: dict = field(default_factory=dict)     # tinyllm tensor name -> GGUF name (see bind)
+    n_layers: int = 0                             # (see bind)
 
     def __post_init__(self):
-        if self.quant not in FORMATS:
-            raise TinyLLMError(f"unknown quant format {self.quant!r}; choose one of {', '.join(FORMATS)}")
+        if self.quant not in CHOICES:
+            raise TinyLLMError(f"unknown quant format {self.quant!r}; choose one of {', '.join(CHOICES)}")
         if self.quantizer not in QUANTIZERS:
             raise TinyLLMError(f"unknown quantizer {self.quantizer!r}; choose one of {', '.join(QUANTIZERS)}")
-        if self.quantizer == "nearest" and self.imatrix and self.quant != "q4_k":
+        if self.quantizer == "nearest" and self.imatrix and self.quant not in ("q4_k",) + MIXES:
             raise TinyLLMError("an importance matrix weights the search quantizer: use --quantizer search")
-        if self.imatrix and self.quant not in SEARCHED:
+        if self.imatrix and self.quant not in SEARCHED + MIXES:
             raise TinyLLMError(f"an importance matrix only changes the {', '.join(SEARCHED)} quantizers, "
                                f"not {self.quant}")
 
@@ -50,7 +61,7 @@ class Recipe:
         """The recipe for one model: its tensors' names looked up in the imatrix (GGUF names)."""
         from tinyllm.imatrix import gguf_names
 
-        bound = replace(self, names=gguf_names(arch, cfg))
+        bound = replace(self, names=gguf_names(arch, cfg), n_layers=cfg.num_hidden_layers)
         if self.imatrix and not any(g in self.imatrix for g in bound.names.values()):
             raise TinyLLMError("the importance matrix has no entry for any tensor of this model "
                                "(made for another one?)")
@@ -60,7 +71,13 @@ class Recipe:
         return self.imatrix.get(self.names.get(name, name))
 
     def format_of(self, name: str, ndim: int) -> str:
-        return format_of(name, ndim, self.quant)
+        if self.quant not in MIXES:
+            return format_of(name, ndim, self.quant)
+        if not self.names:
+            raise TinyLLMError(f"{self.quant} assigns formats by tensor: the recipe must be bound to a model first")
+        if ndim != 2 or name in EDGE_TENSORS:
+            return format_of(name, ndim, "q4_k")
+        return mix_format(self.quant, self.names.get(name, name), self.n_layers)
 
     def encode(self, name: str, w: np.ndarray, fmt: str | None = None) -> QTensor:
         """Tensor ``name`` (its float values) in ``fmt`` (default: the recipe's choice for it),
@@ -91,3 +108,21 @@ def format_of(name: str, ndim: int, quant: str) -> str:
     if quant in FOUR_BIT and name in EDGE_TENSORS:
         return "q8_0"
     return quant
+
+
+def _more_bits(layer: int, n_layers: int) -> bool:
+    """llama.cpp's use_more_bits: the first and last eighth of the layers, and every third between."""
+    return layer < n_layers // 8 or layer >= 7 * n_layers // 8 or (layer - n_layers // 8) % 3 == 2
+
+
+def mix_format(mix: str, gguf_name: str, n_layers: int) -> str:
+    """The format of weight matrix ``gguf_name`` (GGUF's tensor names, llama.cpp's policy
+    language) in ``mix``; the embedding table and output head are decided before this."""
+    m = re.fullmatch(r"blk\.(\d+)\.(attn_v|attn_qkv|ffn_down)\.weight", gguf_name)
+    if m is None:
+        return "q4_k"
+    layer, kind = int(m[1]), m[2]
+    if mix == "q4_k_m":
+        return MORE_BITS if _more_bits(layer, n_layers) else "q4_k"
+    limit = 4 if kind != "ffn_down" else max(n_layers // 8, 0)  # q4_k_s
+    return MORE_BITS if layer < limit else "q4_k"

@@ -254,3 +254,32 @@ def test_kl_divergence_needs_the_same_vocabulary(stories, tmp_path):
                                   "--kl-divergence", str(gguf_file)])
     assert r.exit_code == 1 and "vocabulary" in r.output and "Traceback" not in r.output
     assert convert  # imported: the converter module loads with the recipe
+
+
+def test_mixes_follow_llama_cpp_s_tensor_choices():
+    from tinyllm.converters.recipe import MORE_BITS, mix_format
+
+    n = 32  # llama.cpp's use_more_bits: layers 0-3, 28-31, and 6, 9, ..., 27
+    more = [i for i in range(n) if mix_format("q4_k_m", f"blk.{i}.ffn_down.weight", n) == MORE_BITS]
+    assert more == [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]
+    assert all(mix_format("q4_k_m", f"blk.{i}.{t}.weight", n) == "q4_k" for i in range(n)
+               for t in ("attn_q", "attn_k", "attn_output", "ffn_up", "ffn_gate"))
+    assert [i for i in range(n) if mix_format("q4_k_s", f"blk.{i}.attn_v.weight", n) == MORE_BITS] == [0, 1, 2, 3]
+    assert [i for i in range(n) if mix_format("q4_k_s", f"blk.{i}.ffn_down.weight", n) == MORE_BITS] == [0, 1, 2, 3]
+
+
+def test_q4_k_m_file_says_what_it_holds(stories):
+    d, _ = stories
+    r = CliRunner().invoke(main, ["convert", str(STORIES), "--quant", "q4_k_m", "-o", str(d / "m.q4")])
+    assert r.exit_code == 0, r.output
+    import tinyllm
+
+    m = tinyllm.load(d / "m.q4", backend="numpy")
+    formats = {name: t.format for name, t in m.file_tensors.items() if len(t.shape) == 2}
+    # 5 layers: use_more_bits picks layers 2 and 4; the tied embedding keeps q8_0
+    assert {n for n, f in formats.items() if f == "q8_0"} == {
+        "tok_embeddings", "layers.2.attention.wv", "layers.4.attention.wv",
+        "layers.2.feed_forward.w2", "layers.4.feed_forward.w2"}
+    assert m.metadata["quant"] == "q4_k_m"
+    info = CliRunner().invoke(main, ["info", str(d / "m.q4")])
+    assert "q4_k_m" in info.output and "bits/weight" in info.output and "bits per weight" in info.output

@@ -26,21 +26,28 @@ def describe_file(path) -> list[tuple[str, object]]:
         arch, cfg = check_source(source, str(path))
         meta = source.metadata
         tok = Tokenizer.from_spec(meta["tokenizer"])
-    by_format = defaultdict(lambda: [0, 0])
+    by_format = defaultdict(lambda: [0, 0, 0])  # tensors, bytes, weights
     for t in source.tensors.values():
         by_format[t.format][0] += 1
         by_format[t.format][1] += t.nbytes
+        by_format[t.format][2] += prod(t.shape)
+    n_params = sum(w for _, _, w in by_format.values())
+    n_bytes = sum(b for _, b, _ in by_format.values())
     rows = [
         ("file", f"{path} ({path.stat().st_size / 2**20:.2f} MiB)"),
         ("architecture", meta["architecture"]),
-        ("parameters", f"{sum(prod(t.shape) for t in source.tensors.values()):,}"),
+        ("parameters", f"{n_params:,}"),
+        ("bits per weight", f"{8 * n_bytes / n_params:.2f} (tensor bytes; "
+                            f"file {8 * path.stat().st_size / n_params:.2f})"),
+        ("quant", meta.get("quant", "?")),
         ("layers", cfg.num_hidden_layers),
         ("hidden size", cfg.hidden_size),
         ("heads", f"{cfg.num_attention_heads} (head dim {cfg.head_dim})"),
         ("context length", cfg.context_length),
         ("vocabulary", cfg.vocab_size),
         *arch.describe(cfg).items(),
-        *[(f"tensors {fmt}", f"{n} tensors, {size / 2**20:.2f} MiB") for fmt, (n, size) in sorted(by_format.items())],
+        *[(f"tensors {fmt}", f"{n} tensors, {size / 2**20:.2f} MiB, {8 * size / w:.2f} bits/weight")
+          for fmt, (n, size, w) in sorted(by_format.items())],
         ("tokenizer", f"{tok.spec['kind']}, {tok.vocab_size} tokens, bos={tok.bos_id}, eos={tok.eos_ids}"),
         ("chat template", "yes" if meta.get("chat_template") else "none"),
         ("generation defaults", dict(meta.get("generation") or {}) or "none"),

@@ -6,17 +6,17 @@ import sys
 import click
 
 from tinyllm.cli import main
-from tinyllm.converters.recipe import QUANTIZERS
-from tinyllm.kernels.quant import FORMATS
+from tinyllm.converters.recipe import CHOICES, QUANTIZERS
 
 
 @main.command()
 @click.argument("source", type=click.Path())
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The .q4 file to write.")
-@click.option("--quant", type=click.Choice(FORMATS), default=None,
+@click.option("--quant", type=click.Choice(CHOICES), default=None,
               help="Format of the weight matrices (norms and biases stay f32). Default: q4_0 for a "
                    "Hugging Face directory; for a GGUF file, its own formats where tinyllm has them. "
-                   "q4_k: 4.5 bits like q4_0, much closer to the original (FORMAT.md).")
+                   "q4_k: 4.5 bits like q4_0, much closer to the original (FORMAT.md); q4_k_m / q4_k_s: q4_k "
+                   "with 8 bits for the tensors that matter most, after llama.cpp's mixes of those names.")
 @click.option("--quantizer", type=click.Choice(QUANTIZERS), default="nearest", show_default=True,
               help="How q4_0/q4_1 blocks are encoded: round to nearest (bit-identical to llama.cpp) or an "
                    "error-minimizing search (same format, closer values). q4_k always searches.")
