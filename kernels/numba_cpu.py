@@ -7,7 +7,7 @@ a clip) the reference function is used as is.
 
 Quantized matmuls quantize the activation to int8 blocks and run integer block dot
 products (numba_quant.py); on x86 with AVX2/AVX-512BW they go through hand-placed
-pmaddubsw (q4_0, q4_1) and pmaddwd (q8_0) kernels (numba_simd.py). Set TINYLLM_SIMD=0 to force the portable
+pmaddubsw (q4_0, q4_1, q4_k) and pmaddwd (q8_0) kernels (numba_simd.py). Set TINYLLM_SIMD=0 to force the portable
 loops (or =32 to use the AVX2 width on an AVX-512 machine).
 """
 from __future__ import annotations
@@ -132,6 +132,9 @@ def matmul(x: np.ndarray, w, bias: np.ndarray | None = None) -> np.ndarray:
     return y
 
 
+Q4_FORMATS = ("q4_0", "q4_1", "q4_k")  # one family of kernels: 4-bit planes, per-block grids
+
+
 def _chunk_width(w) -> int:
     """SIMD chunk (blocks per vector) for a weight: rows of at most 32 blocks (K <= 1024)
     would leave most of a 64-block AVX-512 chunk empty; 32-block (AVX2-width) chunks waste less."""
@@ -141,20 +144,13 @@ def _chunk_width(w) -> int:
 def _matmul_nobias(x, w):
     T = x.shape[0]
     v = w.views
-    if w.format in ("q4_0", "q4_1"):
+    if w.format in Q4_FORMATS:  # parts: d, qs, and m (q4_1) or scales (q4_k)
+        q4 = (v["qs"], v["d"], v.get("m"))
         if SIMD_WIDTH:
-            return numba_quant.q4_matmul_simd(x, v["qs"], v["d"], v.get("m"), _chunk_width(w))
+            return numba_quant.q4_matmul_simd(x, *q4, _chunk_width(w), scales=v.get("scales"))
         if T < PORTABLE_BLAS_MIN_TOKENS:
             out = np.empty((T, w.shape[0]), np.float32)
-            numba_quant.q4_rows_portable(v["qs"], v["d"], v.get("m"), *numba_quant.quantize_planes(x), out)
-            return out
-        return _matmul_blas_tiles(x, w)
-    if w.format == "q4_k":
-        if SIMD_WIDTH:
-            return numba_quant.q4_matmul_simd(x, v["qs"], v["d"], None, _chunk_width(w), scales=v["scales"])
-        if T < PORTABLE_BLAS_MIN_TOKENS:
-            out = np.empty((T, w.shape[0]), np.float32)
-            numba_quant.q4k_rows_portable(v["qs"], v["d"], v["scales"], *numba_quant.quantize_planes(x), out)
+            numba_quant.q4_rows_portable(*q4, v.get("scales"), *numba_quant.quantize_planes(x), out)
             return out
         return _matmul_blas_tiles(x, w)
     if w.format == "q8_0":
@@ -178,10 +174,8 @@ def _matmul_nobias(x, w):
 def dequantize_rows_into(w: NumbaTensor, rows: np.ndarray, out: np.ndarray) -> None:
     """out (len(rows), K) float32 = the decoded rows of w."""
     v = w.views
-    if w.format in ("q4_0", "q4_1"):
-        numba_quant.dequantize_q4_rows(v["qs"], v["d"], v.get("m"), rows, out)
-    elif w.format == "q4_k":
-        numba_quant.dequantize_q4k_rows(v["qs"], v["d"], v["scales"], rows, out)
+    if w.format in Q4_FORMATS:
+        numba_quant.dequantize_q4_rows(v["qs"], v["d"], v.get("m"), v.get("scales"), rows, out)
     elif w.format == "q8_0":
         numba_quant.dequantize_q8_rows(v["qs"], v["d"], rows, out)
     elif w.format == "f16":

@@ -342,24 +342,17 @@ def _q4_row_portable(w, ds, ms, xq, corr, dx, sxf, out, r, acc):
 
 
 @njit(parallel=True, cache=True, fastmath=True, error_model="numpy")
-def q4_rows_portable(qs, d, m, xq, corr, dx, sxf, out):
-    """out (T, N) = q4_0 / q4_1 weight (N, 16, nb) . activations from quantize_planes."""
+def q4_rows_portable(qs, d, m, scales, xq, corr, dx, sxf, out):
+    """out (T, N) = q4 weight (N, 16, nb) . activations from quantize_planes; the weight's parts
+    as in _q4_rows_simd (q4_k: m None, scales given)."""
     N, _, nb = qs.shape
     for r in prange(N):
         acc = np.empty(nb, np.int16)
         ds, ms = np.empty(nb, np.float32), np.empty(nb, np.float32)
-        q4_row_scales(d, m, r, ds, ms)
-        _q4_row_portable(qs[r], ds, ms, xq, corr, dx, sxf, out, r, acc)
-
-
-@njit(parallel=True, cache=True, fastmath=True, error_model="numpy")
-def q4k_rows_portable(qs, d, scales, xq, corr, dx, sxf, out):
-    """out (T, N) = q4_k weight . activations from quantize_planes."""
-    N, _, nb = qs.shape
-    for r in prange(N):
-        acc = np.empty(nb, np.int16)
-        ds, ms = np.empty(nb, np.float32), np.empty(nb, np.float32)
-        q4k_row_scales(d, scales, r, nb, ds, ms)
+        if scales is None:
+            q4_row_scales(d, m, r, ds, ms)
+        else:
+            q4k_row_scales(d, scales, r, nb, ds, ms)
         _q4_row_portable(qs[r], ds, ms, xq, corr, dx, sxf, out, r, acc)
 
 
@@ -401,22 +394,16 @@ def _decode_q4_row(qs, r, ds, ms, out_row):
 
 
 @njit(cache=True, error_model="numpy")
-def dequantize_q4_rows(qs, d, m, rows, out):
-    """out (len(rows), K) = decoded q4_0 (m None) / q4_1 rows; K = out.shape[1] <= nb*32."""
+def dequantize_q4_rows(qs, d, m, scales, rows, out):
+    """out (len(rows), K) = decoded q4_0 (m None) / q4_1 / q4_k (m None, scales given) rows;
+    K = out.shape[1] <= nb*32."""
     nb = qs.shape[2]
     ds, ms = np.empty(nb, np.float32), np.empty(nb, np.float32)
     for i in range(rows.shape[0]):
-        q4_row_scales(d, m, rows[i], ds, ms)
-        _decode_q4_row(qs, rows[i], ds, ms, out[i])
-
-
-@njit(cache=True, error_model="numpy")
-def dequantize_q4k_rows(qs, d, scales, rows, out):
-    """out (len(rows), K) = decoded q4_k rows."""
-    nb = qs.shape[2]
-    ds, ms = np.empty(nb, np.float32), np.empty(nb, np.float32)
-    for i in range(rows.shape[0]):
-        q4k_row_scales(d, scales, rows[i], nb, ds, ms)
+        if scales is None:
+            q4_row_scales(d, m, rows[i], ds, ms)
+        else:
+            q4k_row_scales(d, scales, rows[i], nb, ds, ms)
         _decode_q4_row(qs, rows[i], ds, ms, out[i])
 
 
