@@ -151,8 +151,11 @@ def _sentencepiece_spec(meta: dict, tokens: list[str], types: list[int]) -> dict
     if meta.get("tokenizer.ggml.precompiled_charsmap"):
         raise UnsupportedError("GGUF 'llama' vocabulary with a precompiled_charsmap normalizer is not supported")
     unk = [i for i, t in enumerate(types) if t == UNKNOWN]
-    if not unk:  # SentencePiece needs exactly one unknown piece; the metadata may name it
+    if not unk:  # SentencePiece needs exactly one unknown piece; the metadata may name it, or
+        # a control token spelled "<unk>" is it (llama.cpp's converter writes some vocabularies so)
         unk_id = meta.get("tokenizer.ggml.unknown_token_id")
+        if unk_id is None and "<unk>" in tokens and types[tokens.index("<unk>")] == CONTROL:
+            unk_id = tokens.index("<unk>")
         if unk_id is None or not 0 <= unk_id < len(tokens):
             raise FormatError("GGUF 'llama' vocabulary has no unknown token (no type-2 token, no unknown_token_id)")
         types[unk_id] = UNKNOWN

@@ -488,3 +488,21 @@ def test_unsupported_variants_refused(small_gguf, vocab_dir, tmp_path, case, err
         del r
     with pytest.raises(error, match=match):
         open_gguf(path)
+
+
+def test_unk_written_as_a_control_token_is_the_unknown_piece(vocab_dir):
+    """llama.cpp's converter writes some SentencePiece vocabularies (stories260K's) with <unk> as
+    a control token and no unknown_token_id: the piece spelled <unk> is still the unknown one."""
+    from tinyllm.tokenizer import Tokenizer
+
+    tokens, scores, types = zip(*gguf.vocab.SentencePieceVocab(vocab_dir).all_tokens())
+    tokens = [t.decode() if isinstance(t, bytes) else t for t in tokens]
+    types = [3 if t == "<unk>" else int(k) for t, k in zip(tokens, types)]
+    meta = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": list(tokens),
+            "tokenizer.ggml.scores": list(scores), "tokenizer.ggml.token_type": types,
+            "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2}
+    tok = Tokenizer.from_spec(tokenizer_spec_from_gguf(meta, "llama"))
+    assert tok.decode(tok.encode("Once upon a time")) == "Once upon a time"
+    meta["tokenizer.ggml.token_type"] = [1 if t == "<unk>" else k for t, k in zip(tokens, types)]
+    with pytest.raises(FormatError, match="no unknown token"):
+        tokenizer_spec_from_gguf(meta, "llama")
