@@ -34,6 +34,10 @@ RECIPES = [  # label, convert options (the imatrix path is filled in)
     ("q4_1 search + imatrix", ["--quant", "q4_1", "--quantizer", "search", "--imatrix", None]),
     ("q4_k", ["--quant", "q4_k"]),
     ("q4_k + imatrix", ["--quant", "q4_k", "--imatrix", None]),
+    ("q4_k_s", ["--quant", "q4_k_s"]),
+    ("q4_k_s + imatrix", ["--quant", "q4_k_s", "--imatrix", None]),
+    ("q4_k_m", ["--quant", "q4_k_m"]),
+    ("q4_k_m + imatrix", ["--quant", "q4_k_m", "--imatrix", None]),
 ]
 
 
