@@ -270,7 +270,8 @@ def test_mixes_follow_llama_cpp_s_tensor_choices():
 
 def test_q4_k_m_file_says_what_it_holds(stories):
     d, _ = stories
-    r = CliRunner().invoke(main, ["convert", str(STORIES), "--quant", "q4_k_m", "-o", str(d / "m.q4")])
+    # spelled as llama-quantize spells it: --quant is case-insensitive
+    r = CliRunner().invoke(main, ["convert", str(STORIES), "--quant", "Q4_K_M", "-o", str(d / "m.q4")])
     assert r.exit_code == 0, r.output
     import tinyllm
 

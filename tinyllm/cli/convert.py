@@ -12,7 +12,7 @@ from tinyllm.converters.recipe import CHOICES, QUANTIZERS
 @main.command()
 @click.argument("source", type=click.Path())
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The .q4 file to write.")
-@click.option("--quant", type=click.Choice(CHOICES), default=None,
+@click.option("--quant", type=click.Choice(CHOICES, case_sensitive=False), default=None,
               help="Format of the weight matrices (norms and biases stay f32). Default: q4_0 for a "
                    "Hugging Face directory; for a GGUF file, its own formats where tinyllm has them. "
                    "q4_k: 4.5 bits like q4_0, much closer to the original (FORMAT.md); q4_k_m / q4_k_s: q4_k "
