@@ -45,7 +45,7 @@ from tinyllm.converters.gguf_tokenizer import tokenizer_spec_from_gguf
 from tinyllm.converters.recipe import CHOICES, MIXES, ROW_CHUNK, Recipe, format_of
 from tinyllm.errors import FormatError, TinyLLMError, UnsupportedError, reading
 from tinyllm.fileformat import ModelWriter, no_model_file
-from tinyllm.kernels.quant import QTensor, from_ggml_blocks, quantize
+from tinyllm.kernels.quant import QTensor, from_ggml_blocks
 from tinyllm.validate import check_source
 
 # GGUF architecture name -> its table: each tinyllm architecture's converter module has one
@@ -132,22 +132,24 @@ class GGUFTensor:
             return "f32"
         return LOSSLESS.get(self.type) or format_of(name, 2, REQUANT[self.type])
 
-    def load(self, fmt: str, recipe: Recipe | None = None, name: str = "") -> QTensor:
-        """The tensor in tinyllm format ``fmt``: a lossless regrouping when fmt is this
-        tensor's own format, otherwise decoded (row chunks, bounded memory) and re-encoded."""
-        data = self._t.data
+    def keeps(self, fmt: str) -> bool:
+        """Whether this tensor becomes ``fmt`` without re-encoding (its blocks regrouped)."""
+        return LOSSLESS.get(self.type) == fmt
+
+    def load(self) -> QTensor:
+        """The tensor in its own tinyllm format, bit for bit (``keeps`` is true for it)."""
+        fmt, data = LOSSLESS[self.type], self._t.data
         if len(self.shape) == 1 or fmt in ("f32", "f16"):
-            if LOSSLESS.get(self.type) == fmt:
-                return QTensor(fmt, self.shape, {"w": np.asarray(data).reshape(self.shape)})
-            return quantize(self._decode(data).reshape(self.shape), fmt)
-        if LOSSLESS.get(self.type) == fmt:
-            return from_ggml_blocks(data, fmt, self.shape)
-        recipe = recipe or Recipe(fmt)
-        rows = self.shape[0]
-        data = np.asarray(data).reshape(rows, -1)  # one row of ggml blocks (or floats) per matrix row
-        chunks = [recipe.encode(name, self._decode(data[r:r + ROW_CHUNK]), fmt) for r in range(0, rows, ROW_CHUNK)]
-        parts = {k: np.concatenate([c.parts[k] for c in chunks]) for k in chunks[0].parts}
-        return QTensor(fmt, self.shape, parts)
+            return QTensor(fmt, self.shape, {"w": np.asarray(data).reshape(self.shape)})
+        return from_ggml_blocks(data, fmt, self.shape)
+
+    def decode(self) -> np.ndarray:
+        """The tensor's values as float32 in numpy shape, for re-encoding (by row chunks: the
+        dequantizer's temporaries stay bounded)."""
+        rows = self.shape[0] if len(self.shape) == 2 else 1
+        data = np.asarray(self._t.data).reshape(rows, -1)  # one row of ggml blocks (or floats) per matrix row
+        out = np.concatenate([self._decode(data[r:r + ROW_CHUNK]) for r in range(0, rows, ROW_CHUNK)])
+        return out.reshape(self.shape)
 
     def _decode(self, data) -> np.ndarray:
         """GGUF bytes (or floats) -> float32, last axis = columns."""
@@ -236,21 +238,34 @@ class GGUFModel:
             raise FormatError(f"{self.path}: GGUF file lacks tensor(s) {', '.join(missing[:8])}")
 
         shapes = gguf_shapes(plan, arch.weights(self.config))
-        recipe = recipe.bind(table.arch, self.config) if recipe else None
+        recipe = (recipe or Recipe(quant or "q4_k")).bind(table.arch, self.config)
         self.tensors: dict[str, QTensor] = {}
-        loaded: dict[str, QTensor] = {}  # a fused GGUF tensor is read once, then sliced
+        # A fused GGUF tensor is read once, then sliced. Re-encoded tensors are decoded to floats
+        # first and encoded after their row surgery, as the Hugging Face converter does: the rows
+        # of formats whose blocks span rows (q4_k on short rows) cannot be taken apart afterwards.
+        kept: dict[str, QTensor] = {}
+        floats: dict[str, np.ndarray] = {}
+        uses = Counter(g for _, g, _ in plan)
         recoded = Counter()
         for name, gname, transform in plan:
-            if gname not in loaded:
-                g = gtensors[gname]
-                want = shapes[gname]
-                if g.shape != tuple(want):
-                    raise FormatError(f"{self.path}: tensor {gname} has shape {g.shape}, expected {tuple(want)}")
-                fmt = g.target_format(name, quant, recipe)
-                if LOSSLESS.get(g.type) != fmt:
-                    recoded[g.type, "widened" if g.type == "BF16" else "dequantized and requantized", fmt] += 1
-                loaded[gname] = g.load(fmt, recipe, name)
-            self.tensors[name] = transform(loaded[gname]) if transform else loaded[gname]
+            g = gtensors[gname]
+            if g.shape != tuple(shapes[gname]):
+                raise FormatError(f"{self.path}: tensor {gname} has shape {g.shape}, expected {tuple(shapes[gname])}")
+            fmt = g.target_format(name, quant, recipe)
+            uses[gname] -= 1
+            if g.keeps(fmt):
+                if gname not in kept:
+                    kept[gname] = g.load()
+                t = kept[gname]
+                self.tensors[name] = transform(t) if transform else t
+                continue
+            if gname not in floats:
+                floats[gname] = g.decode()
+                recoded[g.type, "widened" if g.type == "BF16" else "dequantized and requantized", fmt] += 1
+            w = transform(floats[gname]) if transform else floats[gname]
+            self.tensors[name] = recipe.encode(name, w, fmt)
+            if uses[gname] == 0:
+                del floats[gname]
         for (src, how, fmt), n in sorted(recoded.items()):
             notice(f"{self.path.name}: {n} {src} tensor(s) {how} to {fmt}"
                    + ("" if quant else f" (tinyllm has no {src} format)"))

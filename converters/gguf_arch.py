@@ -33,7 +33,7 @@ class GGUFArch:
 
         hf_config(get, tensors) -> dict   config.json keys for the tinyllm Config.from_hf;
                                           ``get(key, default)`` reads "<arch>.<key>", ``tensors``
-                                          maps GGUF names to GGUFTensor (.shape, .load(fmt))
+                                          maps GGUF names to GGUFTensor (.shape, .load(), .decode())
         plan(cfg) -> [(tinyllm name, GGUF name, transform of the loaded QTensor or None)]
 
     The shape each GGUF tensor must have follows from the plan and the architecture's weight

@@ -105,7 +105,7 @@ class GGUF(GGUFArch):
         # Llama 3.1+: llama.cpp stores the per-frequency divisors as a tensor instead of the
         # scaling parameters. Recognize Llama 3's rule (low/high frequency factors 1 and 4) so
         # the runtime recomputes the same frequencies; refuse divisors of any other shape.
-        divisors = tensors["rope_freqs.weight"].load("f32").dequantize().reshape(-1)
+        divisors = tensors["rope_freqs.weight"].decode().reshape(-1)
         if scaling is not None or divisors.shape != (head_dim // 2,):
             raise UnsupportedError("GGUF rope_freqs tensor combined with other rope scaling is not supported")
         llama3 = {"rope_type": "llama3", "factor": clean_float(divisors.max()), "low_freq_factor": 1.0,

@@ -87,6 +87,25 @@ def test_gguf_equals_hf_conversion(hf_llama, vocab_dir, tmp_path, qtype):
     assert from_gguf.config == from_hf.config
 
 
+@pytest.mark.parametrize("quant", ["q4_k", "q4_k_m"])
+def test_gguf_requantized_after_its_row_surgery(hf_llama, vocab_dir, tmp_path, quant):
+    """Requantizing a GGUF file to q4_k, whose super-blocks span these short rows, encodes
+    each tensor after llama.cpp's q/k permutation is undone: the very tensors the Hugging Face
+    converter makes (rows of a q4_k tensor could not be reordered afterwards)."""
+    model, folder = hf_llama
+    path = write_llama_gguf(tmp_path / "m.gguf", model, vocab_dir, T.F32)
+    lines = []
+    from_gguf = Model(open_gguf(path, quant=quant, notice=lines.append), backend="numpy")
+    from_hf = _load(convert_hf(folder, tmp_path / "m.q4", quant=quant))
+    assert any(t.format == "q4_k" for t in from_hf.file_tensors.values())
+    for name, want in from_hf.file_tensors.items():
+        got = from_gguf.file_tensors[name]
+        assert got.format == want.format, name
+        for part in want.parts:
+            assert np.array_equal(got.parts[part], want.parts[part]), f"{name}.{part}"
+    assert lines and all("requantized" in line for line in lines)
+
+
 def test_gguf_tokenizer_and_chat_metadata(hf_llama, vocab_dir, tmp_path):
     model, folder = hf_llama
 
