@@ -56,8 +56,8 @@ def _command(session, line: str) -> bool:
     return True
 
 
-def _answer(session, line: str, max_tokens: int, verbose: bool) -> None:
-    """Stream one answer to stdout, flushed piece by piece; Ctrl-C ends it early."""
+def _answer(session, line: str, max_tokens: int, verbose: bool) -> bool:
+    """Stream one answer to stdout, flushed piece by piece; Ctrl-C ends it early. False: it failed."""
     pieces = session.send(line, max_new_tokens=max_tokens)
     try:
         for piece in pieces:
@@ -69,12 +69,13 @@ def _answer(session, line: str, max_tokens: int, verbose: bool) -> None:
         _note("[stopped]")
     except TinyLLMError as e:
         _note(f"error: {e}", "red")
-        return
+        return False
     else:
         sys.stdout.write("\n")
     sys.stdout.flush()
     if verbose and session.stats is not None:
         _note(session.stats.summary(), "cyan")
+    return True
 
 
 @main.command()
@@ -83,25 +84,33 @@ def _answer(session, line: str, max_tokens: int, verbose: bool) -> None:
 @click.option("--template", default=None,
               help=f"Chat template: {', '.join(BUILTIN)}, or a Jinja file "
                    "(default: the model's own; plain if it has none).")
-@click.option("-n", "--max-tokens", "max_tokens", type=click.IntRange(min=1), default=512, show_default=True,
-              help="Max tokens per answer.")
+@click.option("-n", "--max-tokens", "--n-predict", "max_tokens", type=click.IntRange(min=1), default=512,
+              show_default=True, help="Max tokens per answer.")
+@click.option("-p", "--prompt", default=None, callback=valid_text,
+              help="Answer this one message, print the answer and exit (no REPL).")
 @click.option("--stop", multiple=True, callback=valid_text, help="Also end an answer at this string (repeatable).")
 @click.option("--repeat-last-n", type=click.IntRange(min=0), default=None,
               help="Window of recent tokens the repeat penalty sees (default 64).")
 @click.option("-v", "--verbose", is_flag=True, help="Print prompt and decode speed after each answer.")
 @sampling_options
 @runtime_options
-def chat(model, system, template, max_tokens, stop, repeat_last_n, verbose, temperature, top_k, top_p, min_p,
-         repeat_penalty, seed, backend, threads, n_ctx, device):
+def chat(model, system, template, max_tokens, prompt, stop, repeat_last_n, verbose, temperature, top_k, top_p,
+         min_p, repeat_penalty, seed, backend, threads, n_ctx, device):
     """Chat with MODEL (default: the cached SmolLM2 chat model, else the bundled story model)."""
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
+    if prompt is not None and not prompt.strip():
+        raise click.UsageError("-p/--prompt is empty: give the message to answer")
     m = load_model(model, backend, threads, n_ctx, device, fetch=sys.stdin.isatty())  # first run: fetch the chat model
     session = m.chat_session(system=system, template=template, max_new_tokens=max_tokens, stop=list(stop),
                              on_notice=_note, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                              repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed)
+    if prompt is not None:  # one-shot
+        if not _answer(session, prompt, max_tokens, verbose):
+            sys.exit(1)
+        return
     which = session.template.name
     if which == "plain" and template is None:
         which = "plain (the model has no chat template; choose one with --template)"

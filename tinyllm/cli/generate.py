@@ -4,23 +4,28 @@ from __future__ import annotations
 import click
 
 from tinyllm.cli import main
-from tinyllm.cli.options import load_model, model_argument, runtime_options, sampling_options, valid_text
+from tinyllm.cli.options import load_model, model_argument, read_text, runtime_options, sampling_options, valid_text
 
 
 @main.command()
 @model_argument
-@click.option("-p", "--prompt", default="", callback=valid_text, help="Text to continue (default: start from BOS).")
-@click.option("-n", "--max-tokens", "max_tokens", type=click.IntRange(min=1), default=256, show_default=True,
-              help="Tokens to generate.")
+@click.option("-p", "--prompt", default=None, callback=valid_text, help="Text to continue (default: start from BOS).")
+@click.option("-f", "--file", "prompt_file", type=click.Path(dir_okay=False), default=None,
+              help="Read the prompt from this file (as llama.cpp's -f).")
+@click.option("-n", "--max-tokens", "--n-predict", "max_tokens", type=click.IntRange(min=1), default=256,
+              show_default=True, help="Tokens to generate.")
 @click.option("--stop", multiple=True, callback=valid_text, help="Stop when this string appears (repeatable).")
 @sampling_options
 @runtime_options
-def generate(model, prompt, max_tokens, stop, temperature, top_k, top_p, min_p, repeat_penalty, seed,
+def generate(model, prompt, prompt_file, max_tokens, stop, temperature, top_k, top_p, min_p, repeat_penalty, seed,
              backend, threads, n_ctx, device):
     """Generate a continuation of --prompt with MODEL.
 
     With no MODEL: the cached SmolLM2 chat model, else the bundled story model.
     """
+    if prompt is not None and prompt_file is not None:
+        raise click.UsageError("give the prompt with -p or with -f, not both")
+    prompt = read_text(prompt_file) if prompt_file is not None else (prompt or "")
     m = load_model(model, backend, threads, n_ctx, device)
     click.echo(prompt, nl=False)
     for piece in m.generate(prompt, max_new_tokens=max_tokens, temperature=temperature, top_k=top_k,

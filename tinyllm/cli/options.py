@@ -1,6 +1,7 @@
 """Options shared by the commands that load and run a model."""
 from __future__ import annotations
 
+import functools
 import os
 
 import click
@@ -13,14 +14,32 @@ CPU_BACKENDS = [name for name in BACKENDS if name != "cuda"]  # cuda is chosen w
 
 
 def model_argument(f):
-    return click.argument("model", required=False, type=click.Path(dir_okay=False))(f)
+    """MODEL as an argument, or as llama.cpp spells it, -m/--model (not both)."""
+    @functools.wraps(f)
+    def merged(*args, model=None, model_flag=None, **kwargs):
+        if model and model_flag and model != model_flag:
+            raise click.UsageError(f"two models given: {model!r} and -m {model_flag!r}")
+        return f(*args, model=model or model_flag, **kwargs)
+
+    merged = click.option("-m", "--model", "model_flag", type=click.Path(dir_okay=False), default=None,
+                          help="The model (the same as the MODEL argument, as llama.cpp spells it).")(merged)
+    return click.argument("model", required=False, type=click.Path(dir_okay=False))(merged)
+
+
+def _no_layer_offload(ctx, param, value):
+    if value is not None:
+        raise click.UsageError("tinyllm does not split layers between CPU and GPU: --device cuda runs the whole "
+                               "model on an NVIDIA GPU, the default runs it on the CPU")
+    return value
 
 
 def runtime_options(f):
     """--backend, --threads, --ctx, --device: how and where the model runs."""
+    f = click.option("-ngl", "--n-gpu-layers", "--gpu-layers", "gpu_layers", default=None, hidden=True,
+                     expose_value=False, callback=_no_layer_offload)(f)
     f = click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
                      help="Run on the CPU (default) or an NVIDIA GPU (needs the cuda extra).")(f)
-    f = click.option("--ctx", "n_ctx", type=click.IntRange(min=1), default=None,
+    f = click.option("--ctx", "-c", "n_ctx", type=click.IntRange(min=1), default=None,
                      help="Context length (default: the model's, at most 4096).")(f)
     f = click.option("--threads", "-t", type=click.IntRange(min=1), default=None,
                      help="CPU threads (default: all cores).")(f)
@@ -40,7 +59,7 @@ def sampling_options(f):
                      help="Nucleus sampling threshold.")(f)
     f = click.option("--top-k", type=click.IntRange(min=0), default=None,
                      help="Sample among the k most likely tokens (0: all).")(f)
-    f = click.option("--temperature", type=click.FloatRange(min=0, max=1e6), default=None,
+    f = click.option("--temperature", "--temp", type=click.FloatRange(min=0, max=1e6), default=None,
                      help="0 = greedy; default from the model.")(f)
     return f
 
