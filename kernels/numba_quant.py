@@ -186,7 +186,12 @@ def _q4_rows_simd(qs, d, m, scales, xq, corr, dx, sxf, out, width, tt):
             ds = np.empty((ROW_BLOCK, nb), np.float32)
             ms = np.empty((ROW_BLOCK, nb), np.float32)
             for r in range(r0, r1):
-                q4k_row_scales(d, scales, r, nb, ds[r - r0], ms[r - r0])
+                if nb % 8 == 0:  # whole super-blocks: the chunk kernel's vector decoding
+                    for c in range(nch):
+                        numba_simd.q4_k_scales_chunk(d, scales, (r * nb + c * width) >> 3, min(width, nb - c * width),
+                                                     ds, ms, (r - r0) * nb + c * width, width)
+                else:
+                    q4k_row_scales(d, scales, r, nb, ds[r - r0], ms[r - r0])
         for t0 in range(0, Tp, tt):
             for r in range(r0, r1):
                 for c in range(nch):

@@ -106,6 +106,14 @@ def _masked_load(builder, ptr, mask, align):
     return builder.call(fn, [ptr, ir.Constant(I32, align), mask, ir.Constant(vt, [0] * vt.count)])
 
 
+def _masked_store(builder, value, ptr, mask, align):
+    vt = value.type
+    element = "f32" if isinstance(vt.element, ir.FloatType) else f"i{vt.element.width}"
+    fnty = ir.FunctionType(ir.VoidType(), [vt, ptr.type, I32, mask.type])
+    fn = cgutils.get_or_insert_function(builder.module, fnty, f"llvm.masked.store.v{vt.count}{element}.p0")
+    builder.call(fn, [value, ptr, ir.Constant(I32, align), mask])
+
+
 # Software prefetch of the weight stream: decode reads each weight byte from DRAM exactly
 # once, and with two cores the hardware prefetchers alone keep too few misses in flight on
 # the plane-strided reads. Each plane load also prefetches 4 KiB ahead into L1 and 16 KiB
@@ -368,6 +376,42 @@ def q4_chunk_dot(typingctx, qs, q_off, plane_stride, xq, x_off, x_tstride, d, m,
                 _emit_q4_chunk(context, builder, signature, args, W, TT, HAS_MIN, masked=False)
             with tail:
                 _emit_q4_chunk(context, builder, signature, args, W, TT, HAS_MIN, masked=True)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def q4_k_scales_chunk(typingctx, d, scales, sb0, nvalid, ds, ms, off, width):
+    """ds[off:off + nvalid], ms[...] (float32) = the block grids (x = ds q + ms) of ``nvalid``
+    blocks (a multiple of 8, at most width) of whole q4_k super-blocks from sb0: the decoding
+    the chunk kernel does in registers (_q4_k_chunk_scales), stored for the prefill tiles."""
+    if not isinstance(width, types.IntegerLiteral):
+        return None
+    W = width.literal_value
+    sig = types.void(d, scales, sb0, nvalid, ds, ms, off, width)
+
+    def codegen(context, builder, signature, args):
+        args = list(args)
+        for i in (2, 3, 6):
+            args[i] = context.cast(builder, args[i], signature.args[i], types.int64)
+        d_, sc_, sb0_, nvalid_, ds_, ms_, off_ = args[:7]
+        at = signature.args
+        full = builder.icmp_signed(">=", nvalid_, ir.Constant(nvalid_.type, W))
+        vf = ir.VectorType(F32, W)
+        with builder.if_else(full) as (whole, tail):
+            for masked, block in ((False, whole), (True, tail)):
+                with block:
+                    dw, mw = _q4_k_chunk_scales(context, builder, (None,) * 6 + (at[0], at[1]), d_, sc_, sb0_,
+                                                nvalid_, W, masked)
+                    for value, aryty, ary in ((dw, at[4], ds_), (mw, at[5], ms_)):
+                        ptr = _vec_ptr(context, builder, aryty, ary, off_, vf)
+                        if masked:
+                            mask = builder.icmp_signed("<", _const(I32, list(range(W))),
+                                                       _splat(builder, builder.trunc(nvalid_, I32), W))
+                            _masked_store(builder, value, ptr, mask, 4)
+                        else:
+                            builder.store(value, ptr, align=4)
         return context.get_dummy_value()
 
     return sig, codegen
