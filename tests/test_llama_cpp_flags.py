@@ -1,5 +1,6 @@
 """The spellings people bring from llama.cpp: -m, -f, -c, --temp, --n-predict, chat -p; GPU
-layer flags refused with a reason; --quant in llama-quantize's upper case (test_kquant)."""
+layer flags refused with a reason; --quant in llama-quantize's upper case (test_kquant); and
+values the CLI clamps are said, not silently changed."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -51,3 +52,13 @@ def test_chat_one_shot_prints_the_answer_and_exits():
     assert r.output.strip() and ">" not in r.output  # no REPL prompt
     empty = run("chat", BUNDLED, "-p", "  ")
     assert empty.exit_code == 2 and "empty" in empty.output
+
+
+def test_clamping_is_said_not_silent():
+    """A --ctx past the model's context, a bench size past it: the run goes on, and says what it did."""
+    r = run("generate", BUNDLED, "-p", "Once", "-n", 3, "--temp", 0, "--ctx", 100000, "--backend", "numpy")
+    assert r.exit_code == 0 and "--ctx 100000 is more than" in r.output and "using 512" in r.output
+    b = run("bench", BUNDLED, "-p", 600, "-p", 8, "-n", 600, "-r", 1, "--probe-mb", 0, "--backend", "numpy")
+    assert b.exit_code == 0, b.output
+    assert "prefill of 600 tokens skipped" in b.output and "decode timed for 510 steps, not 600" in b.output
+    assert any(line.startswith("prefill") and " 8 tokens" in line for line in b.output.splitlines())

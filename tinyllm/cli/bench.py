@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from tinyllm.cli import main
-from tinyllm.cli.options import load_model, model_argument
+from tinyllm.cli.options import load_model, model_argument, say
 
 
 @main.command()
@@ -27,6 +27,11 @@ def bench(model, prompt_tokens, gen_tokens, repeats, probe_mb, threads, backend)
     if repeats < 1 or gen_tokens < 1 or any(n < 1 for n in prompt_tokens) or probe_mb < 0:
         raise TinyLLMError("--repeats, --gen-tokens and --prompt-tokens must be at least 1, --probe-mb at least 0")
     n_ctx = max([*prompt_tokens, gen_tokens]) + 2
-    m = load_model(model, backend, threads, n_ctx, None, announce=False)
+    m = load_model(model, backend, threads, n_ctx, None, announce=False, warn_ctx=False)
+    for n in prompt_tokens:
+        if n + 1 > m.n_ctx:
+            say(f"prefill of {n} tokens skipped: {m.name}'s context is {m.n_ctx} tokens")
+    if gen_tokens > m.n_ctx - 2:
+        say(f"decode timed for {m.n_ctx - 2} steps, not {gen_tokens}: {m.name}'s context is {m.n_ctx} tokens")
     for line in run_bench(m, prompt_tokens, gen_tokens, repeats, probe_mb << 20).lines():
         click.echo(line)

@@ -82,7 +82,7 @@ def say(text: str) -> None:
     click.secho(text, err=True, fg="yellow")
 
 
-def load_model(model, backend, threads, n_ctx, device, announce=True, fetch=False):
+def load_model(model, backend, threads, n_ctx, device, announce=True, fetch=False, warn_ctx=True):
     """Find the model (the default one when none is given; ``fetch``: download the default
     chat model if it is not cached yet) and load it."""
     from tinyllm import load
@@ -91,7 +91,10 @@ def load_model(model, backend, threads, n_ctx, device, announce=True, fetch=Fals
     if model is None and os.environ.get("TINYLLM_MODEL") and not path.exists():
         raise TinyLLMError(f"$TINYLLM_MODEL is {str(path)!r}, which does not exist: "
                            "set it to a model file, or unset it")
-    return load(path, backend=backend, threads=threads, n_ctx=n_ctx, device=device)
+    m = load(path, backend=backend, threads=threads, n_ctx=n_ctx, device=device)
+    if warn_ctx and n_ctx is not None and n_ctx > m.n_ctx:  # the model clamps it: say so, never silently
+        say(f"--ctx {n_ctx} is more than {m.name}'s context length: using {m.n_ctx}")
+    return m
 
 
 def read_text(file) -> str:
