@@ -62,3 +62,5 @@ def test_clamping_is_said_not_silent():
     assert b.exit_code == 0, b.output
     assert "prefill of 600 tokens skipped" in b.output and "decode timed for 510 steps, not 600" in b.output
     assert any(line.startswith("prefill") and " 8 tokens" in line for line in b.output.splitlines())
+    short = run("generate", BUNDLED, "-p", "Once upon a", "-n", 10, "--temp", 0, "--ctx", 8, "--backend", "numpy")
+    assert short.exit_code == 0 and "stopped after 4 of 10 tokens: the context (8 tokens) is full" in short.output

@@ -4,7 +4,16 @@ from __future__ import annotations
 import click
 
 from tinyllm.cli import main
-from tinyllm.cli.options import load_model, model_argument, read_text, runtime_options, sampling_options, valid_text
+from tinyllm.cli.options import (
+    load_model,
+    model_argument,
+    read_text,
+    runtime_options,
+    sampling_options,
+    say,
+    valid_text,
+)
+from tinyllm.generate import GenerationStats
 
 
 @main.command()
@@ -28,7 +37,12 @@ def generate(model, prompt, prompt_file, max_tokens, stop, temperature, top_k, t
     prompt = read_text(prompt_file) if prompt_file is not None else (prompt or "")
     m = load_model(model, backend, threads, n_ctx, device)
     click.echo(prompt, nl=False)
+    stats = GenerationStats()
     for piece in m.generate(prompt, max_new_tokens=max_tokens, temperature=temperature, top_k=top_k,
-                            top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed, stop=list(stop)):
+                            top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed, stop=list(stop),
+                            stats=stats):
         click.echo(piece, nl=False)
     click.echo()
+    if stats.finish_reason == "context":  # fewer than -n tokens: say why
+        say(f"stopped after {stats.new_tokens} of {max_tokens} tokens: the context ({m.n_ctx} tokens) is full "
+            "(a larger --ctx gives room, up to the model's context length)")
