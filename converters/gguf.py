@@ -42,7 +42,7 @@ from tinyllm.arch import ARCHITECTURES, get_arch
 from tinyllm.converters.convert import config_dict, refuse_overwriting_input
 from tinyllm.converters.gguf_arch import clean_float, gguf_shapes
 from tinyllm.converters.gguf_tokenizer import tokenizer_spec_from_gguf
-from tinyllm.converters.recipe import CHOICES, MIXES, ROW_CHUNK, Recipe, format_of
+from tinyllm.converters.recipe import CHOICES, ROW_CHUNK, Recipe, format_of
 from tinyllm.errors import FormatError, TinyLLMError, UnsupportedError, reading
 from tinyllm.fileformat import ModelWriter, no_model_file
 from tinyllm.kernels.quant import QTensor, from_ggml_blocks
@@ -122,12 +122,13 @@ class GGUFTensor:
             raise UnsupportedError(f"{path}: tensor {self.name} has GGUF type {self.type}, which tinyllm cannot read "
                                    f"(supported: {', '.join([*LOSSLESS, *REQUANT])})")
 
-    def target_format(self, name: str, quant: str | None, recipe: Recipe | None = None) -> str:
-        """The tinyllm format for this tensor (tinyllm name ``name``): ``quant`` with the HF
-        converter's policy when given; otherwise its own format, or for a type tinyllm lacks
-        the REQUANT choice, again with 8-bit embedding and output head under a 4-bit choice."""
+    def target_format(self, name: str, quant: str | None, recipe: Recipe) -> str:
+        """The tinyllm format for this tensor (tinyllm name ``name``): when ``quant`` is given, the
+        (bound) recipe's choice, as the HF converter makes it; otherwise its own format, or for a
+        type tinyllm lacks the REQUANT choice, again with 8-bit embedding and output head under a
+        4-bit choice."""
         if quant:
-            return recipe.format_of(name, len(self.shape)) if recipe else format_of(name, len(self.shape), quant)
+            return recipe.format_of(name, len(self.shape))
         if len(self.shape) == 1:
             return "f32"
         return LOSSLESS.get(self.type) or format_of(name, 2, REQUANT[self.type])
@@ -193,8 +194,6 @@ class GGUFModel:
         self.path = Path(path)
         if quant is not None and quant not in CHOICES:
             raise TinyLLMError(f"unknown quant format {quant!r}; choose one of {', '.join(CHOICES)}")
-        if recipe is None and quant in MIXES:
-            recipe = Recipe(quant)
         with reading(self.path):
             self._read(quant, notice, recipe)
 
@@ -238,6 +237,7 @@ class GGUFModel:
             raise FormatError(f"{self.path}: GGUF file lacks tensor(s) {', '.join(missing[:8])}")
 
         shapes = gguf_shapes(plan, arch.weights(self.config))
+        # the recipe encodes what is requantized: --quant's, else the defaults (round to nearest, q4_k searched)
         recipe = (recipe or Recipe(quant or "q4_k")).bind(table.arch, self.config)
         self.tensors: dict[str, QTensor] = {}
         # A fused GGUF tensor is read once, then sliced. Re-encoded tensors are decoded to floats

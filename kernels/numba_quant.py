@@ -327,6 +327,15 @@ def q4_row_scales(d, m, r, ds, ms):
         ms[b] = -np.float32(8.0) * ds[b] if m is None else f16_bits_to_f32(m[r, b])
 
 
+@njit(inline="always", cache=True, error_model="numpy")
+def q4_any_row_scales(d, m, scales, r, ds, ms):
+    """Row r's block grids (x = ds * q + ms) for any q4 format: q4_k when scales is given."""
+    if scales is None:
+        q4_row_scales(d, m, r, ds, ms)
+    else:
+        q4k_row_scales(d, scales, r, ds.shape[0], ds, ms)
+
+
 @njit(inline="always", cache=True, fastmath=True, error_model="numpy")
 def _q4_row_portable(w, ds, ms, xq, corr, dx, sxf, out, r, acc):
     """out[:, r] = one q4 row (16, nb) with block grids x = ds * q + ms . every token."""
@@ -354,10 +363,7 @@ def q4_rows_portable(qs, d, m, scales, xq, corr, dx, sxf, out):
     for r in prange(N):
         acc = np.empty(nb, np.int16)
         ds, ms = np.empty(nb, np.float32), np.empty(nb, np.float32)
-        if scales is None:
-            q4_row_scales(d, m, r, ds, ms)
-        else:
-            q4k_row_scales(d, scales, r, nb, ds, ms)
+        q4_any_row_scales(d, m, scales, r, ds, ms)
         _q4_row_portable(qs[r], ds, ms, xq, corr, dx, sxf, out, r, acc)
 
 
@@ -405,10 +411,7 @@ def dequantize_q4_rows(qs, d, m, scales, rows, out):
     nb = qs.shape[2]
     ds, ms = np.empty(nb, np.float32), np.empty(nb, np.float32)
     for i in range(rows.shape[0]):
-        if scales is None:
-            q4_row_scales(d, m, rows[i], ds, ms)
-        else:
-            q4k_row_scales(d, scales, rows[i], nb, ds, ms)
+        q4_any_row_scales(d, m, scales, rows[i], ds, ms)
         _decode_q4_row(qs, rows[i], ds, ms, out[i])
 
 

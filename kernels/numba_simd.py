@@ -197,7 +197,7 @@ def _emit_q4_chunk(context, builder, sig, args, W, tt, has_min, masked):
         return builder.fpext(builder.bitcast(load(aryty, ary, d_off, vi, 2), ir.VectorType(F16, W)), vf)
 
     if isinstance(at[7], types.Array) and at[7].dtype == types.uint8:  # q4_k: decode the chunk's super-blocks
-        dw, mw = _q4_k_chunk_scales(context, builder, at, d, m, d_off, nvalid, W, masked)
+        dw, mw = _q4_k_chunk_scales(context, builder, at[6], d, at[7], m, d_off, nvalid, W, masked)
     else:
         dw = scales(at[6], d)
         mw = scales(at[7], m) if has_min else None
@@ -218,7 +218,7 @@ def _emit_q4_chunk(context, builder, sig, args, W, tt, has_min, masked):
         builder.store(builder.fadd(builder.load(optr), _hsum(builder, v)), optr)
 
 
-def _q4_k_chunk_scales(context, builder, at, d, scales, sb0, nvalid, W, masked):
+def _q4_k_chunk_scales(context, builder, d_type, d, scales_type, scales, sb0, nvalid, W, masked):
     """The chunk's W block scales and offsets (x = dw * q + mw) decoded from its W/8 whole q4_k
     super-blocks, starting at super-block sb0: d (nsb, 2) float16 bits, scales (nsb, 12) bytes
     in ggml's 6-bit packing (quant.unpack_scales). Constant shuffles spread each super-block's
@@ -233,13 +233,14 @@ def _q4_k_chunk_scales(context, builder, at, d, scales, sb0, nvalid, W, masked):
             if masked else _const(I1, [int(i < limit) for i in range(count)])
 
     vpair = ir.VectorType(I16, 2 * n)
-    pptr = _vec_ptr(context, builder, at[6], d, builder.mul(sb0, ir.Constant(i64, 2)), vpair)
+    pptr = _vec_ptr(context, builder, d_type, d, builder.mul(sb0, ir.Constant(i64, 2)), vpair)
     pairs = _masked_load(builder, pptr, lanes_below(2 * n, 2, 2 * n), 2) if masked else builder.load(pptr, align=2)
     pairs = builder.fpext(builder.bitcast(pairs, ir.VectorType(F16, 2 * n)), ir.VectorType(F32, 2 * n))
     d0 = builder.shuffle_vector(pairs, pairs, _const(I32, [2 * (i // 8) for i in range(W)]))
     d1 = builder.shuffle_vector(pairs, pairs, _const(I32, [2 * (i // 8) + 1 for i in range(W)]))
     nraw = 2 * W                                          # >= 12 * n bytes, a power of two
-    rptr = _vec_ptr(context, builder, at[7], scales, builder.mul(sb0, ir.Constant(i64, 12)), ir.VectorType(I8, nraw))
+    rptr = _vec_ptr(context, builder, scales_type, scales, builder.mul(sb0, ir.Constant(i64, 12)),
+                    ir.VectorType(I8, nraw))
     raw = _masked_load(builder, rptr, lanes_below(nraw, 12, 12 * n), 1)
 
     def gather(offset):                                   # lane i <- byte 12 * (i // 8) + offset(i % 8)
@@ -402,8 +403,7 @@ def q4_k_scales_chunk(typingctx, d, scales, sb0, nvalid, ds, ms, off, width):
         with builder.if_else(full) as (whole, tail):
             for masked, block in ((False, whole), (True, tail)):
                 with block:
-                    dw, mw = _q4_k_chunk_scales(context, builder, (None,) * 6 + (at[0], at[1]), d_, sc_, sb0_,
-                                                nvalid_, W, masked)
+                    dw, mw = _q4_k_chunk_scales(context, builder, at[0], d_, at[1], sc_, sb0_, nvalid_, W, masked)
                     for value, aryty, ary in ((dw, at[4], ds_), (mw, at[5], ms_)):
                         ptr = _vec_ptr(context, builder, aryty, ary, off_, vf)
                         if masked:

@@ -244,11 +244,12 @@ def q4_k_block_scales(parts: dict, rows: np.ndarray, cols: int) -> tuple[np.ndar
     return d[sb, 0] * sc[sb, k].astype(np.float32), d[sb, 1] * m[sb, k].astype(np.float32)
 
 
-def _super_blocks(v: np.ndarray, nsb: int) -> np.ndarray:
-    """(rows, nb) per-block values -> (nsb, 8) in flat block order, zero-filled past the end."""
-    flat = np.zeros(nsb * SUPER, np.float32)
-    flat[:v.size] = v.reshape(-1)
-    return flat.reshape(nsb, SUPER)
+def super_blocks(v: np.ndarray, nsb: int) -> np.ndarray:
+    """Per-block arrays (rows, nb, ...) -> (nsb, 8, ...) in flat block order, zero-filled past the end."""
+    flat = v.reshape((-1,) + v.shape[2:])
+    out = np.zeros((nsb * SUPER,) + flat.shape[1:], flat.dtype)
+    out[:len(flat)] = flat
+    return out.reshape((nsb, SUPER) + flat.shape[1:])
 
 
 def encode_q4_k(x: np.ndarray, scale: np.ndarray, minimum: np.ndarray, shape: tuple) -> QTensor:
@@ -258,7 +259,7 @@ def encode_q4_k(x: np.ndarray, scale: np.ndarray, minimum: np.ndarray, shape: tu
     actually stored, as ggml's quantize_row_q4_K does."""
     rows, nb, _ = x.shape
     nsb = n_super_blocks(rows, shape[1])
-    fits = [_super_blocks(np.maximum(v, 0), nsb) for v in (scale, minimum)]     # (nsb, 8) each
+    fits = [super_blocks(np.maximum(v, 0), nsb) for v in (scale, minimum)]      # (nsb, 8) each
     heads, codes = [], []
     for v in fits:
         top = (v.max(axis=1) / np.float32(63)).astype(np.float16)              # (nsb,)

@@ -37,6 +37,7 @@ from tinyllm.kernels.quant import (
     encode_q4_k,
     pack_scales,
     quantize,
+    super_blocks,
     unpack_scales,
 )
 
@@ -143,26 +144,27 @@ def quantize_searched(w: np.ndarray, fmt: str, importance: np.ndarray | None = N
     if fmt == "q4_k":
         scale, low = fit_affine(x, cost, 15, min_at_most_zero=True)
         return refine_q4_k(x, cost, encode_q4_k(x, scale, -low, w.shape), scale, -low)
-    nearest = quantize(w, fmt)
-    if fmt == "q4_0":
+    if fmt == "q4_0":  # x = d k, k = q - 8
         d = _stored(fit_symmetric(x, cost))
         k = np.clip(np.rint(x / _nonzero(d)[..., None]), -8, 7)
-        err = _weighted_error(x, cost, d[..., None] * k)
-        take = err < _weighted_error(x, cost, _blocks(nearest.dequantize()))
-        parts = {"d": np.where(take, d, np.asarray(nearest.parts["d"], np.float32)).astype(np.float16),
-                 "qs": _pack_nibbles(np.where(take[..., None], k + 8, _unpack(nearest)).astype(np.uint8))}
-        return QTensor(fmt, w.shape, parts)
-    # q4_1: x = d q + m
-    scale, low = fit_affine(x, cost, 15, min_at_most_zero=False)
+        return _better_blocks(x, cost, quantize(w, fmt), {"d": d}, k + 8)
+    scale, low = fit_affine(x, cost, 15, min_at_most_zero=False)  # q4_1: x = d q + m
     d, m = _stored(scale), _stored(low)
     q = np.clip(np.rint((x - m[..., None]) / _nonzero(d)[..., None]), 0, 15)
-    err = _weighted_error(x, cost, d[..., None] * q + m[..., None])
-    err0 = _weighted_error(x, cost, _blocks(nearest.dequantize()))
-    take = err < err0
-    parts = {"d": np.where(take, d, np.asarray(nearest.parts["d"], np.float32)).astype(np.float16),
-             "m": np.where(take, m, np.asarray(nearest.parts["m"], np.float32)).astype(np.float16),
-             "qs": _pack_nibbles(np.where(take[..., None], q, _unpack(nearest)).astype(np.uint8))}
-    return QTensor(fmt, w.shape, parts)
+    return _better_blocks(x, cost, quantize(w, fmt), {"d": d, "m": m}, q)
+
+
+def _better_blocks(x, cost, nearest: QTensor, scales: dict, q: np.ndarray) -> QTensor:
+    """Block by block, the searched encoding (float16-exact scales (rows, nb), quants q
+    (rows, nb, 32)) where its weighted error is lower than round-to-nearest's, else that."""
+    value = scales["d"][..., None] * (q - 8 if "m" not in scales else q)
+    if "m" in scales:
+        value = value + scales["m"][..., None]
+    take = _weighted_error(x, cost, value) < _weighted_error(x, cost, _blocks(nearest.dequantize()))
+    parts = {k: np.where(take, v, np.asarray(nearest.parts[k], np.float32)).astype(np.float16)
+             for k, v in scales.items()}
+    parts["qs"] = _pack_nibbles(np.where(take[..., None], q, _unpack(nearest)).astype(np.uint8))
+    return QTensor(nearest.format, nearest.shape, parts)
 
 
 def _unpack(t: QTensor) -> np.ndarray:
@@ -175,14 +177,6 @@ def weighted_error(w: np.ndarray, t: QTensor, importance: np.ndarray | None = No
     return float(np.sum(block_weights(x, w.shape[1], importance) * (x - _blocks(t.dequantize())) ** 2))
 
 
-def _super(v: np.ndarray, nsb: int) -> np.ndarray:
-    """(rows, nb, ...) per-block arrays -> (nsb, 8, ...) in flat block order, zero-filled."""
-    flat = v.reshape((-1,) + v.shape[2:])
-    out = np.zeros((nsb * SUPER,) + flat.shape[1:], flat.dtype)
-    out[:len(flat)] = flat
-    return out.reshape((nsb, SUPER) + flat.shape[1:])
-
-
 def refine_q4_k(x: np.ndarray, cost: np.ndarray, t: QTensor, scale: np.ndarray, minimum: np.ndarray,
                 rounds: int = 3) -> QTensor:
     """Improve a q4_k encoding of blocks x (rows, nb, 32) at its second level, where ggml stops:
@@ -193,16 +187,12 @@ def refine_q4_k(x: np.ndarray, cost: np.ndarray, t: QTensor, scale: np.ndarray, 
     keeps a super-block's new encoding only where it lowers the weighted error."""
     rows, nb, _ = x.shape
     nsb = t.parts["d"].shape[0]
-    X, C = _super(x, nsb), _super(cost, nsb)                                     # (nsb, 8, 32)
-    fit_s, fit_m = _super(scale[..., None], nsb)[..., 0], _super(minimum[..., None], nsb)[..., 0]  # (nsb, 8)
+    X, C = super_blocks(x, nsb), super_blocks(cost, nsb)                         # (nsb, 8, 32)
+    fit_s, fit_m = super_blocks(scale, nsb), super_blocks(minimum, nsb)          # (nsb, 8)
     sc, m = unpack_scales(np.asarray(t.parts["scales"]))
     sc, m = sc.astype(np.float32), m.astype(np.float32)
     d = np.asarray(t.parts["d"], np.float32).copy()                              # (nsb, 2)
-    q = _super(_unpack_nibbles(np.asarray(t.parts["qs"])), nsb).astype(np.float32)
-
-    def error(d, sc, m, q):
-        value = (d[:, 0, None] * sc)[..., None] * q - (d[:, 1, None] * m)[..., None]
-        return np.sum(C * (X - value) ** 2, axis=(1, 2))
+    q = super_blocks(_unpack_nibbles(np.asarray(t.parts["qs"])), nsb).astype(np.float32)
 
     def requantize(d, sc, m):
         step = (d[:, 0, None] * sc)[..., None]
@@ -210,7 +200,7 @@ def refine_q4_k(x: np.ndarray, cost: np.ndarray, t: QTensor, scale: np.ndarray, 
             q = np.rint((X + (d[:, 1, None] * m)[..., None]) / step)
         return np.clip(np.where(step > 0, q, 0), 0, 15)
 
-    best = error(d, sc, m, q)
+    best = _block_error(X, C, d, sc, m, q).sum(axis=1)
     for _ in range(rounds):
         # (1) the super-block scales, codes and quants fixed
         a, b = sc[..., None] * q, -np.broadcast_to(m[..., None], q.shape)

@@ -55,9 +55,9 @@ def collect(model, text, n_ctx: int | None = None, max_chunks: int | None = None
     """Run ``model`` over ``text`` (a string or token ids) in windows of ``n_ctx`` tokens, as
     perplexity does; returns (sums, counts): tensor name -> (n_in,) float64 sums of x^2, and
     name -> tokens seen. ``progress(done, total)`` after each window."""
-    from tinyllm.perplexity import DEFAULT_CTX, windows
+    from tinyllm.perplexity import DEFAULT_CTX, text_tokens, windows
 
-    tokens = model.tokenize(text, special=False) if isinstance(text, str) else [int(t) for t in text]
+    tokens = text_tokens(model, text)
     n_ctx = n_ctx or min(DEFAULT_CTX, model.n_ctx)
     names = {}
     for name, w in model.weights.items():      # a tied output head is the embedding table: one name
@@ -66,7 +66,8 @@ def collect(model, text, n_ctx: int | None = None, max_chunks: int | None = None
     recorder, ops = _Recorder(model.ops, names), model.ops
     chunks = windows(model, tokens, n_ctx, max_chunks) if len(tokens) >= 2 * n_ctx else [tokens[:n_ctx]]
     if len(chunks[0]) < 2:
-        raise TinyLLMError(f"the calibration text tokenizes to only {len(tokens)} tokens")
+        raise TinyLLMError(f"the calibration text is too short: {len(tokens)} token{'s' * (len(tokens) != 1)} "
+                           "(BOS included), at least 2 are needed")
     model.ops = recorder
     try:
         for done, window in enumerate(chunks, 1):

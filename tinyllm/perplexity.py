@@ -60,11 +60,21 @@ def windows(model, tokens: list[int], n_ctx: int, max_chunks: int | None = None)
     return out
 
 
+def text_tokens(model, text) -> list[int]:
+    """A text as the evaluators read it (no special-token parsing), or token ids as they are."""
+    return model.tokenize(text, special=False) if isinstance(text, str) else [int(t) for t in text]
+
+
+def scored_logits(model, window: list[int]) -> tuple[np.ndarray, list[int]]:
+    """The second half of one window: its logits (n_ctx - 1 - n_ctx//2, vocab), from an empty
+    cache, and the tokens they predict."""
+    first = len(window) // 2
+    return model.logits(window)[first:-1], window[first + 1:]
+
+
 def score_window(model, window: list[int]) -> np.ndarray:
     """NLL of the second half of one window: (n_ctx - 1 - n_ctx//2,) float64."""
-    first = len(window) // 2
-    logits = model.logits(window)  # (n_ctx, vocab), from an empty cache
-    return token_nll(logits[first:-1], window[first + 1:])
+    return token_nll(*scored_logits(model, window))
 
 
 @dataclass
@@ -107,7 +117,7 @@ def perplexity(model, text, n_ctx: int | None = None, max_chunks: int | None = N
     when the model uses one) with windows of ``n_ctx`` tokens (default: 512, or the model's
     context when shorter). ``progress(done, total, running_ppl)`` is called before the first
     window (done=0, running_ppl None) and after each one."""
-    tokens = model.tokenize(text, special=False) if isinstance(text, str) else [int(t) for t in text]
+    tokens = text_tokens(model, text)
     n_ctx = n_ctx or min(DEFAULT_CTX, model.n_ctx)
     acc = PerplexityAccumulator(n_ctx)
     chunks = windows(model, tokens, n_ctx, max_chunks)
@@ -187,8 +197,8 @@ def kl_divergence(model, reference, text, n_ctx: int | None = None, max_chunks: 
     if model.tokenizer.vocab_size != reference.tokenizer.vocab_size:
         raise TinyLLMError(f"the reference's vocabulary ({reference.tokenizer.vocab_size} tokens) differs from "
                            f"the model's ({model.tokenizer.vocab_size}): KL divergence compares the same tokens")
-    tokens = model.tokenize(text, special=False) if isinstance(text, str) else [int(t) for t in text]
-    if isinstance(text, str) and reference.tokenize(text, special=False) != tokens:
+    tokens = text_tokens(model, text)
+    if isinstance(text, str) and text_tokens(reference, text) != tokens:
         raise TinyLLMError("the reference tokenizes the text differently from the model: they need the same tokenizer")
     n_ctx = n_ctx or min(DEFAULT_CTX, model.n_ctx, reference.n_ctx)
     if n_ctx > reference.n_ctx:
@@ -198,12 +208,11 @@ def kl_divergence(model, reference, text, n_ctx: int | None = None, max_chunks: 
     if progress:
         progress(0, len(chunks), None)
     for done, window in enumerate(chunks, 1):
-        first = len(window) // 2
-        logits, ref_logits = model.logits(window)[first:-1], reference.logits(window)[first:-1]
+        (logits, targets), (ref_logits, _) = scored_logits(model, window), scored_logits(reference, window)
         if logits.shape != ref_logits.shape:
             raise TinyLLMError(f"the model gives {logits.shape[1]} logits per token, "
                                f"the reference {ref_logits.shape[1]}")
-        running = acc.add(logits, ref_logits, window[first + 1:])
+        running = acc.add(logits, ref_logits, targets)
         if progress:
             progress(done, len(chunks), running)
     return acc.result()
