@@ -286,7 +286,27 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "x", "top_p": 0}, "top_p", "> 0"),
     ("/v1/completions", {"prompt": "x", "seed": True}, "seed", "integer"),
     ("/v1/completions", {"prompt": "x", "stop": 5}, "stop", "string"),
-    ("/v1/completions", {"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),
+    ("/v1/completions", {"prompt": "x", "stop": [f"s{i}" for i in range(17)]}, "stop", "at most 16"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 21}, "logprobs", "<= 20"),
+    ("/v1/completions", {"prompt": "x", "logprobs": True}, "logprobs", "integer"),
+    ("/v1/completions", {"prompt": "x", "echo": "yes"}, "echo", "true or false"),
+    ("/v1/chat/completions", {**CHAT, "logprobs": 2}, "logprobs", "true or false"),
+    ("/v1/chat/completions", {**CHAT, "top_logprobs": 3}, "top_logprobs", "needs logprobs"),
+    ("/v1/chat/completions", {**CHAT, "logprobs": True, "top_logprobs": 21}, "top_logprobs", "<= 20"),
+    ("/v1/chat/completions", {**CHAT, "max_tokens": 0}, "max_tokens", ">= 1"),
+    ("/v1/chat/completions", {**CHAT, "response_format": "json"}, "response_format", "object with a type"),
+    ("/v1/chat/completions", {**CHAT, "response_format": {"type": "xml"}}, "response_format.type", "json_schema"),
+    ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_schema"}}, "response_format.json_schema",
+     "schema"),
+    ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "object", "properties": {"a": {"type": "nonsense"}}}}}},
+     "response_format.json_schema.schema", "cannot be used"),
+    ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_schema", "json_schema": {"scheme": {}}}},
+     "response_format.json_schema.scheme", "Unrecognized"),
+    ("/v1/completions", {"prompt": "x", "grammar": "root ::= ("}, "grammar", "GBNF"),
+    ("/v1/completions", {"prompt": "x", "grammar": 5}, "grammar", "string"),
+    ("/v1/completions", {"prompt": "x", "grammar": 'root ::= "a"', "response_format": {"type": "json_object"}},
+     "grammar", "not both"),
     ("/v1/completions", {"prompt": 5}, "prompt", "string or a list of token ids"),
     ("/v1/completions", {"prompt": [1, 999999]}, "prompt", "token ids must be in"),
     ("/v1/completions", {}, "prompt", "required"),
@@ -312,15 +332,11 @@ def test_wrong_types_and_values_are_400_naming_the_field(server, path, body, par
 UNSUPPORTED = [
     ("/v1/completions", {"prompt": "x", "n": 2}, "n"),
     ("/v1/completions", {"prompt": "x", "best_of": 3}, "best_of"),
-    ("/v1/completions", {"prompt": "x", "logprobs": 2}, "logprobs"),
-    ("/v1/completions", {"prompt": "x", "echo": True}, "echo"),
     ("/v1/completions", {"prompt": "x", "suffix": "end"}, "suffix"),
     ("/v1/completions", {"prompt": ["a", "b"]}, "prompt"),
     ("/v1/completions", {"prompt": "x", "presence_penalty": 0.5}, "presence_penalty"),
     ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 10}}, "logit_bias"),
     ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ("/v1/chat/completions", {**CHAT, "logprobs": True}, "logprobs"),
-    ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_object"}}, "response_format"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}, "messages[0].content[].type"),
     ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "42", "tool_call_id": "1"}]},
@@ -379,17 +395,19 @@ def test_oversized_bodies_are_413(model_path):
         assert post(server, "/v1/completions", {"prompt": "x" * 100, "max_tokens": 2}).status_code == 200
 
 
-def test_unknown_model_is_404(server, client):
-    error = assert_openai_error(post(server, "/v1/completions", {"prompt": "x", "model": "gpt-4"}), 404,
-                                param="model", code="model_not_found")
-    assert "gpt-4" in error["message"]
-    with pytest.raises(openai.NotFoundError):
-        client.chat.completions.create(model="gpt-4", messages=CHAT["messages"])
+def test_any_model_name_is_served_by_the_one_model(server, client):
+    # llama-server's rule: one model is served, whatever name a client was written for
+    r = post(server, "/v1/completions", {"prompt": "x", "model": "gpt-4", "max_tokens": 2})
+    assert r.status_code == 200 and r.json()["model"] == "stories260K"
+    answer = client.chat.completions.create(model="model", messages=CHAT["messages"], max_tokens=2)
+    assert answer.model == "stories260K"
+    # retrieving a model by name still says which one is served
     assert_openai_error(httpx.get(server.url + "/v1/models/gpt-4"), 404, code="model_not_found")
 
 
 def test_unknown_routes_and_methods_get_openai_errors(server):
-    assert_openai_error(httpx.get(server.url + "/v1/embeddings"), 404)
+    assert_openai_error(httpx.get(server.url + "/v1/nothing"), 404)
+    assert_openai_error(httpx.get(server.url + "/v1/embeddings"), 405)
     assert_openai_error(httpx.get(server.url + "/v1/completions"), 405)
 
 

@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import Callable, Iterator
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Protocol
+
+import numpy as np
 
 from tinyllm.kvcache import reusable_prefix as cached_prefix  # noqa: F401  (the rule, for the API)
+from tinyllm.logprobs import TokenLogprob, token_logprob
 from tinyllm.sampling import Sampler
 
 
@@ -36,12 +40,23 @@ class GenerationStats:
                 f"{self.decode_tokens_per_second:.1f} tok/s")
 
 
+class Constraint(Protocol):
+    """What a grammar does to generation (tinyllm.structured): forbid tokens, follow choices."""
+
+    def mask(self, logits: np.ndarray) -> np.ndarray: ...  # (vocab,) -> a copy, forbidden tokens at -inf
+    def advance(self, token: int) -> None: ...             # the token chosen from the masked logits
+
+
 def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, sampler: Sampler,
                  stop_ids=None, stats: GenerationStats | None = None,
-                 should_stop: Callable[[], bool] | None = None) -> Iterator[int]:
+                 should_stop: Callable[[], bool] | None = None,
+                 observe: Callable[[np.ndarray, int], None] | None = None,
+                 constraint: Constraint | None = None) -> Iterator[int]:
     """Yield new token ids until a stop id (default: every eos id of the tokenizer),
     ``max_new_tokens``, the end of the context, or ``should_stop()`` after a token (a client
-    that has gone: finish_reason stays None). ``stats``, when given, is filled in."""
+    that has gone: finish_reason stays None). ``stats``, when given, is filled in.
+    ``observe(logits, token)`` sees each choice with the model's raw logits (vocab,);
+    ``constraint`` masks the logits before the sampler picks and follows each pick."""
     stop_ids = set(model.tokenizer.eos_ids if stop_ids is None else stop_ids)
     stats = stats if stats is not None else GenerationStats()
     tokens = list(prompt_ids)
@@ -49,7 +64,11 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, sampler: Sam
     start = time.perf_counter()
     logits = model.eval(tokens)
     for i in range(max_new_tokens):
-        token = sampler(logits, tokens)
+        token = sampler(logits if constraint is None else constraint.mask(logits), tokens)
+        if observe is not None:
+            observe(logits, token)
+        if constraint is not None:
+            constraint.advance(token)
         if i == 0:
             stats.prompt_seconds = time.perf_counter() - start
         if token in stop_ids:
@@ -134,31 +153,65 @@ def _failure_table(s: str) -> list[int]:
 
 
 @dataclass
+class Piece:
+    """A piece of generated text and the tokens whose text begins in it (their
+    log-probabilities, when the generation records them)."""
+
+    text: str
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+@dataclass
 class Decoding:
     """How one generation picks its tokens and where it ends, built in one place for the
     Python API, the chat session and the server: the sampler, the stop strings, the stop
-    token ids (None: the tokenizer's eos ids), and whether the text starts afresh (its
-    leading space dropped, as a whole-sequence decode drops it)."""
+    token ids (None: the tokenizer's eos ids), whether the text starts afresh (its leading
+    space dropped, as a whole-sequence decode drops it), how many alternatives each token's
+    log-probability lists (None: none recorded), and the grammar the text must follow
+    (tinyllm.structured.Grammar; None: free text)."""
 
     sampler: Sampler
     stop: list[str]
     stop_ids: list[int] | None = None
     skip_leading_space: bool = False
+    logprobs: int | None = None
+    grammar: object | None = None
 
     @classmethod
-    def continuing(cls, model, prompt_ids: list[int], stop=None, **sampling) -> "Decoding":
+    def continuing(cls, model, prompt_ids: list[int], stop=None, logprobs: int | None = None, grammar=None,
+                   **sampling) -> "Decoding":
         """For text that continues ``prompt_ids`` (completions): the model's sampling defaults
         under the given options. A prompt of special tokens only (BOS) starts a text."""
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         starts_text = all(model.tokenizer.is_special(i) for i in prompt_ids)
-        return cls(Sampler(model.sampling_params(**sampling)), stops, None, starts_text)
+        return cls(Sampler(model.sampling_params(**sampling)), stops, None, starts_text, logprobs, grammar)
 
     def stream(self, model, prompt_ids: list[int], max_new_tokens: int, stats: GenerationStats | None = None,
                should_stop: Callable[[], bool] | None = None) -> Iterator[str]:
         """The generation's text pieces as they are decoded."""
-        ids = generate_ids(model, prompt_ids, max_new_tokens, self.sampler, self.stop_ids, stats, should_stop)
+        pieces = self.pieces(model, prompt_ids, max_new_tokens, stats, should_stop)
         try:
-            yield from stream_text(model, ids, self.stop, skip_leading_space=self.skip_leading_space, stats=stats)
+            yield from (p.text for p in pieces if p.text)
+        finally:
+            pieces.close()
+
+    def pieces(self, model, prompt_ids: list[int], max_new_tokens: int, stats: GenerationStats | None = None,
+               should_stop: Callable[[], bool] | None = None) -> Iterator[Piece]:
+        """The generation as :class:`Piece` s: text with the log-probabilities of its tokens."""
+        recorded: deque[TokenLogprob] | None = None
+        observe = None
+        if self.logprobs is not None:
+            recorded = deque()
+            n_top = self.logprobs
+
+            def observe(logits, token):
+                recorded.append(token_logprob(logits, token, n_top))
+        stop_ids = model.tokenizer.eos_ids if self.stop_ids is None else self.stop_ids
+        constraint = None if self.grammar is None else self.grammar.constraint(model.tokenizer, stop_ids)
+        ids = generate_ids(model, prompt_ids, max_new_tokens, self.sampler, stop_ids, stats, should_stop,
+                           observe, constraint)
+        try:
+            yield from stream_pieces(model, ids, self.stop, self.skip_leading_space, stats, recorded)
         finally:
             ids.close()
 
@@ -168,12 +221,38 @@ def stream_text(model, ids: Iterator[int], stop=None, skip_leading_space: bool =
     """Turn a stream of token ids into text pieces, cutting at the first stop string.
     ``skip_leading_space``: the ids start a text of their own (an answer), so its leading
     space is dropped as a whole-sequence decode drops it; False: they continue the prompt."""
+    for piece in stream_pieces(model, ids, stop, skip_leading_space, stats):
+        if piece.text:
+            yield piece.text
+
+
+def stream_pieces(model, ids: Iterator[int], stop=None, skip_leading_space: bool = False,
+                  stats: GenerationStats | None = None, recorded: deque | None = None) -> Iterator[Piece]:
+    """:func:`stream_text` as :class:`Piece` s. ``recorded``: the TokenLogprob of each id,
+    appended as the id is produced; a token's entry goes out with the piece that shows the
+    start of its text, so the tokens of a stop string (never shown) are never listed."""
     decoder = model.tokenizer.stream(skip_leading_space=skip_leading_space)
     stops = StopStringFilter(stop)
+    waiting: deque[tuple[int, TokenLogprob]] = deque()  # (where its text starts, entry), not yet shown
+    produced = shown = 0  # characters decoded so far, and of those given out
+
+    def take(limit: int) -> list[TokenLogprob]:
+        out = []
+        while waiting and waiting[0][0] < limit:
+            start, entry = waiting.popleft()
+            entry.offset = start
+            out.append(entry)
+        return out
+
     for token in ids:
-        piece = stops.push(decoder.push(token))
+        if recorded is not None:
+            waiting.append((produced, recorded.popleft()))
+        text = decoder.push(token)
+        produced += len(text)
+        piece = stops.push(text)
+        shown += len(piece)
         if piece:
-            yield piece
+            yield Piece(piece, take(shown))
         if stops.stopped:
             if hasattr(ids, "close"):
                 ids.close()
@@ -184,5 +263,6 @@ def stream_text(model, ids: Iterator[int], stop=None, skip_leading_space: bool =
     if stops.stopped and stats is not None:
         stats.finish_reason = "stop"
     tail += "" if stops.stopped else stops.flush()
-    if tail:
-        yield tail
+    rest = take(shown + len(tail) if stops.stopped else produced + 1)  # no stop: every token was shown
+    if tail or rest:
+        yield Piece(tail, rest)

@@ -6,10 +6,12 @@ from typing import Iterator
 
 import numpy as np
 
+from tinyllm.arch.common import hidden_states
 from tinyllm.errors import TinyLLMError, reading
 from tinyllm.fileformat import ModelFile, file_kind
 from tinyllm.kernels import get_backend
 from tinyllm.kvcache import KVCache
+from tinyllm.logprobs import TokenLogprob, sequence_logprobs
 from tinyllm.sampling import SamplingParams
 from tinyllm.tokenizer import Tokenizer
 from tinyllm.validate import check_allocation, check_source
@@ -91,7 +93,7 @@ class Model:
 
     # -- running the network -----------------------------------------------------------
 
-    def _forward(self, tokens, start_pos: int, last_only: bool) -> np.ndarray:
+    def _forward(self, tokens, start_pos: int, last_only: bool, head=None) -> np.ndarray:
         if start_pos + len(tokens) > self.n_ctx:
             raise TinyLLMError(f"{start_pos + len(tokens)} tokens exceed the context length ({self.n_ctx})")
         ids = np.asarray(tokens, dtype=np.int64)
@@ -99,8 +101,9 @@ class Model:
             raise TinyLLMError(f"token id out of range 0..{self.config.vocab_size - 1}")
         if self.threads is not None and self.ops.get_threads() != self.threads:
             self.ops.set_threads(self.threads)
+        extra = {} if head is None else {"head": head}
         out = self.ops.to_numpy(self.arch.forward(self.config, self.weights, self.ops, self.cache, ids, start_pos,
-                                                  last_only))
+                                                  last_only, **extra))
         if not np.isfinite(out).all():  # weights that overflow float32: say so, never sample from NaN
             raise TinyLLMError("the model computed NaN or infinite logits (its weights overflow float32 arithmetic)")
         return out
@@ -126,6 +129,80 @@ class Model:
         out = self._forward(tokens, 0, last_only=False)
         self.cache.tokens = tokens
         return out
+
+    def score(self, tokens, start: int = 1) -> np.ndarray:
+        """The logits that predict ``tokens[start:]``, each from the tokens before it:
+        (len(tokens) - start, vocab). The cache then holds ``tokens``; what it already held of
+        ``tokens[:start - 1]`` is not computed again (a shared context scored once)."""
+        tokens = [int(t) for t in tokens]
+        if not 1 <= start < len(tokens):
+            raise TinyLLMError(f"score(): start must be in 1..{len(tokens) - 1} for {len(tokens)} tokens, got {start}")
+        if len(tokens) > self.n_ctx:
+            raise TinyLLMError(f"{len(tokens)} tokens exceed the context length ({self.n_ctx})")
+        keep = min(self.cache.reusable(tokens), start - 1)
+        self.cache.trim(keep)
+        out = self._forward(tokens[keep:], keep, last_only=False)
+        self.cache.tokens = tokens
+        return out[start - 1 - keep:len(tokens) - 1 - keep]
+
+    def token_logprobs(self, tokens, start: int = 1, top: int = 0) -> list[TokenLogprob]:
+        """Each of ``tokens[start:]`` with its log-probability given the tokens before it, and
+        the ``top`` most likely tokens at its position."""
+        tokens = [int(t) for t in tokens]
+        return sequence_logprobs(self.score(tokens, start), tokens[start:], top)
+
+    def loglikelihood(self, context: str, continuation: str) -> tuple[float, bool]:
+        """log P(continuation | context), summed over the continuation's tokens, and whether
+        greedy decoding from ``context`` would write exactly them: what lm-evaluation-harness
+        asks of a model for multiple-choice tasks. The pair is tokenized as lm-eval does."""
+        context_ids, continuation_ids = self.encode_pair(context, continuation)
+        if not continuation_ids:
+            raise TinyLLMError("loglikelihood(): the continuation is empty")
+        entries = self.token_logprobs(context_ids + continuation_ids, start=len(context_ids), top=1)
+        return sum(e.logprob for e in entries), all(e.top[0][0] == e.token for e in entries)
+
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """Token ids of a context and of its continuation, split where the context's own
+        tokens end in the tokens of the whole text; the context's trailing spaces move to the
+        continuation (lm-eval's rule: " Paris" is one token, not " " + "Paris"). An empty
+        context is BOS (or, without one, the first eos token), so the first token is scored."""
+        if not isinstance(context, str) or not isinstance(continuation, str):
+            raise TinyLLMError("context and continuation must be text")
+        n_spaces = len(context) - len(context.rstrip())
+        if n_spaces:
+            context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+        if not context:
+            tok = self.tokenizer
+            prefix = tok.bos_id if tok.bos_id is not None else tok.eos_ids[0]
+            return [prefix], self.tokenize(continuation, add_bos=False, special=False)
+        whole = self.tokenize(context + continuation, special=False)
+        context_ids = self.tokenize(context, special=False)
+        return context_ids, whole[len(context_ids):]
+
+    def embed(self, texts, pooling: str = "mean", normalize: bool = True) -> np.ndarray:
+        """One vector per text (n, hidden): the final normalized hidden states of its tokens,
+        averaged (``pooling="mean"``) or the last one's (``"last"``), scaled to unit length
+        when ``normalize``. ``texts``: a string, or a list of strings or of token-id lists."""
+        if pooling not in ("mean", "last"):
+            raise TinyLLMError(f"pooling must be 'mean' or 'last', got {pooling!r}")
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if not texts or not all(isinstance(t, (str, list)) for t in texts):
+            raise TinyLLMError("embed() takes a string or a non-empty list of strings (or of token-id lists)")
+        out = []
+        for text in texts:
+            ids = self.tokenize(text) if isinstance(text, str) else [int(i) for i in text]
+            if not ids:
+                raise TinyLLMError("cannot embed an empty text with a tokenizer that adds no BOS token")
+            if len(ids) > self.n_ctx:
+                raise TinyLLMError(f"a text of {len(ids)} tokens exceeds the context length ({self.n_ctx})")
+            self.cache.clear()
+            h = self._forward(ids, 0, last_only=pooling == "last", head=hidden_states)   # (T, D)
+            self.cache.tokens = ids
+            v = h.astype(np.float64).mean(axis=0)
+            if normalize:
+                v /= max(np.linalg.norm(v), 1e-12)
+            out.append(v.astype(np.float32))
+        return np.stack(out)
 
     def reset(self) -> None:
         self.cache.clear()
@@ -160,12 +237,16 @@ class Model:
     def generate(self, prompt, max_new_tokens: int = 256, temperature: float | None = None,
                  top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
                  repeat_penalty: float | None = None, repeat_last_n: int | None = None, seed: int | None = None,
-                 stop=None, stream: bool = True, add_bos: bool | None = None, stats=None):
+                 stop=None, stream: bool = True, add_bos: bool | None = None, stats=None,
+                 json_schema=None, grammar=None):
         """Continue ``prompt`` (text, or a list of token ids). With ``stream=True`` returns an
         iterator of text pieces as they are decoded; otherwise the whole text. Stops at any
         eos id, at a ``stop`` string (never shown, even when split across tokens), after
-        ``max_new_tokens`` or at the end of the context. ``stats``: a GenerationStats to fill."""
+        ``max_new_tokens`` or at the end of the context. ``stats``: a GenerationStats to fill.
+        ``json_schema`` (a dict or JSON text; True: any JSON object) or ``grammar`` (llama.cpp
+        GBNF text, or a tinyllm.structured.Grammar): the text is held to it token by token."""
         from tinyllm.generate import Decoding
+        from tinyllm.structured import grammar_from
 
         ids = self.tokenize(prompt, add_bos=add_bos) if isinstance(prompt, str) else [int(i) for i in prompt]
         if not ids:
@@ -174,7 +255,7 @@ class Model:
             raise TinyLLMError(f"prompt of {len(ids)} tokens does not fit the context length ({self.n_ctx})")
         decoding = Decoding.continuing(self, ids, stop, temperature=temperature, top_k=top_k, top_p=top_p,
                                        min_p=min_p, repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
-                                       seed=seed)
+                                       seed=seed, grammar=grammar_from(json_schema, grammar))
         pieces: Iterator[str] = decoding.stream(self, ids, max_new_tokens, stats=stats)
         return pieces if stream else "".join(pieces)
 
@@ -189,15 +270,19 @@ class Model:
         return ChatSession(self, system=system, template=template, **options)
 
     def chat(self, messages: list[dict], max_new_tokens: int = 512, stream: bool = False,
-             template: str | None = None, **options):
+             template: str | None = None, json_schema=None, grammar=None, **options):
         """Answer the last (user) message of ``messages`` ([{"role", "content"}, ...], an
         optional system message first): the answer text, or an iterator of pieces with
-        ``stream=True``. Sampling options as for :meth:`generate`."""
+        ``stream=True``. Sampling and structured-output options as for :meth:`generate`."""
+        import dataclasses
+
         from tinyllm.chat import ChatSession, check_conversation
+        from tinyllm.structured import grammar_from
 
         messages = check_conversation(messages)
         if not messages or messages[-1]["role"] != "user":
             raise TinyLLMError("chat(messages): the last message must be the user's")
         session = ChatSession(self, template=template, max_new_tokens=max_new_tokens, **options)
+        session.decoding = dataclasses.replace(session.decoding, grammar=grammar_from(json_schema, grammar))
         session.load_messages(messages[:-1])
         return session.send(messages[-1]["content"], stream=stream)

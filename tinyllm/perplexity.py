@@ -22,15 +22,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tinyllm.errors import TinyLLMError
+from tinyllm.logprobs import log_softmax
 
 DEFAULT_CTX = 512  # the window of most published llama.cpp perplexity tables (-c 512)
-
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """(T, vocab) -> (T, vocab) float64 log-probabilities."""
-    x = np.asarray(logits, dtype=np.float64)
-    top = x.max(axis=1, keepdims=True)
-    return x - (top + np.log(np.exp(x - top).sum(axis=1, keepdims=True)))
 
 
 def token_nll(logits: np.ndarray, targets) -> np.ndarray:

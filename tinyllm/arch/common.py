@@ -83,7 +83,8 @@ class ArchModule(Protocol):
     Config: type                 # dataclass; ``Config.from_hf(config_json)`` refuses unknown options by name
 
     def weights(self, cfg) -> dict: ...        # the declared weight set: name -> shape ((out, in) for matrices)
-    def forward(self, cfg, w: dict, ops, cache, tokens, start_pos: int, last_only: bool = False): ...
+    def forward(self, cfg, w: dict, ops, cache, tokens, start_pos: int, last_only: bool = False,
+                head=None): ...        # head(cfg, w, ops, final_hidden (T, D)): default lm_head -> logits
     def describe(self, cfg) -> dict: ...       # architecture-specific rows for `tinyllm info`
 
 
@@ -190,3 +191,8 @@ def alibi_slopes(n_heads: int, bias_max: float = 8.0) -> np.ndarray:
 def lm_head(cfg, w, ops, x):
     """Final projection to vocabulary logits: (T, D) -> (T, vocab)."""
     return ops.matmul(x, w["output"], w.get("output_bias"))
+
+
+def hidden_states(cfg, w, ops, x):
+    """The head for embeddings: the final normalized hidden states themselves, (T, D)."""
+    return x

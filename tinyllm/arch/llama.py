@@ -81,8 +81,9 @@ def weights(cfg: Config) -> dict:
 
 
 def forward(cfg: Config, w: dict, ops: Backend, cache: KVCache, tokens: np.ndarray, start_pos: int,
-            last_only: bool = False):
-    """tokens (T,) at positions start_pos.. -> logits (T, vocab) (or (1, vocab) if last_only)."""
+            last_only: bool = False, head=lm_head):
+    """tokens (T,) at positions start_pos.. -> logits (T, vocab) (or (1, vocab) if last_only);
+    ``head``: what turns the final hidden states into the output (default: the LM head)."""
     T = len(tokens)
     positions = np.arange(start_pos, start_pos + T)
     eps, H, Hkv = cfg.rms_norm_eps, cfg.num_attention_heads, cfg.n_kv_heads
@@ -102,7 +103,7 @@ def forward(cfg: Config, w: dict, ops: Backend, cache: KVCache, tokens: np.ndarr
         x = ops.add(x, ops.matmul(gate, w[p + "feed_forward.w2"]))                          # (T, D)
     if last_only:
         x = x[T - 1:]
-    return lm_head(cfg, w, ops, ops.rmsnorm(x, w["norm"], eps))                            # (T, vocab)
+    return head(cfg, w, ops, ops.rmsnorm(x, w["norm"], eps))                            # (T, vocab)
 
 
 def describe(cfg: Config) -> dict:

@@ -114,8 +114,9 @@ def weights(cfg: Config) -> dict:
 
 
 def forward(cfg: Config, w: dict, ops: Backend, cache: KVCache, tokens: np.ndarray, start_pos: int,
-            last_only: bool = False):
-    """tokens (T,) at positions start_pos.. -> logits (T, vocab) (or (1, vocab) if last_only)."""
+            last_only: bool = False, head=lm_head):
+    """tokens (T,) at positions start_pos.. -> logits (T, vocab) (or (1, vocab) if last_only);
+    ``head``: what turns the final hidden states into the output (default: the LM head)."""
     T = len(tokens)
     eps, H = cfg.layer_norm_epsilon, cfg.n_heads
 
@@ -138,7 +139,7 @@ def forward(cfg: Config, w: dict, ops: Backend, cache: KVCache, tokens: np.ndarr
         x = ops.add(x, ops.matmul(up, w[p + "feed_forward.w2"]))                    # (T, D)
     if last_only:
         x = x[T - 1:]
-    return lm_head(cfg, w, ops, ops.layernorm(x, w["norm"], None, eps))            # (T, vocab)
+    return head(cfg, w, ops, ops.layernorm(x, w["norm"], None, eps))            # (T, vocab)
 
 
 def describe(cfg: Config) -> dict:

@@ -5,6 +5,9 @@
     GET  /v1/models             the one loaded model, with its context length
     POST /v1/completions        text completion, streaming or not
     POST /v1/chat/completions   chat with the model's template, streaming or not
+    POST /v1/embeddings         mean-pooled, unit-length final hidden states
+    POST /tokenize, /detokenize the model's tokenizer (vLLM's and llama-server's shapes)
+    GET  /tokenizer_info        its special tokens and chat template (lm-eval's remote tokenizer)
 
 Starlette (with uvicorn) gives routing, streaming responses and disconnect detection on a
 well-kept ASGI stack; everything here is the OpenAI mapping, the queue and the checks.
@@ -12,6 +15,7 @@ well-kept ASGI stack; everything here is the OpenAI mapping, the queue and the c
 from __future__ import annotations
 
 import asyncio
+import base64
 import hmac
 import json
 import time
@@ -29,9 +33,12 @@ from starlette.routing import Route
 from tinyllm import __version__
 from tinyllm.errors import TinyLLMError
 from tinyllm.server.errors import APIError, bad_request
+from tinyllm.generate import Piece
 from tinyllm.server.generation import GenerationRun
+from tinyllm.server.logprobs import chat_logprobs, completion_logprobs
 from tinyllm.server.guards import LOOPBACK_HOSTS, GuardMiddleware
-from tinyllm.server.schemas import GenerationRequest, parse_chat, parse_completion
+from tinyllm.server.schemas import (GenerationRequest, parse_chat, parse_completion, parse_detokenize,
+                                    parse_embeddings, parse_tokenize)
 from tinyllm.server.worker import GenerationFailed, Job, ModelWorker, QueueFull
 from tinyllm.templates import resolve_template
 
@@ -39,6 +46,7 @@ DEFAULT_MAX_QUEUE = 16
 DEFAULT_MAX_BODY_BYTES = 1 << 20
 DEFAULT_TIMEOUT = 30.0  # seconds a client may take to send its request body
 FINGERPRINT = f"tinyllm-{__version__}"
+TOKENIZER_ROUTES = ("/tokenize", "/detokenize", "/tokenizer_info")
 
 
 class BearerAuth:
@@ -48,7 +56,7 @@ class BearerAuth:
         self.app, self.key = app, api_key.encode()
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+        if scope["type"] == "http" and (scope["path"].startswith("/v1/") or scope["path"] in TOKENIZER_ROUTES):
             auth = dict(scope["headers"]).get(b"authorization", b"")
             scheme, _, token = auth.partition(b" ")
             if not auth:
@@ -175,6 +183,76 @@ class Service:
             raise APIError(404, f"The model '{name}' does not exist; this server serves '{self.model_id}'.",
                            param="model", code="model_not_found")
 
+    # -- embeddings and the tokenizer ------------------------------------------------------
+
+    async def embeddings(self, request: Request) -> Response:
+        body = await read_json_body(request, self.max_body_bytes, self.timeout)
+        inputs, fmt = parse_embeddings(body)
+        model = self.model
+        ids = await run_in_threadpool(lambda: [model.tokenize(x) if isinstance(x, str) else x for x in inputs])
+        for i, x in enumerate(ids):
+            if any(not 0 <= t < model.config.vocab_size for t in x):
+                raise bad_request(f"input[{i}]: token ids must be in 0..{model.config.vocab_size - 1}", param="input")
+            if len(x) > model.n_ctx:
+                raise bad_request(f"input[{i}] has {len(x)} tokens; this model's context length is {model.n_ctx}",
+                                  param="input", code="context_length_exceeded")
+        def embed(cancelled):
+            yield model.embed(ids)
+
+        vectors = await self._run_on_model(embed)
+        data = [{"object": "embedding", "index": i,
+                 "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode() if fmt == "base64" else v.tolist()}
+                for i, v in enumerate(vectors[0])]
+        n = sum(len(x) for x in ids)
+        return JSONResponse({"object": "list", "data": data, "model": self.model_id,
+                             "usage": {"prompt_tokens": n, "total_tokens": n}})
+
+    async def _run_on_model(self, run) -> list:
+        """Queue ``run`` behind the generations; its results (what its iterator yields)."""
+        if self.shutting_down:
+            raise self._shutdown_error()
+        job = Job(run)
+        self._submit(job)
+        try:
+            return [x async for x in job.pieces()]
+        except GenerationFailed as e:
+            raise APIError(500, f"The model failed: {e}", type="server_error", code="generation_failed") from None
+        finally:
+            job.cancel()
+
+    def _submit(self, job: Job) -> int:
+        try:
+            return self.worker.submit(job)
+        except QueueFull as e:
+            raise APIError(503, f"The server is busy: {e} (limit {self.worker.max_queue}, "
+                                "tinyllm serve --max-queue). Retry later.",
+                           type="server_error", code="queue_full", headers={"Retry-After": "1"}) from None
+
+    async def tokenize(self, request: Request) -> Response:
+        text, add_special = parse_tokenize(await read_json_body(request, self.max_body_bytes, self.timeout))
+        tokens = await run_in_threadpool(self.model.tokenize, text, None if add_special else False)
+        return JSONResponse({"tokens": tokens, "count": len(tokens), "max_model_len": self.model.n_ctx})
+
+    async def detokenize(self, request: Request) -> Response:
+        tokens = parse_detokenize(await read_json_body(request, self.max_body_bytes, self.timeout))
+        vocab = self.model.tokenizer.vocab_size
+        if any(not 0 <= t < vocab for t in tokens):
+            raise bad_request(f"token ids must be in 0..{vocab - 1}", param="tokens")
+        text = self.model.detokenize(tokens)
+        return JSONResponse({"prompt": text, "content": text})
+
+    async def tokenizer_info(self, request: Request) -> Response:
+        tok = self.model.tokenizer
+
+        def text(token_id):
+            return None if token_id is None else tok.token_text(token_id)
+
+        return JSONResponse({"tokenizer_class": type(tok).__name__, "bos_token": text(tok.bos_id),
+                             "eos_token": text(tok.eos_ids[0] if tok.eos_ids else None),
+                             "pad_token": text(tok.pad_id), "add_bos_token": tok.add_bos,
+                             "model_max_length": self.model.n_ctx, "vocab_size": tok.vocab_size,
+                             "chat_template": self.model.chat_template})
+
     # -- generation -----------------------------------------------------------------------
 
     async def completions(self, request: Request) -> Response:
@@ -195,15 +273,9 @@ class Service:
     async def _generate(self, request: Request, req: GenerationRequest) -> Response:
         if self.shutting_down:
             raise self._shutdown_error()
-        self._check_model(req.model)
-        run = await run_in_threadpool(self._prepare, req)
+        run = await run_in_threadpool(self._prepare, req)  # any model name: the one model answers
         job = Job(run.pieces)
-        try:
-            ahead = self.worker.submit(job)
-        except QueueFull as e:
-            raise APIError(503, f"The server is busy: {e} (limit {self.worker.max_queue}, "
-                                "tinyllm serve --max-queue). Retry later.",
-                           type="server_error", code="queue_full", headers={"Retry-After": "1"}) from None
+        ahead = self._submit(job)
         headers = {"X-Queue-Position": str(ahead)}
         kind = "chat.completion" if req.endpoint == "chat" else "text_completion"
         head = {"id": f"{'chatcmpl' if req.endpoint == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}",
@@ -213,9 +285,16 @@ class Service:
             return JobStreamingResponse(job, self._stream(req, run, job, head), headers)
         return await self._complete(request, req, run, job, head, headers)
 
+    def _logprobs(self, req, entries):
+        if req.logprobs is None:
+            return None
+        if req.endpoint == "chat":
+            return chat_logprobs(self.model.tokenizer, entries)
+        return completion_logprobs(self.model.tokenizer, entries)
+
     async def _complete(self, request, req, run, job, head, headers) -> Response:
-        async def collect() -> str:
-            return "".join([piece async for piece in job.pieces()])
+        async def collect() -> list[Piece]:
+            return [piece async for piece in job.pieces()]
 
         text_task = asyncio.ensure_future(collect())
         gone = asyncio.ensure_future(wait_for_disconnect(request))
@@ -231,14 +310,16 @@ class Service:
         if self.shutting_down:
             raise self._shutdown_error()
         try:
-            text = text_task.result()
+            pieces = text_task.result()
         except GenerationFailed as e:
             raise APIError(500, f"Generation failed: {e}", type="server_error", code="generation_failed") from None
+        text = "".join(p.text for p in pieces)
+        logprobs = self._logprobs(req, [e for p in pieces for e in p.logprobs])
         if req.endpoint == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                       "finish_reason": run.finish_reason}
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": run.finish_reason}
+            choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": run.finish_reason}
         return JSONResponse({**head, "choices": [choice], "usage": run.usage}, headers=headers)
 
     async def _stream(self, req, run, job, head):
@@ -246,18 +327,19 @@ class Service:
         head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
         usage_field = {"usage": None} if req.include_usage else {}
 
-        def chunk(delta_or_text, finish_reason=None):
+        def chunk(delta_or_text, finish_reason=None, entries=None):
+            logprobs = None if entries is None else self._logprobs(req, entries)
             if chat:
-                choice = {"index": 0, "delta": delta_or_text, "logprobs": None, "finish_reason": finish_reason}
+                choice = {"index": 0, "delta": delta_or_text, "logprobs": logprobs, "finish_reason": finish_reason}
             else:
-                choice = {"index": 0, "text": delta_or_text, "logprobs": None, "finish_reason": finish_reason}
+                choice = {"index": 0, "text": delta_or_text, "logprobs": logprobs, "finish_reason": finish_reason}
             return sse({**head, "choices": [choice], **usage_field})
 
         if chat:
             yield chunk({"role": "assistant", "content": ""})
         try:
             async for piece in job.pieces():
-                yield chunk({"content": piece} if chat else piece)
+                yield chunk({"content": piece.text} if chat else piece.text, entries=piece.logprobs)
         except GenerationFailed as e:
             yield sse(APIError(500, f"Generation failed: {e}", type="server_error", code="generation_failed").body())
         else:
@@ -298,6 +380,10 @@ def create_app(model, api_key: str | None = None, max_queue: int = DEFAULT_MAX_Q
         Route("/v1/models/{model:path}", service.get_model),
         Route("/v1/completions", service.completions, methods=["POST"]),
         Route("/v1/chat/completions", service.chat_completions, methods=["POST"]),
+        Route("/v1/embeddings", service.embeddings, methods=["POST"]),
+        Route("/tokenize", service.tokenize, methods=["POST"]),
+        Route("/detokenize", service.detokenize, methods=["POST"]),
+        Route("/tokenizer_info", service.tokenizer_info),
     ]
 
     @asynccontextmanager

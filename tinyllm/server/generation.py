@@ -8,7 +8,8 @@ from typing import Iterator
 
 from tinyllm.chat import ChatSession
 from tinyllm.errors import TinyLLMError
-from tinyllm.generate import Decoding, GenerationStats
+from tinyllm.generate import Decoding, GenerationStats, Piece
+from tinyllm.logprobs import TokenLogprob
 from tinyllm.server.errors import bad_request
 from tinyllm.server.schemas import GenerationRequest
 
@@ -23,6 +24,8 @@ class GenerationRun:
     def __init__(self, model, req: GenerationRequest, max_tokens_limit: int, template: str | None = None):
         self.model = model
         self.stats = GenerationStats()
+        self.logprobs = req.logprobs
+        self.echo_text: str | None = None
         param = "messages" if req.messages is not None else "prompt"
         try:
             if req.messages is not None:
@@ -41,7 +44,8 @@ class GenerationRun:
         session = ChatSession(self.model, template=template, **req.sampling)
         session.load_messages(req.messages)
         self.prompt_ids = session.prompt_ids()
-        self.decoding = dataclasses.replace(session.decoding, stop=session.decoding.stop + req.stop)
+        self.decoding = dataclasses.replace(session.decoding, stop=session.decoding.stop + req.stop,
+                                            logprobs=req.logprobs, grammar=req.grammar)
 
     def _completion_prompt(self, req: GenerationRequest) -> None:
         model = self.model
@@ -52,7 +56,10 @@ class GenerationRun:
             if any(not 0 <= t < vocab for t in req.prompt):
                 raise bad_request(f"prompt token ids must be in 0..{vocab - 1}", param="prompt")
             self.prompt_ids = list(req.prompt)
-        self.decoding = Decoding.continuing(model, self.prompt_ids, req.stop, **req.sampling)
+        self.decoding = Decoding.continuing(model, self.prompt_ids, req.stop, logprobs=req.logprobs,
+                                            grammar=req.grammar, **req.sampling)
+        self.echo_text = (req.prompt if isinstance(req.prompt, str) else model.detokenize(self.prompt_ids)) \
+            if req.echo else None
 
     def _max_tokens(self, req: GenerationRequest, limit: int, param: str) -> int:
         n_prompt, n_ctx = len(self.prompt_ids), self.model.n_ctx
@@ -60,6 +67,8 @@ class GenerationRun:
         if room <= 0:
             raise bad_request(f"This model's maximum context length is {n_ctx} tokens; the prompt has {n_prompt}.",
                               param=param, code="context_length_exceeded")
+        if req.max_tokens == 0:  # echo only: the prompt's logprobs, nothing generated
+            return 0
         if req.max_tokens is None:
             default = room if req.endpoint == "chat" else COMPLETION_DEFAULT_MAX_TOKENS
             return min(default, room, limit)
@@ -83,8 +92,32 @@ class GenerationRun:
         return {"prompt_tokens": n, "completion_tokens": new, "total_tokens": n + new,
                 "prompt_tokens_details": {"cached_tokens": self.stats.cached_tokens}}
 
-    def pieces(self, cancelled: threading.Event) -> Iterator[str]:
-        """Text pieces as they are decoded. ``cancelled`` is checked after every token, so a
-        client that has gone costs at most one more forward pass."""
-        yield from self.decoding.stream(self.model, self.prompt_ids, self.max_tokens, stats=self.stats,
-                                        should_stop=cancelled.is_set)
+    def pieces(self, cancelled: threading.Event) -> Iterator[Piece]:
+        """Pieces of text (with their tokens' logprobs when asked) as they are decoded, after
+        the echoed prompt when asked. ``cancelled`` is checked after every token, so a client
+        that has gone costs at most one more forward pass."""
+        if self.echo_text is not None:
+            yield Piece(self.echo_text, self._prompt_logprobs())
+        if self.max_tokens == 0:
+            self.stats.finish_reason = "length"
+            return
+        shift = len(self.echo_text or "")  # text offsets count from the start of the choice's text
+        for piece in self.decoding.pieces(self.model, self.prompt_ids, self.max_tokens, stats=self.stats,
+                                          should_stop=cancelled.is_set):
+            for entry in piece.logprobs:
+                entry.offset += shift
+            yield piece
+
+    def _prompt_logprobs(self) -> list[TokenLogprob]:
+        """The prompt's tokens, each scored given those before it; the first has no logprob."""
+        if self.logprobs is None:
+            return []
+        ids = self.prompt_ids
+        first = [TokenLogprob(ids[0], None)]
+        rest = self.model.token_logprobs(ids, 1, self.logprobs) if len(ids) > 1 else []
+        entries = first + rest
+        decoder, offset = self.model.tokenizer.stream(skip_leading_space=True), 0
+        for entry in entries:  # where each token's text starts in the echoed prompt
+            entry.offset = offset
+            offset += len(decoder.push(entry.token))
+        return entries
