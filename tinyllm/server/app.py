@@ -32,13 +32,19 @@ from starlette.routing import Route
 
 from tinyllm import __version__
 from tinyllm.errors import TinyLLMError
-from tinyllm.server.errors import APIError, bad_request
 from tinyllm.generate import Piece
+from tinyllm.server.errors import APIError, bad_request
 from tinyllm.server.generation import GenerationRun
-from tinyllm.server.logprobs import chat_logprobs, completion_logprobs
 from tinyllm.server.guards import LOOPBACK_HOSTS, GuardMiddleware
-from tinyllm.server.schemas import (GenerationRequest, parse_chat, parse_completion, parse_detokenize,
-                                    parse_embeddings, parse_tokenize)
+from tinyllm.server.logprobs import chat_logprobs, completion_logprobs
+from tinyllm.server.schemas import (
+    GenerationRequest,
+    parse_chat,
+    parse_completion,
+    parse_detokenize,
+    parse_embeddings,
+    parse_tokenize,
+)
 from tinyllm.server.worker import GenerationFailed, Job, ModelWorker, QueueFull
 from tinyllm.templates import resolve_template
 
