@@ -77,7 +77,7 @@ def test_loglikelihood_sums_the_continuation_and_knows_greedy(model):
     greedy = model.generate(PROMPT, max_new_tokens=6, temperature=0, stream=False)
     total, is_greedy = model.loglikelihood(PROMPT, greedy)
     context, continuation = model.encode_pair(PROMPT, greedy)
-    assert context == model.tokenize(PROMPT, special=False)
+    assert context == model.tokenize(PROMPT)
     assert is_greedy
     np.testing.assert_allclose(total, direct_logprobs(model, context + continuation)[len(context) - 1:].sum(),
                                atol=1e-5)

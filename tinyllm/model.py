@@ -172,12 +172,19 @@ class Model:
         if n_spaces:
             context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
         if not context:
-            tok = self.tokenizer
-            prefix = tok.bos_id if tok.bos_id is not None else tok.eos_ids[0]
-            return [prefix], self.tokenize(continuation, add_bos=False, special=False)
-        whole = self.tokenize(context + continuation, special=False)
-        context_ids = self.tokenize(context, special=False)
+            return [self.prefix_id], self.tokenize(continuation, add_bos=False)
+        whole = self.tokenize(context + continuation)  # special-token text parsed, as Hugging Face tokenizers do
+        context_ids = self.tokenize(context)
         return context_ids, whole[len(context_ids):]
+
+    @property
+    def prefix_id(self) -> int:
+        """What an empty context is when a text's first token must be scored: BOS, else the
+        first eos token (lm-eval's prefix token)."""
+        tok = self.tokenizer
+        if tok.bos_id is None and not tok.eos_ids:
+            raise TinyLLMError("this tokenizer has neither a BOS nor an eos token to start a text from")
+        return tok.bos_id if tok.bos_id is not None else tok.eos_ids[0]
 
     def embed(self, texts, pooling: str = "mean", normalize: bool = True) -> np.ndarray:
         """One vector per text (n, hidden): the final normalized hidden states of its tokens,

@@ -43,4 +43,4 @@ def main():
 
 
 # command registration: one import per command module
-from tinyllm.cli import bench, chat, convert, generate, imatrix, info, perplexity, pull, serve  # noqa: E402,F401
+from tinyllm.cli import bench, chat, convert, eval, generate, imatrix, info, perplexity, pull, serve  # noqa: E402,F401
