@@ -117,7 +117,8 @@ JSON_VALUES = st.recursive(
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
     max_leaves=12)
 FIELDS = ["model", "prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "min_p", "stop", "stream",
-          "seed", "stream_options", "logprobs", "n", "echo", "response_format", "repeat_penalty", "user", "tools"]
+          "seed", "stream_options", "logprobs", "n", "echo", "response_format", "repeat_penalty", "user", "tools",
+          "top_logprobs", "grammar", "max_completion_tokens"]
 MESSAGE = st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant", "tool", "x"]),
                                  "content": st.one_of(st.text(max_size=30), JSON_VALUES)})
 BODIES = st.dictionaries(st.sampled_from(FIELDS), JSON_VALUES, max_size=6) | st.fixed_dictionaries(
@@ -140,6 +141,39 @@ def test_server_request_bodies(fuzz_server, body, chat):
     assert r.status_code == 200 or 400 <= r.status_code < 500, (r.status_code, r.text)
     if r.status_code != 200:
         assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+SCHEMA_KEYS = ["type", "properties", "required", "items", "enum", "const", "minimum", "maximum", "maxLength",
+               "pattern", "anyOf", "additionalProperties", "$ref", "format"]
+SCHEMAS = st.recursive(
+    st.sampled_from([{}, {"type": "string"}, {"type": "integer"}, {"type": "object"}, True, False]),
+    lambda children: st.dictionaries(st.sampled_from(SCHEMA_KEYS), children | JSON_VALUES, max_size=3), max_leaves=8)
+FORMATS = st.one_of(
+    st.fixed_dictionaries({"type": st.just("json_schema"),
+                           "json_schema": st.fixed_dictionaries({"name": st.text(max_size=8), "schema": SCHEMAS})}),
+    st.fixed_dictionaries({"type": st.sampled_from(["json_object", "text", "json_schema", "xml"])}),
+    JSON_VALUES)
+
+
+@settings(FUZZ, max_examples=60)
+@given(fmt=FORMATS, grammar=st.none() | st.text(max_size=40) | st.sampled_from(['root ::= "a"', "root ::= [0-9]+"]),
+       chat=st.booleans())
+def test_server_structured_output_options(fuzz_server, fmt, grammar, chat):
+    body = {"response_format": fmt, "max_tokens": 4, **({} if grammar is None else {"grammar": grammar})}
+    body |= {"messages": [{"role": "user", "content": "hi"}]} if chat else {"prompt": "Once"}
+    r = fuzz_server.post("/v1/chat/completions" if chat else "/v1/completions", content=json.dumps(body))
+    assert r.status_code == 200 or 400 <= r.status_code < 500, (r.status_code, r.text)
+    if r.status_code != 200:
+        assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+@settings(FUZZ, max_examples=60)
+@given(route=st.sampled_from(["/v1/embeddings", "/tokenize", "/detokenize"]),
+       body=st.dictionaries(st.sampled_from(["input", "prompt", "content", "tokens", "encoding_format", "model",
+                                             "add_special_tokens", "dimensions"]), JSON_VALUES, max_size=3))
+def test_server_embedding_and_tokenizer_bodies(fuzz_server, route, body):
+    r = fuzz_server.post(route, content=json.dumps(body))
+    assert r.status_code == 200 or 400 <= r.status_code < 500, (r.status_code, r.text)
 
 
 @settings(FUZZ, max_examples=80)
