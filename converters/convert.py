@@ -19,6 +19,7 @@ from tinyllm.converters.hf_tokenizer import chat_template_from_hf_dir, tokenizer
 from tinyllm.converters.recipe import Recipe
 from tinyllm.errors import TinyLLMError, reading
 from tinyllm.fileformat import ModelWriter, file_kind
+from tinyllm.tokenizer import Tokenizer
 from tinyllm.validate import check_metadata
 
 
@@ -56,20 +57,26 @@ DEFAULT_QUANT = "q4_0"  # for a Hugging Face checkpoint; a GGUF file keeps its o
 
 
 def convert(src, out, quant: str | None = None, progress=None, quantizer: str = "nearest",
-            imatrix=None) -> Path:
-    """Convert ``src`` (a Hugging Face checkpoint directory, or a GGUF file, told by its magic
-    bytes) into the .q4 file ``out``; ``progress(done, total)`` after each tensor written.
-    ``quantizer`` ("nearest" or "search") and ``imatrix`` (an importance matrix file, or a
-    {tensor name: values} dict) choose how 4-bit matrices are encoded (converters/recipe.py)."""
+            imatrix=None, tokenizer=None) -> Path:
+    """Convert ``src`` (a Hugging Face checkpoint directory, a GGUF file or a llama2.c
+    checkpoint, told by their contents) into the .q4 file ``out``; ``progress(done, total)``
+    after each tensor written. ``quantizer`` ("nearest" or "search") and ``imatrix`` (an
+    importance matrix file, or a {tensor name: values} dict) choose how 4-bit matrices are
+    encoded (converters/recipe.py); ``tokenizer``: a llama2.c checkpoint's tokenizer.bin."""
     from tinyllm.converters.gguf import convert_gguf
+    from tinyllm.converters.llama2c import is_llama2c
     from tinyllm.imatrix import read_imatrix
 
     src = Path(src)
     if not src.exists():
         raise TinyLLMError(f"{str(src)!r} does not exist")
     gguf = src.is_file() and file_kind(src) == "gguf"
-    if src.is_file() and not gguf:
-        raise TinyLLMError(f"{str(src)!r} is neither a GGUF file nor a Hugging Face checkpoint directory")
+    llama2c = src.is_file() and not gguf and is_llama2c(src)
+    if src.is_file() and not (gguf or llama2c):
+        raise TinyLLMError(f"{str(src)!r} is neither a GGUF file, a llama2.c checkpoint nor a Hugging Face "
+                           "checkpoint directory")
+    if tokenizer is not None and not llama2c:
+        raise TinyLLMError("--tokenizer names a llama2.c checkpoint's tokenizer.bin; this source has its own")
     importance = imatrix if isinstance(imatrix, dict) or imatrix is None else read_imatrix(imatrix)
     if gguf and quant is None and (quantizer != "nearest" or importance):
         raise TinyLLMError("--quantizer and --imatrix choose how to requantize: give --quant too "
@@ -77,6 +84,8 @@ def convert(src, out, quant: str | None = None, progress=None, quantizer: str = 
     recipe = Recipe(quant or DEFAULT_QUANT, quantizer, importance or {})  # imatrix: GGUF tensor names
     if gguf:
         return convert_gguf(src, out, quant=quant, progress=progress, recipe=recipe)
+    if llama2c:
+        return convert_llama2c(src, out, tokenizer, progress=progress, recipe=recipe)
     return convert_hf(src, out, recipe=recipe, progress=progress)
 
 
@@ -84,38 +93,69 @@ def convert_hf(src, out, quant: str = DEFAULT_QUANT, progress=None, recipe: Reci
     """Convert the checkpoint directory ``src`` into ``out`` (``quant``, or the full ``recipe``).
     ``progress(done, total)`` is called after each tensor written. Returns the output path."""
     src, out = Path(src), Path(out)
-    recipe = recipe or Recipe(quant)
-    quant = recipe.quant
     if not src.is_dir():
         raise TinyLLMError(f"{str(src)!r} is not a Hugging Face checkpoint directory")
-    if not out.parent.is_dir():
-        raise TinyLLMError(f"output directory {str(out.parent)!r} does not exist")
-    refuse_overwriting_input(src, out)
+    _check_output(src, out)
     with reading(src / "config.json"):
         hf_config = read_json(src / "config.json")
         if not isinstance(hf_config, dict):
             raise TinyLLMError(f"{src / 'config.json'}: must hold a JSON object, not {type(hf_config).__name__}")
-        arch_name = arch_from_hf_config(hf_config)
-        arch = get_arch(arch_name)
-        table = importlib.import_module(f"{__package__}.{arch_name}")
-        cfg = arch.Config.from_hf(hf_config)
-        expected = arch.weights(cfg)
-        recipe = recipe.bind(arch_name, cfg)
+        arch_name, cfg, recipe = _architecture(hf_config, recipe or Recipe(quant))
     with reading(src):
         tokenizer = tokenizer_spec_from_hf_dir(src, hf_config)
-        ckpt = Checkpoint(src)
-        plan = table.tensor_plan(cfg)
-        check_checkpoint_shapes(ckpt, plan, expected, str(src))
-        metadata = {
-            "architecture": arch_name,
-            "config": config_dict(cfg),
-            "tokenizer": tokenizer,
-            "chat_template": chat_template_from_hf_dir(src),
-            "generation": generation_defaults(src),
-            "quant": quant,
-            "source": {"format": "huggingface", "name": str(hf_config.get("_name_or_path") or src.name)},
-        }
-        check_metadata(metadata, str(src))
+        source = {"format": "huggingface", "name": str(hf_config.get("_name_or_path") or src.name)}
+        return _write(src, out, Checkpoint(src), arch_name, cfg, recipe, tokenizer, chat_template_from_hf_dir(src),
+                      generation_defaults(src), source, progress)
+
+
+def convert_llama2c(src, out, tokenizer=None, quant: str = DEFAULT_QUANT, progress=None,
+                    recipe: Recipe | None = None) -> Path:
+    """Convert the llama2.c checkpoint ``src`` (legacy, version 1 or int8 version 2) with its
+    tokenizer.bin (``tokenizer``; default: tokenizer.bin or the one tok*.bin beside it)."""
+    from tinyllm.converters.llama2c import Llama2cCheckpoint, find_tokenizer, tokenizer_spec_from_llama2c
+
+    src, out = Path(src), Path(out)
+    _check_output(src, out)
+    with reading(src):
+        ckpt = Llama2cCheckpoint(src)
+        arch_name, cfg, recipe = _architecture(ckpt.hf_config, recipe or Recipe(quant))
+    tok_path = Path(tokenizer) if tokenizer is not None else find_tokenizer(src)
+    with reading(tok_path):
+        spec = tokenizer_spec_from_llama2c(tok_path)
+    n_pieces = Tokenizer.from_spec(spec).vocab_size
+    if n_pieces != cfg.vocab_size:
+        raise TinyLLMError(f"{tok_path} has {n_pieces} tokens but {src} was trained with {cfg.vocab_size}: "
+                           "not its tokenizer")
+    with reading(src):
+        return _write(src, out, ckpt, arch_name, cfg, recipe, spec, None, {}, {"format": "llama2.c", "name": src.stem},
+                      progress)
+
+
+def _check_output(src: Path, out: Path) -> None:
+    if not out.parent.is_dir():
+        raise TinyLLMError(f"output directory {str(out.parent)!r} does not exist")
+    refuse_overwriting_input(src, out)
+
+
+def _architecture(hf_config: dict, recipe: Recipe):
+    """The architecture a config.json names, its validated config, and the recipe bound to it."""
+    arch_name = arch_from_hf_config(hf_config)
+    cfg = get_arch(arch_name).Config.from_hf(hf_config)
+    return arch_name, cfg, recipe.bind(arch_name, cfg)
+
+
+def _write(src: Path, out: Path, ckpt, arch_name: str, cfg, recipe: Recipe, tokenizer: dict, chat_template,
+           generation: dict, source: dict, progress) -> Path:
+    """Check ``ckpt`` (tensors under Hugging Face names) against the architecture's plan, then
+    stream it into ``out``, one tensor at a time."""
+    arch = get_arch(arch_name)
+    table = importlib.import_module(f"{__package__}.{arch_name}")
+    expected = arch.weights(cfg)
+    plan = table.tensor_plan(cfg)
+    check_checkpoint_shapes(ckpt, plan, expected, str(src))
+    metadata = {"architecture": arch_name, "config": config_dict(cfg), "tokenizer": tokenizer,
+                "chat_template": chat_template, "generation": generation, "quant": recipe.quant, "source": source}
+    check_metadata(metadata, str(src))
 
     used = {hf for _, hf, _ in plan}
     ignored = [re.compile(p) for p in table.IGNORED]

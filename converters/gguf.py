@@ -190,14 +190,14 @@ def _read_gguf(path: Path):
 class GGUFModel:
     """A GGUF file in tinyllm terms; the ``source`` that ``Model`` takes (like ModelFile)."""
 
-    def __init__(self, path, quant: str | None = None, notice=_stderr, recipe: Recipe | None = None):
+    def __init__(self, path, quant: str | None = None, notice=_stderr, recipe: Recipe | None = None, progress=None):
         self.path = Path(path)
         if quant is not None and quant not in CHOICES:
             raise TinyLLMError(f"unknown quant format {quant!r}; choose one of {', '.join(CHOICES)}")
         with reading(self.path):
-            self._read(quant, notice, recipe)
+            self._read(quant, notice, recipe, progress)
 
-    def _read(self, quant: str | None, notice, recipe: Recipe | None) -> None:
+    def _read(self, quant: str | None, notice, recipe: Recipe | None, progress) -> None:
         meta, gtensors = _read_gguf(self.path)
         arch_name = meta.get("general.architecture")
         if arch_name not in GGUF_ARCHITECTURES:
@@ -247,7 +247,9 @@ class GGUFModel:
         floats: dict[str, np.ndarray] = {}
         uses = Counter(g for _, g, _ in plan)
         recoded = Counter()
-        for name, gname, transform in plan:
+        for done, (name, gname, transform) in enumerate(plan, 1):
+            if progress:
+                progress(done - 1, len(plan))
             g = gtensors[gname]
             if g.shape != tuple(shapes[gname]):
                 raise FormatError(f"{self.path}: tensor {gname} has shape {g.shape}, expected {tuple(shapes[gname])}")
@@ -266,6 +268,8 @@ class GGUFModel:
             self.tensors[name] = recipe.encode(name, w, fmt)
             if uses[gname] == 0:
                 del floats[gname]
+        if progress:
+            progress(len(plan), len(plan))
         for (src, how, fmt), n in sorted(recoded.items()):
             notice(f"{self.path.name}: {n} {src} tensor(s) {how} to {fmt}"
                    + ("" if quant else f" (tinyllm has no {src} format)"))
@@ -283,24 +287,24 @@ class GGUFModel:
         }
 
 
-def open_gguf(path, quant: str | None = None, notice=_stderr, recipe: Recipe | None = None) -> GGUFModel:
+def open_gguf(path, quant: str | None = None, notice=_stderr, recipe: Recipe | None = None,
+              progress=None) -> GGUFModel:
     """Read a GGUF file for ``Model``; ``notice(line)`` reports re-encoded tensor types; ``recipe``
-    says how requantized tensors are encoded (default: round to nearest, q4_k searched)."""
-    return GGUFModel(path, quant=quant, notice=notice, recipe=recipe)
+    says how requantized tensors are encoded (default: round to nearest, q4_k searched);
+    ``progress(done, total)`` as the tensors are read (done counts from 0)."""
+    return GGUFModel(path, quant=quant, notice=notice, recipe=recipe, progress=progress)
 
 
 def convert_gguf(src, out, quant: str | None = None, progress=None, notice=_stderr,
                  recipe: Recipe | None = None) -> Path:
     """Write GGUF file ``src`` as the .q4 file ``out``: the file's own formats where tinyllm
     has them (quant=None), or every matrix requantized to ``quant``. ``progress(done, total)``
-    is called after each tensor written."""
+    is called as the tensors are read and re-encoded (the slow part; writing them is a copy)."""
     out = Path(out)
     refuse_overwriting_input(Path(src), out)
-    model = open_gguf(src, quant=quant, notice=notice, recipe=recipe)
+    model = open_gguf(src, quant=quant, notice=notice, recipe=recipe, progress=progress)
     check_source(model, str(src))
     with ModelWriter(out, model.metadata) as writer:
-        for done, (name, t) in enumerate(model.tensors.items(), 1):
+        for name, t in model.tensors.items():
             writer.add(name, t)
-            if progress:
-                progress(done, len(model.tensors))
     return out

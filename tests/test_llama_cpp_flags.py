@@ -64,3 +64,71 @@ def test_clamping_is_said_not_silent():
     assert any(line.startswith("prefill") and " 8 tokens" in line for line in b.output.splitlines())
     short = run("generate", BUNDLED, "-p", "Once upon a", "-n", 10, "--temp", 0, "--ctx", 8, "--backend", "numpy")
     assert short.exit_code == 0 and "stopped after 4 of 10 tokens: the context (8 tokens) is full" in short.output
+
+
+def test_slow_kernel_compilation_is_announced_and_runs_before_the_first_answer(monkeypatch):
+    import time
+
+    from tinyllm.cli import options
+
+    calls = []
+
+    class SlowModel:
+        compiles = True
+
+        def warm_up(self):
+            time.sleep(0.3)
+            calls.append("warm")
+
+    said = []
+    monkeypatch.setattr(options, "COMPILE_NOTICE_AFTER", 0.05)
+    monkeypatch.setattr(options, "_interactive", lambda: True)
+    monkeypatch.setattr(options, "say", said.append)
+    options.warm_up(SlowModel())
+    assert calls == ["warm"] and len(said) == 1 and "compiling the Numba kernels" in said[0]
+    thread = options.warm_up(SlowModel(), background=True)
+    assert thread.is_alive()  # the REPL waits for its first message meanwhile
+    thread.join()
+    assert calls == ["warm", "warm"] and not thread.errors
+
+    class FastModel(SlowModel):
+        def warm_up(self):
+            calls.append("fast")
+
+    said.clear()
+    options.warm_up(FastModel())
+    time.sleep(0.1)
+    assert said == []  # cached kernels load quickly: nothing to say
+    monkeypatch.setattr(options, "_interactive", lambda: False)
+    options.warm_up(SlowModel())
+    assert said == []  # not a terminal: quiet
+
+
+def test_warm_up_leaves_the_cache_empty():
+    import tinyllm
+
+    m = tinyllm.load(BUNDLED, n_ctx=2)
+    m.warm_up()
+    assert m.tokens == [] and m.compiles
+
+
+def test_interactive_flag_spellings(tmp_path):
+    r = run("generate", BUNDLED, "-i", "-p", "x")
+    assert r.exit_code == 2 and "tinyllm chat" in r.output
+    r = run("chat", BUNDLED, "-i", "-p", "x")
+    assert r.exit_code == 2 and "give one of them" in r.output
+    r = CliRunner().invoke(main, ["chat", str(BUNDLED), "-i", "--backend", "numpy"], input="Once upon\n")
+    assert r.exit_code == 0, r.output
+
+
+def test_messages_say_what_they_mean(tmp_path):
+    from tinyllm.cli.options import plural
+
+    assert (plural(1, "chunk"), plural(2, "chunk")) == ("1 chunk", "2 chunks")
+    assert "default: 512" in run("perplexity", "--help").output  # the window it really uses
+    broken = tmp_path / "broken.jinja"
+    broken.write_text("{% for m in messages %}{{ m.content }", encoding="utf-8")
+    r = CliRunner().invoke(main, ["chat", str(BUNDLED), "--template", str(broken)], input="hello\n")
+    assert r.exit_code == 1 and "not a valid Jinja template" in r.output and "hello" not in r.output
+    info = run("info", BUNDLED).output
+    assert "tokenizer" in info and "SentencePiece" in info and "1 tensors" not in info

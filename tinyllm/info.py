@@ -12,15 +12,17 @@ from tinyllm.tokenizer import Tokenizer
 from tinyllm.validate import check_source
 
 
-def describe_file(path) -> list[tuple[str, object]]:
+def describe_file(path, progress=None) -> list[tuple[str, object]]:
     """(label, value) rows describing the model file at ``path``, validated as the loader
-    validates it (a file `info` describes is a file `load` accepts)."""
+    validates it (a file `info` describes is a file `load` accepts). ``progress(done, total)``:
+    while a GGUF file's tensors are read."""
     path = Path(path)
     with reading(path):
         if file_kind(path) == "gguf":
             from tinyllm.converters.gguf import open_gguf
 
-            source = open_gguf(path)  # GGUF tensors are regrouped in memory: there is no table to read alone
+            # GGUF tensors are regrouped in memory: there is no table to read alone
+            source = open_gguf(path, progress=progress)
         else:
             source = ModelFile(path, verify=False)
         arch, cfg = check_source(source, str(path))
@@ -46,10 +48,19 @@ def describe_file(path) -> list[tuple[str, object]]:
         ("context length", cfg.context_length),
         ("vocabulary", cfg.vocab_size),
         *arch.describe(cfg).items(),
-        *[(f"tensors {fmt}", f"{n} tensors, {size / 2**20:.2f} MiB, {8 * size / w:.2f} bits/weight")
+        *[(f"tensors {fmt}", f"{n} tensor{'' if n == 1 else 's'}, {size / 2**20:.2f} MiB, "
+                             f"{8 * size / w:.2f} bits/weight")
           for fmt, (n, size, w) in sorted(by_format.items())],
-        ("tokenizer", f"{tok.spec['kind']}, {tok.vocab_size} tokens, bos={tok.bos_id}, eos={tok.eos_ids}"),
+        ("tokenizer", f"{_tokenizer_kind(tok, meta)}, {tok.vocab_size} tokens, bos={tok.bos_id}, eos={tok.eos_ids}"),
         ("chat template", "yes" if meta.get("chat_template") else "none"),
         ("generation defaults", dict(meta.get("generation") or {}) or "none"),
     ]
     return rows
+
+
+def _tokenizer_kind(tok, meta: dict) -> str:
+    """What kind of tokenizer, in words a user knows: SentencePiece, or BPE (tokenizer.json),
+    and where it came from when that is not the file's own tokenizer files."""
+    kind = "SentencePiece" if tok.spec["kind"] == "sentencepiece" else "BPE (tokenizer.json)"
+    origin = (meta.get("source") or {}).get("format")
+    return kind + {"gguf": ", from the GGUF metadata", "llama2.c": ", from the llama2.c tokenizer.bin"}.get(origin, "")

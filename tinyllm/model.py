@@ -19,6 +19,12 @@ from tinyllm.validate import check_allocation, check_source
 DEFAULT_MAX_CTX = 4096  # KV cache positions allocated unless n_ctx asks for more
 
 
+def _is_llama2c(path) -> bool:
+    from tinyllm.converters.llama2c import is_llama2c
+
+    return is_llama2c(path)
+
+
 def _runtime_tensor(t):
     """1-D tensors (norm weights, biases) run as plain float32 arrays; matrices as QTensors."""
     return np.asarray(t.parts["w"], dtype=np.float32) if len(t.shape) == 1 else t
@@ -68,7 +74,7 @@ class Model:
         return self.cache.tokens
 
     @classmethod
-    def load(cls, path, backend=None, threads=None, n_ctx=None, device=None, verify=True) -> "Model":
+    def load(cls, path, backend=None, threads=None, n_ctx=None, device=None, verify=True, progress=None) -> "Model":
         path = Path(path)
         if device not in (None, "cpu", "cuda"):
             raise TinyLLMError(f"unknown device {device!r}; choose cpu or cuda")
@@ -80,9 +86,14 @@ class Model:
             from tinyllm.device import check_cuda
             check_cuda()
         with reading(path):
-            if file_kind(path) == "gguf":
+            kind = file_kind(path)
+            if kind == "gguf":
                 from tinyllm.converters.gguf import open_gguf
-                source = open_gguf(path)
+                source = open_gguf(path, progress=progress)  # progress(done, total): GGUF tensors regrouped
+            elif kind is None and path.is_file() and _is_llama2c(path):
+                raise TinyLLMError(f"{str(path)!r} is a llama2.c checkpoint: convert it first with "
+                                   f"`tinyllm convert {path} -o model.q4` (with its tokenizer.bin beside it, "
+                                   "or --tokenizer)")
             else:
                 source = ModelFile(path, verify=verify)
             return cls(source, backend=backend, threads=threads, n_ctx=n_ctx, device=device)
@@ -214,6 +225,22 @@ class Model:
     def reset(self) -> None:
         self.cache.clear()
 
+    @property
+    def compiles(self) -> bool:
+        """Whether the backend compiles kernels on first use (Numba: CPU and CUDA)."""
+        return self.ops.__name__.rsplit(".", 1)[-1] in ("numba_cpu", "cuda")
+
+    def warm_up(self) -> None:
+        """Run the two kinds of forward pass generation uses (a prompt, then one token) on a
+        throwaway sequence, so that a compiling backend compiles (or loads from its cache)
+        every kernel this model needs now rather than in the first answer. The cache is
+        left empty."""
+        n = min(2, self.n_ctx)
+        self.eval([self.prefix_id] * n)
+        if self.n_ctx > n:
+            self.eval([self.prefix_id] * (n + 1))
+        self.cache.clear()
+
     # -- text ------------------------------------------------------------------------
 
     def tokenize(self, text: str, add_bos: bool | None = None, special: bool = True) -> list[int]:
@@ -271,7 +298,8 @@ class Model:
     def chat_session(self, system: str | None = None, template: str | None = None, **options):
         """A multi-turn conversation (:class:`tinyllm.chat.ChatSession`): ``session.send(text)``
         streams each answer; the KV cache keeps the history already computed. ``template``: a
-        built-in (chatml, llama-2, alpaca, plain) or a Jinja file, instead of the model's own."""
+        built-in (tinyllm.templates.BUILTIN: chatml, llama-3, mistral, ...) or a Jinja file, instead of
+        the model's own."""
         from tinyllm.chat import ChatSession
 
         return ChatSession(self, system=system, template=template, **options)

@@ -61,6 +61,71 @@ PLAIN = ("{% for message in messages %}{% if message['role'] == 'system' %}{{ me
          "{{ '\n' }}{% endif %}{{ message['content'] }}{% endif %}{% endfor %}")
 
 
+# The templates these checkpoints ship in tokenizer_config.json (vicuna ships none: the one
+# llama.cpp's test-chat-template.cpp uses for eachadea/vicuna-13b-1.1, FastChat's v1.1 format).
+# meta-llama/Meta-Llama-3-8B-Instruct
+LLAMA_3 = ("{% set loop_messages = messages %}{% for message in loop_messages %}"
+           "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+           "+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+           "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
+           "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+
+# mistralai/Mistral-7B-Instruct-v0.2 ("v1", with system)
+MISTRAL = ("{%- if messages[0]['role'] == 'system' %}\n"
+           "    {%- set system_message = messages[0]['content'] %}\n"
+           "    {%- set loop_messages = messages[1:] %}\n"
+           "{%- else %}\n"
+           "    {%- set loop_messages = messages %}\n"
+           "{%- endif %}\n\n"
+           "{{- bos_token }}\n"
+           "{%- for message in loop_messages %}\n"
+           "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}\n"
+           "        {{- raise_exception('After the optional system message, conversation roles must alternate "
+           "user/assistant/user/assistant/...') }}\n"
+           "    {%- endif %}\n"
+           "    {%- if message['role'] == 'user' %}\n"
+           "        {%- if loop.first and system_message is defined %}\n"
+           "            {{- ' [INST] ' + system_message + '\\n\\n' + message['content'] + ' [/INST]' }}\n"
+           "        {%- else %}\n"
+           "            {{- ' [INST] ' + message['content'] + ' [/INST]' }}\n"
+           "        {%- endif %}\n"
+           "    {%- elif message['role'] == 'assistant' %}\n"
+           "        {{- ' ' + message['content'] + eos_token}}\n"
+           "    {%- else %}\n"
+           "        {{- raise_exception('Only user and assistant roles are supported, with the exception of an "
+           "initial optional system message!') }}\n"
+           "    {%- endif %}\n"
+           "{%- endfor %}\n")
+
+# HuggingFaceH4/zephyr-7b-beta
+ZEPHYR = ("{% for message in messages %}\n{% if message['role'] == 'user' %}\n"
+          "{{ '<|user|>\n' + message['content'] + eos_token }}\n{% elif message['role'] == 'system' %}\n"
+          "{{ '<|system|>\n' + message['content'] + eos_token }}\n{% elif message['role'] == 'assistant' %}\n"
+          "{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n{% endif %}\n"
+          "{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}")
+
+# eachadea/vicuna-13b-1.1 (FastChat v1.1; the checkpoint ships no template)
+VICUNA = ("{%- for message in messages %}{%- if message['role'] == 'system' -%}"
+          "{{- '' + message['content'] + '\n\n' -}}{%- else -%}{%- if message['role'] == 'user' -%}"
+          "{{-'USER: ' + message['content'] + '\n'-}}{%- else -%}{{-'ASSISTANT: ' + message['content'] + '</s>\n' -}}"
+          "{%- endif -%}{%- endif -%}{%- endfor -%}{%- if add_generation_prompt -%}{{-'ASSISTANT:'-}}{%- endif -%}")
+
+# google/gemma-7b-it
+GEMMA = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+         "{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+         "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+         "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
+         "{% endif %}{{ '<start_of_turn>' + role + '\\n' + message['content'] | trim + '<end_of_turn>\\n' }}"
+         "{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\\n'}}{% endif %}")
+
+# microsoft/Phi-3-mini-4k-instruct
+PHI_3 = ("{% for message in messages %}{% if message['role'] == 'system' %}"
+         "{{'<|system|>\n' + message['content'] + '<|end|>\n'}}{% elif message['role'] == 'user' %}"
+         "{{'<|user|>\n' + message['content'] + '<|end|>\n'}}{% elif message['role'] == 'assistant' %}"
+         "{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}{% endfor %}"
+         "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}")
+
+
 @dataclass(frozen=True)
 class ChatTemplate:
     name: str               # a built-in's name, "model" (the model's own) or a file path
@@ -78,6 +143,12 @@ BUILTIN = {
     "llama-2": ChatTemplate("llama-2", LLAMA_2, stop=("[INST]",)),
     "alpaca": ChatTemplate("alpaca", ALPACA, stop=("\n\n### ", "### Instruction:")),
     "plain": ChatTemplate("plain", PLAIN, continuation=True),
+    "llama-3": ChatTemplate("llama-3", LLAMA_3, stop=("<|eot_id|>", "<|start_header_id|>")),
+    "mistral": ChatTemplate("mistral", MISTRAL, stop=("[INST]",)),
+    "zephyr": ChatTemplate("zephyr", ZEPHYR, stop=("<|user|>", "<|system|>")),
+    "vicuna": ChatTemplate("vicuna", VICUNA, stop=("\nUSER:", "</s>")),
+    "gemma": ChatTemplate("gemma", GEMMA, stop=("<end_of_turn>", "<start_of_turn>")),
+    "phi-3": ChatTemplate("phi-3", PHI_3, stop=("<|end|>", "<|user|>")),
 }
 
 # Tokens that end a turn in the common chat formats. When a template uses one and the
@@ -273,17 +344,30 @@ def resolve_template(name: str | None, model_template: str | None) -> ChatTempla
     when given, else the model's own, else "plain"."""
     if name is None:
         if model_template:
-            return _with_markers(ChatTemplate("model", model_template))
+            return _with_markers(_compiled(ChatTemplate("model", model_template), "the model's chat template"))
         return BUILTIN["plain"]
     if name in BUILTIN:
         return _with_markers(BUILTIN[name])
     path = Path(name)
     if path.is_file():
         try:
-            return _with_markers(ChatTemplate(str(path), path.read_text(encoding="utf-8")))
+            text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise TinyLLMError(f"cannot read chat template file {name!r}: {e}") from None
+        return _with_markers(_compiled(ChatTemplate(str(path), text), f"chat template file {name!r}"))
     raise TinyLLMError(f"unknown chat template {name!r}: choose one of {', '.join(BUILTIN)}, or give a Jinja file")
+
+
+def _compiled(t: ChatTemplate, what: str) -> ChatTemplate:
+    """``t``, once its Jinja source has compiled: a broken template is refused when chosen,
+    not at the first message."""
+    try:
+        _ENV.from_string(t.source)
+    except jinja2.TemplateSyntaxError as e:
+        raise TinyLLMError(f"{what} is not a valid Jinja template (line {e.lineno}: {e.message})") from None
+    except TinyLLMError:
+        raise
+    return t
 
 
 def _with_markers(t: ChatTemplate) -> ChatTemplate:

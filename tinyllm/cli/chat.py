@@ -6,7 +6,7 @@ import sys
 import click
 
 from tinyllm.cli import main
-from tinyllm.cli.options import load_model, model_argument, runtime_options, sampling_options, valid_text
+from tinyllm.cli.options import load_model, model_argument, runtime_options, sampling_options, valid_text, warm_up
 from tinyllm.errors import TinyLLMError
 from tinyllm.templates import BUILTIN
 
@@ -91,11 +91,13 @@ def _answer(session, line: str, max_tokens: int, verbose: bool) -> bool:
 @click.option("--stop", multiple=True, callback=valid_text, help="Also end an answer at this string (repeatable).")
 @click.option("--repeat-last-n", type=click.IntRange(min=0), default=None,
               help="Window of recent tokens the repeat penalty sees (default 64).")
+@click.option("-i", "--interactive", is_flag=True,
+              help="The conversation REPL (the default; llama.cpp's spelling). Not with -p.")
 @click.option("-v", "--verbose", is_flag=True, help="Print prompt and decode speed after each answer.")
 @sampling_options
 @runtime_options
-def chat(model, system, template, max_tokens, prompt, stop, repeat_last_n, verbose, temperature, top_k, top_p,
-         min_p, repeat_penalty, seed, backend, threads, n_ctx, device):
+def chat(model, system, template, max_tokens, prompt, stop, repeat_last_n, interactive, verbose, temperature, top_k,
+         top_p, min_p, repeat_penalty, seed, backend, threads, n_ctx, device):
     """Chat with MODEL (default: the cached SmolLM2 chat model, else the bundled story model)."""
     try:
         import readline  # noqa: F401  (line editing and history for input())
@@ -103,11 +105,14 @@ def chat(model, system, template, max_tokens, prompt, stop, repeat_last_n, verbo
         pass
     if prompt is not None and not prompt.strip():
         raise click.UsageError("-p/--prompt is empty: give the message to answer")
+    if prompt is not None and interactive:
+        raise click.UsageError("-p answers one message and exits; -i is the conversation: give one of them")
     m = load_model(model, backend, threads, n_ctx, device, fetch=sys.stdin.isatty())  # first run: fetch the chat model
     session = m.chat_session(system=system, template=template, max_new_tokens=max_tokens, stop=list(stop),
                              on_notice=_note, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                              repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed)
     if prompt is not None:  # one-shot
+        warm_up(m)
         if not _answer(session, prompt, max_tokens, verbose):
             sys.exit(1)
         return
@@ -115,6 +120,7 @@ def chat(model, system, template, max_tokens, prompt, stop, repeat_last_n, verbo
     if which == "plain" and template is None:
         which = "plain (the model has no chat template; choose one with --template)"
     _note(f"{m.name}: template {which}, context {m.n_ctx} tokens. /help for commands, Ctrl-D to quit.", "cyan")
+    warming = warm_up(m, background=True)  # compiles while the first message is typed
     while True:
         try:
             line = input("> ")
@@ -130,4 +136,9 @@ def chat(model, system, template, max_tokens, prompt, stop, repeat_last_n, verbo
             if not _command(session, line):
                 return
             continue
+        if warming is not None:
+            warming.join()
+            if warming.errors:
+                raise warming.errors[0]
+            warming = None
         _answer(session, line, max_tokens, verbose)

@@ -1,11 +1,10 @@
-"""`tinyllm convert`: a Hugging Face checkpoint directory (or a GGUF file) -> one .q4 file."""
+"""`tinyllm convert`: a Hugging Face checkpoint directory, a GGUF file or a llama2.c checkpoint -> one .q4 file."""
 from __future__ import annotations
-
-import sys
 
 import click
 
 from tinyllm.cli import main
+from tinyllm.cli.options import progress_bar
 from tinyllm.converters.recipe import CHOICES, QUANTIZERS
 
 
@@ -23,19 +22,13 @@ from tinyllm.converters.recipe import CHOICES, QUANTIZERS
 @click.option("--imatrix", type=click.Path(dir_okay=False), default=None,
               help="An importance matrix (tinyllm imatrix, or llama-imatrix's GGUF file) weighting the search "
                    "by how much each input channel matters.")
-def convert(source, output, quant, quantizer, imatrix):
-    """Convert SOURCE (a Hugging Face model directory or a .gguf file) into a tinyllm .q4 file."""
+@click.option("--tokenizer", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="A llama2.c checkpoint's tokenizer.bin (default: tokenizer.bin or the one tok*.bin beside it).")
+def convert(source, output, quant, quantizer, imatrix, tokenizer):
+    """Convert SOURCE (a Hugging Face model directory, a .gguf file, or a llama2.c .bin
+    checkpoint with its tokenizer.bin) into a tinyllm .q4 file."""
     from tinyllm.converters.convert import convert as convert_model
 
-    bar = None
-
-    def progress(done, total):
-        nonlocal bar
-        if bar is None:
-            bar = click.progressbar(length=total, label=f"converting {source}", file=sys.stderr)
-        bar.update(1)
-        if done == total:
-            bar.render_finish()
-
-    path = convert_model(source, output, quant=quant, progress=progress, quantizer=quantizer, imatrix=imatrix)
+    path = convert_model(source, output, quant=quant, progress=progress_bar(f"converting {source}"),
+                         quantizer=quantizer, imatrix=imatrix, tokenizer=tokenizer)
     click.echo(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")

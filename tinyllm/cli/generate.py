@@ -14,9 +14,17 @@ from tinyllm.cli.options import (
     sampling_options,
     say,
     valid_text,
+    warm_up,
 )
 from tinyllm.generate import GenerationStats
 from tinyllm.structured import grammar_from
+
+
+def _to_chat(ctx, param, value):
+    if value:
+        raise click.UsageError("generate continues one prompt; the interactive mode is `tinyllm chat` "
+                               "(llama.cpp's -i / llama-cli's conversation)")
+    return value
 
 
 @main.command()
@@ -31,6 +39,7 @@ from tinyllm.structured import grammar_from
               help="Output JSON valid under this JSON Schema: a file, or the schema itself (as llama.cpp's -j).")
 @click.option("--grammar-file", type=click.Path(dir_okay=False), default=None,
               help="Output that follows this GBNF grammar file (llama.cpp's format).")
+@click.option("-i", "--interactive", is_flag=True, hidden=True, expose_value=False, callback=_to_chat)
 @sampling_options
 @runtime_options
 def generate(model, prompt, prompt_file, max_tokens, stop, json_schema, grammar_file, temperature, top_k, top_p,
@@ -44,6 +53,7 @@ def generate(model, prompt, prompt_file, max_tokens, stop, json_schema, grammar_
     prompt = read_text(prompt_file) if prompt_file is not None else (prompt or "")
     grammar = structured_output(json_schema, grammar_file)  # a bad schema fails before the model loads
     m = load_model(model, backend, threads, n_ctx, device)
+    warm_up(m)
     click.echo(prompt, nl=False)
     stats = GenerationStats()
     for piece in m.generate(prompt, max_new_tokens=max_tokens, temperature=temperature, top_k=top_k,

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from tinyllm.cli import main
-from tinyllm.cli.options import load_model, read_text, runtime_options
+from tinyllm.cli.options import load_model, plural, read_text, runtime_options
 
 
 @main.command()
@@ -40,4 +40,5 @@ def imatrix(model, file, output, chunks, backend, threads, n_ctx, device):
     bar.render_finish()
     write_imatrix(output, m.metadata["architecture"], m.config, sums, counts, dataset=Path(file).name, chunks=n_chunks,
                   chunk_size=window)
-    click.echo(f"wrote {output}: {len(sums)} matrices, {n_chunks} chunks of {window} tokens")
+    click.echo(f"wrote {output}: {len(sums)} matri{'x' if len(sums) == 1 else 'ces'}, "
+               f"{plural(n_chunks, 'chunk')} of {window} tokens")

@@ -33,14 +33,16 @@ def _no_layer_offload(ctx, param, value):
     return value
 
 
-def runtime_options(f):
-    """--backend, --threads, --ctx, --device: how and where the model runs."""
+def runtime_options(f=None, ctx_help: str = "Context length (default: the model's, at most 4096)."):
+    """--backend, --threads, --ctx, --device: how and where the model runs. ``ctx_help``: for a
+    command whose --ctx means something else (perplexity's window)."""
+    if f is None:
+        return lambda g: runtime_options(g, ctx_help)
     f = click.option("-ngl", "--n-gpu-layers", "--gpu-layers", "gpu_layers", default=None, hidden=True,
                      expose_value=False, callback=_no_layer_offload)(f)
     f = click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
                      help="Run on the CPU (default) or an NVIDIA GPU (needs the cuda extra).")(f)
-    f = click.option("--ctx", "-c", "n_ctx", type=click.IntRange(min=1), default=None,
-                     help="Context length (default: the model's, at most 4096).")(f)
+    f = click.option("--ctx", "-c", "n_ctx", type=click.IntRange(min=1), default=None, help=ctx_help)(f)
     f = click.option("--threads", "-t", type=click.IntRange(min=1), default=None,
                      help="CPU threads (default: all cores).")(f)
     f = click.option("--backend", type=click.Choice(CPU_BACKENDS), default=None,
@@ -91,10 +93,22 @@ def load_model(model, backend, threads, n_ctx, device, announce=True, fetch=Fals
     if model is None and os.environ.get("TINYLLM_MODEL") and not path.exists():
         raise TinyLLMError(f"$TINYLLM_MODEL is {str(path)!r}, which does not exist: "
                            "set it to a model file, or unset it")
-    m = load(path, backend=backend, threads=threads, n_ctx=n_ctx, device=device)
+    m = load(path, backend=backend, threads=threads, n_ctx=n_ctx, device=device,
+             progress=progress_bar(f"reading {path.name}", only_on_terminal=True) if _is_gguf(path) else None)
     if warn_ctx and n_ctx is not None and n_ctx > m.n_ctx:  # the model clamps it: say so, never silently
         say(f"--ctx {n_ctx} is more than {m.name}'s context length: using {m.n_ctx}")
     return m
+
+
+def plural(n: int, word: str) -> str:
+    """ "1 chunk", "2 chunks" """
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def _is_gguf(path) -> bool:
+    from tinyllm.fileformat import file_kind
+
+    return file_kind(path) == "gguf"
 
 
 def read_text(file) -> str:
@@ -107,3 +121,70 @@ def read_text(file) -> str:
         raise TinyLLMError(f"cannot read {file!r}: {e.strerror or e}") from None
     except UnicodeDecodeError as e:
         raise TinyLLMError(f"{file!r} is not UTF-8 text: {e}") from None
+
+
+def _interactive() -> bool:
+    import sys
+
+    return sys.stderr.isatty()
+
+
+COMPILE_NOTICE_AFTER = 2.5  # seconds: loading cached kernels takes about one; compiling them, 15-40
+
+
+def warm_up(model, background: bool = False):
+    """Compile (or load) the model's kernels now, saying so when that takes long: the first
+    run on a machine compiles them for its CPU. ``background``: in a thread (returned; join
+    it before using the model) so that a REPL can wait for its first message meanwhile."""
+    import threading
+
+    if not model.compiles:
+        return None
+
+    def run():
+        if not _interactive():  # a script reading stderr gets no progress chatter
+            return model.warm_up()
+        timer = threading.Timer(COMPILE_NOTICE_AFTER, say, ["compiling the Numba kernels for this machine, once "
+                                                            "(about 15-40 s; later runs load them from the cache)"])
+        timer.daemon = True
+        timer.start()
+        try:
+            model.warm_up()
+        finally:
+            timer.cancel()
+
+    if not background:
+        run()
+        return None
+    errors = []
+
+    def guarded():
+        try:
+            run()
+        except Exception as e:  # reported when joined: the first answer then fails with it
+            errors.append(e)
+
+    thread = threading.Thread(target=guarded, name="tinyllm-warmup", daemon=True)
+    thread.errors = errors
+    thread.start()
+    return thread
+
+
+def progress_bar(label: str, only_on_terminal: bool = False):
+    """A ``progress(done, total)`` callback that draws a bar on stderr (click's: a terminal
+    gets the bar, anything else the label once); ``only_on_terminal``: None off a terminal."""
+    import sys
+
+    if only_on_terminal and not _interactive():
+        return None
+    bar = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = click.progressbar(length=total, label=label, file=sys.stderr)
+        bar.update(done - bar.pos)
+        if done >= total:
+            bar.render_finish()
+
+    return progress

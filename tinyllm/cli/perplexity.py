@@ -6,7 +6,7 @@ import sys
 import click
 
 from tinyllm.cli import main
-from tinyllm.cli.options import load_model, read_text, runtime_options
+from tinyllm.cli.options import load_model, plural, read_text, runtime_options
 
 
 @main.command()
@@ -17,7 +17,7 @@ from tinyllm.cli.options import load_model, read_text, runtime_options
 @click.option("--kl-divergence", "reference", type=click.Path(dir_okay=False), default=None,
               help="Also run REFERENCE (e.g. the unquantized model) on the same windows and report the KL "
                    "divergence of MODEL's next-token distributions from it, as llama-perplexity --kl-divergence.")
-@runtime_options
+@runtime_options(ctx_help="Window of tokens scored at a time (default: 512, or the model's context when shorter).")
 def perplexity(model, file, chunks, reference, backend, threads, n_ctx, device):
     """Perplexity of MODEL over the text in FILE.
 
@@ -37,7 +37,7 @@ def perplexity(model, file, chunks, reference, backend, threads, n_ctx, device):
     def progress(done, total, running):
         nonlocal bar
         if bar is None:
-            click.echo(f"{len(tokens)} tokens, {total} chunks of {window} tokens, "
+            click.echo(f"{plural(len(tokens), 'token')}, {plural(total, 'chunk')} of {window} tokens, "
                        f"scoring the last {window - 1 - window // 2} of each", err=True)
             shown = "KLD {:.5f}" if ref else "PPL {:.4f}"
             bar = click.progressbar(length=total, label="kl-divergence" if ref else "perplexity", file=sys.stderr,
