@@ -23,6 +23,33 @@ def stories_hf() -> Path:
     return shared("stories260K-hf")
 
 
+@pytest.fixture(scope="session")
+def stories_q8(stories_hf, tmp_path_factory) -> Path:
+    """stories260K as a q8_0 .q4 file, converted once per run."""
+    from .server_helpers import convert_stories
+
+    return convert_stories(stories_hf, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def stories_model(stories_q8):
+    """The q8_0 stories260K on the NumPy reference backend, one per test module."""
+    import tinyllm
+
+    return tinyllm.load(stories_q8, backend="numpy")
+
+
+# The defaults of the server-facing test modules (a module defining its own wins):
+@pytest.fixture(scope="module")
+def model_path(stories_q8):
+    return stories_q8
+
+
+@pytest.fixture(scope="module")
+def model(stories_model):
+    return stories_model
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _quiet_threads():
     # torch's own thread pool fights Numba's on 2 cores; one thread keeps oracle runs predictable

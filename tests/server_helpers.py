@@ -101,3 +101,4 @@ def convert_stories(stories_hf, tmp_path_factory):
     from tinyllm.converters.convert import convert_hf
 
     return convert_hf(stories_hf, tmp_path_factory.mktemp("serve") / "stories260K.q4", quant="q8_0")
+

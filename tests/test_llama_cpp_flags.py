@@ -132,3 +132,10 @@ def test_messages_say_what_they_mean(tmp_path):
     assert r.exit_code == 1 and "not a valid Jinja template" in r.output and "hello" not in r.output
     info = run("info", BUNDLED).output
     assert "tokenizer" in info and "SentencePiece" in info and "1 tensors" not in info
+
+
+def test_checks_before_echo_and_hints_for_directories(stories_hf):
+    r = run("generate", BUNDLED, "-p", "x" * 3000, "-n", 2)
+    assert r.exit_code == 1 and "does not fit the context" in r.output and "xxx" not in r.output
+    r = run("info", stories_hf)
+    assert r.exit_code == 1 and "convert it first with `tinyllm convert DIR -o model.q4`" in r.output

@@ -18,7 +18,7 @@ import tinyllm
 from tinyllm.cli import main
 from tinyllm.server import create_app
 
-from .server_helpers import convert_stories, serving
+from .server_helpers import serving
 
 lm_eval = pytest.importorskip("lm_eval")
 
@@ -33,16 +33,6 @@ GEN_DOCS = [
     {"prompt": "One day, Tom went to", "target": " the park"},
     {"prompt": "The cat", "target": " was happy"},
 ]
-
-
-@pytest.fixture(scope="module")
-def model_path(stories_hf, tmp_path_factory):
-    return convert_stories(stories_hf, tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def model(model_path):
-    return tinyllm.load(model_path, backend="numpy")
 
 
 @pytest.fixture(scope="module")

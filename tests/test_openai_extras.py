@@ -18,7 +18,7 @@ from tinyllm.logprobs import log_softmax
 from tinyllm.server import create_app
 from tinyllm.structured import Grammar
 
-from .server_helpers import convert_stories, serving
+from .server_helpers import serving
 
 openai = pytest.importorskip("openai")
 jsonschema = pytest.importorskip("jsonschema")
@@ -28,16 +28,6 @@ SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "enum": ["
                                            "age": {"type": "integer", "minimum": 1, "maximum": 99},
                                            "happy": {"type": "boolean"}},
           "required": ["name", "age", "happy"], "additionalProperties": False}
-
-
-@pytest.fixture(scope="module")
-def model_path(stories_hf, tmp_path_factory):
-    return convert_stories(stories_hf, tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def model(model_path):
-    return tinyllm.load(model_path, backend="numpy")
 
 
 @pytest.fixture(scope="module")

@@ -114,7 +114,7 @@ class BenchReport:
 
     def lines(self) -> list[str]:
         threads = f", {self.threads} threads" if self.threads else ""
-        rows = [(f"model      {self.model} ({self.file_bytes / 1e6:.0f} MB; {self.weight_bytes / 1e6:.0f} MB "
+        rows = [(f"model      {self.model} ({_megabytes(self.file_bytes)}; {_megabytes(self.weight_bytes)} "
                  f"of weights read per decoded token){threads}")]
         for n, s in self.prefill.items():
             lo, hi = s.spread
@@ -139,3 +139,9 @@ def run_bench(model, prompt_tokens=(128, 512), gen_tokens: int = 128, repeats: i
     threads = model.ops.get_threads() if hasattr(model.ops, "get_threads") else None
     return BenchReport(model.name, model.path.stat().st_size, weight_bytes_per_token(model), threads,
                        prefill, decode, bandwidth)
+
+
+def _megabytes(n: int) -> str:
+    """Sizes as people read them: "98 MB", "1.1 MB", "0.26 MB" (never "0 MB")."""
+    mb = n / 1e6
+    return f"{mb:.0f} MB" if mb >= 10 else f"{mb:.2g} MB"

@@ -53,12 +53,13 @@ def generate(model, prompt, prompt_file, max_tokens, stop, json_schema, grammar_
     prompt = read_text(prompt_file) if prompt_file is not None else (prompt or "")
     grammar = structured_output(json_schema, grammar_file)  # a bad schema fails before the model loads
     m = load_model(model, backend, threads, n_ctx, device)
+    stats = GenerationStats()
+    pieces = m.generate(prompt, max_new_tokens=max_tokens, temperature=temperature, top_k=top_k,  # checks it
+                        top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed, stop=list(stop),
+                        stats=stats, grammar=grammar)
     warm_up(m)
     click.echo(prompt, nl=False)
-    stats = GenerationStats()
-    for piece in m.generate(prompt, max_new_tokens=max_tokens, temperature=temperature, top_k=top_k,
-                            top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed, stop=list(stop),
-                            stats=stats, grammar=grammar):
+    for piece in pieces:
         click.echo(piece, nl=False)
     click.echo()
     if stats.finish_reason == "context":  # fewer than -n tokens: say why

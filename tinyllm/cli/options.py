@@ -21,9 +21,10 @@ def model_argument(f):
             raise click.UsageError(f"two models given: {model!r} and -m {model_flag!r}")
         return f(*args, model=model or model_flag, **kwargs)
 
-    merged = click.option("-m", "--model", "model_flag", type=click.Path(dir_okay=False), default=None,
+    # any text: a path, a library name or a Hugging Face repo id; a directory gets its own hint
+    merged = click.option("-m", "--model", "model_flag", type=click.Path(), default=None,
                           help="The model (the same as the MODEL argument, as llama.cpp spells it).")(merged)
-    return click.argument("model", required=False, type=click.Path(dir_okay=False))(merged)
+    return click.argument("model", required=False, type=click.Path())(merged)
 
 
 def _no_layer_offload(ctx, param, value):
