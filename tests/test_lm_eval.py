@@ -142,3 +142,34 @@ def test_lm_eval_through_the_server(model, model_path, tasks):
                for d in GEN_DOCS]
     assert chat["tiny_gen"]["exact_match,none"] == pytest.approx(
         np.mean([a == d["target"] for a, d in zip(answers, GEN_DOCS)]))
+
+
+def test_backend_bad_input_is_one_clear_error(model, model_path, tasks):
+    from lm_eval.api.instance import Instance
+
+    from tinyllm.errors import TinyLLMError
+    from tinyllm.evaluation import TinyLLMEval
+
+    backend = TinyLLMEval(model=model)
+    with pytest.raises(TinyLLMError, match="'num_beams' is not supported"):
+        backend.generate_until([Instance("generate_until", {}, ("Once", {"num_beams": 4}), 0)])
+    with pytest.raises(TinyLLMError, match="needs model_args path"):
+        TinyLLMEval()
+    with pytest.raises(TinyLLMError, match="n_ctx must be an integer"):
+        TinyLLMEval(path=str(model_path), n_ctx="many")
+    r = CliRunner().invoke(main, ["eval", str(model_path), "--tasks", "no_such_task", "--include-path", str(tasks)])
+    assert r.exit_code == 1 and "unknown lm-eval task 'no_such_task'" in r.output
+
+
+def test_long_contexts_keep_their_end(model):
+    """A context longer than the window loses its start, as lm-eval's Hugging Face backend does."""
+    from lm_eval.api.instance import Instance
+
+    from tinyllm.evaluation import TinyLLMEval
+
+    long_context = "Once upon a time there was a girl. " * 80  # > 512 tokens
+    (text,) = TinyLLMEval(model=model).generate_until(
+        [Instance("generate_until", {}, (long_context, {"until": ["."], "max_gen_toks": 600}), 0)])
+    assert isinstance(text, str)
+    total, _ = model.loglikelihood(long_context, " She")
+    assert total < 0

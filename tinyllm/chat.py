@@ -65,7 +65,7 @@ class ChatSession:
     def __init__(self, model, system: str | None = None, template: str | None = None,
                  max_new_tokens: int = 512, stop=None, on_notice: Callable[[str], None] | None = None,
                  temperature=None, top_k=None, top_p=None, min_p=None, repeat_penalty=None,
-                 repeat_last_n=None, seed=None):
+                 repeat_last_n=None, seed=None, logprobs: int | None = None, grammar=None):
         self.model = model
         self.template = resolve_template(template, model.chat_template)
         self.system = system
@@ -75,7 +75,7 @@ class ChatSession:
                                                 repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed))
         stop_ids, stop_strings = turn_stops(model.tokenizer, self.template)
         self.decoding = Decoding(sampler, stop_strings + list(stop or []), stop_ids,
-                                 skip_leading_space=not self.template.continuation)
+                                 skip_leading_space=not self.template.continuation, logprobs=logprobs, grammar=grammar)
         self.on_notice = on_notice or (lambda text: warnings.warn(text, ContextWarning, stacklevel=3))
         self.stats: GenerationStats | None = None
 

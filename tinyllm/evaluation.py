@@ -59,17 +59,7 @@ class TinyLLMEval(LM):
     # -- lm-eval's three requests -------------------------------------------------------
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        return [self._loglikelihood(*req.args) for req in requests]
-
-    def _loglikelihood(self, context: str, continuation: str) -> tuple[float, bool]:
-        m = self.model
-        context_ids, continuation_ids = m.encode_pair(context, continuation)
-        if len(continuation_ids) >= m.n_ctx:
-            raise TinyLLMError(f"a continuation of {len(continuation_ids)} tokens does not fit the context "
-                               f"({m.n_ctx})")
-        context_ids = context_ids[max(0, len(context_ids) + len(continuation_ids) - m.n_ctx):]  # keep the end
-        entries = m.token_logprobs(context_ids + continuation_ids, start=len(context_ids), top=1)
-        return sum(e.logprob for e in entries), all(e.top[0][0] == e.token for e in entries)
+        return [self.model.loglikelihood(*req.args) for req in requests]
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         m = self.model
@@ -100,9 +90,7 @@ class TinyLLMEval(LM):
         max_new = int(gen_kwargs.get("max_gen_toks", gen_kwargs.get("max_tokens", self.max_gen_toks)))
         greedy = not gen_kwargs.get("do_sample", False) or not gen_kwargs.get("temperature", 0.0)
         ids = m.tokenize(context)  # special-token text parsed, as lm-eval's Hugging Face backend does
-        ids = ids[max(0, len(ids) - (m.n_ctx - max_new)):] if len(ids) + max_new > m.n_ctx else ids
-        if len(ids) >= m.n_ctx:
-            ids = ids[len(ids) - m.n_ctx + 1:]
+        ids = ids[-max(1, m.n_ctx - max_new):]  # the context's end, leaving room for the answer
         return m.generate(ids, max_new_tokens=max_new, stop=until, stream=False,
                           temperature=0.0 if greedy else float(gen_kwargs["temperature"]),
                           top_p=gen_kwargs.get("top_p"), top_k=gen_kwargs.get("top_k"),

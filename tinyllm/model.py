@@ -7,6 +7,7 @@ from typing import Iterator
 import numpy as np
 
 from tinyllm.arch.common import hidden_states
+from tinyllm.converters.llama2c import is_llama2c
 from tinyllm.errors import TinyLLMError, reading
 from tinyllm.fileformat import ModelFile, file_kind
 from tinyllm.kernels import get_backend
@@ -17,12 +18,6 @@ from tinyllm.tokenizer import Tokenizer
 from tinyllm.validate import check_allocation, check_source
 
 DEFAULT_MAX_CTX = 4096  # KV cache positions allocated unless n_ctx asks for more
-
-
-def _is_llama2c(path) -> bool:
-    from tinyllm.converters.llama2c import is_llama2c
-
-    return is_llama2c(path)
 
 
 def _runtime_tensor(t):
@@ -90,7 +85,7 @@ class Model:
             if kind == "gguf":
                 from tinyllm.converters.gguf import open_gguf
                 source = open_gguf(path, progress=progress)  # progress(done, total): GGUF tensors regrouped
-            elif kind is None and path.is_file() and _is_llama2c(path):
+            elif kind is None and path.is_file() and is_llama2c(path):
                 raise TinyLLMError(f"{str(path)!r} is a llama2.c checkpoint: convert it first with "
                                    f"`tinyllm convert {path} -o model.q4` (with its tokenizer.bin beside it, "
                                    "or --tokenizer)")
@@ -165,10 +160,15 @@ class Model:
     def loglikelihood(self, context: str, continuation: str) -> tuple[float, bool]:
         """log P(continuation | context), summed over the continuation's tokens, and whether
         greedy decoding from ``context`` would write exactly them: what lm-evaluation-harness
-        asks of a model for multiple-choice tasks. The pair is tokenized as lm-eval does."""
+        asks of a model for multiple-choice tasks. The pair is tokenized as lm-eval does; a
+        context too long for the window loses its start (as lm-eval's Hugging Face backend)."""
         context_ids, continuation_ids = self.encode_pair(context, continuation)
         if not continuation_ids:
             raise TinyLLMError("loglikelihood(): the continuation is empty")
+        if len(continuation_ids) >= self.n_ctx:
+            raise TinyLLMError(f"a continuation of {len(continuation_ids)} tokens does not fit the context "
+                               f"({self.n_ctx})")
+        context_ids = context_ids[max(0, len(context_ids) + len(continuation_ids) - self.n_ctx):]
         entries = self.token_logprobs(context_ids + continuation_ids, start=len(context_ids), top=1)
         return sum(e.logprob for e in entries), all(e.top[0][0] == e.token for e in entries)
 
@@ -309,15 +309,13 @@ class Model:
         """Answer the last (user) message of ``messages`` ([{"role", "content"}, ...], an
         optional system message first): the answer text, or an iterator of pieces with
         ``stream=True``. Sampling and structured-output options as for :meth:`generate`."""
-        import dataclasses
-
         from tinyllm.chat import ChatSession, check_conversation
         from tinyllm.structured import grammar_from
 
         messages = check_conversation(messages)
         if not messages or messages[-1]["role"] != "user":
             raise TinyLLMError("chat(messages): the last message must be the user's")
-        session = ChatSession(self, template=template, max_new_tokens=max_new_tokens, **options)
-        session.decoding = dataclasses.replace(session.decoding, grammar=grammar_from(json_schema, grammar))
+        session = ChatSession(self, template=template, max_new_tokens=max_new_tokens,
+                              grammar=grammar_from(json_schema, grammar), **options)
         session.load_messages(messages[:-1])
         return session.send(messages[-1]["content"], stream=stream)

@@ -22,7 +22,8 @@ import numpy as np
 
 from tinyllm.errors import TinyLLMError
 
-_TOKENIZERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # Tokenizer -> {eos ids: LLTokenizer}
+# Tokenizer -> {"vocab": its byte table, stop ids: LLTokenizer}
+_TOKENIZERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _llguidance():
@@ -124,25 +125,28 @@ def grammar_from(json_schema=None, grammar=None) -> Grammar | None:
 
 def lltokenizer(tokenizer, stop_ids):
     """llguidance's view of a tokenizer: each token's bytes (special tokens marked with a
-    0xFF byte, so grammar text never matches them) and its encoder; built once per
-    tokenizer and set of stop tokens (about 0.1 s for a 49k vocabulary)."""
+    0xFF byte, so grammar text never matches them) and its encoder; the byte table once per
+    tokenizer, llguidance's tokenizer once per set of stop tokens (0.32 s for SmolLM2's 49k
+    tokens with the first matcher, BENCHMARKS.md)."""
     stop_ids = tuple(stop_ids)
     if not stop_ids:
         raise TinyLLMError("structured output needs a stop token to end on, and this generation has none")
     cache = _TOKENIZERS.setdefault(tokenizer, {})
     if stop_ids not in cache:
         llg = _llguidance()
-        cache[stop_ids] = llg.LLTokenizer(llg.TokenizerWrapper(_GuidanceVocab(tokenizer, stop_ids[0])),
-                                          n_vocab=tokenizer.vocab_size, eos_token=list(stop_ids))
+        vocab = cache.setdefault("vocab", _GuidanceVocab(tokenizer))
+        cache[stop_ids] = llg.LLTokenizer(llg.TokenizerWrapper(vocab), n_vocab=tokenizer.vocab_size,
+                                          eos_token=list(stop_ids))
     return cache[stop_ids]
 
 
 class _GuidanceVocab:
-    """The tokenizer interface llguidance's TokenizerWrapper reads."""
+    """The tokenizer interface llguidance's TokenizerWrapper reads (its eos id is overridden
+    by the LLTokenizer's eos_token list)."""
 
-    def __init__(self, tokenizer, eos_id: int):
+    def __init__(self, tokenizer):
         self._tokenizer = tokenizer
-        self.eos_token_id = eos_id
+        self.eos_token_id = tokenizer.eos_ids[0] if tokenizer.eos_ids else 0
         self.bos_token_id = tokenizer.bos_id
         self.special_token_ids = [i for i in range(tokenizer.vocab_size) if tokenizer.is_special(i)]
         special = set(self.special_token_ids)

@@ -130,7 +130,7 @@ def _interactive() -> bool:
     return sys.stderr.isatty()
 
 
-COMPILE_NOTICE_AFTER = 2.5  # seconds: loading cached kernels takes about one; compiling them, 15-40
+COMPILE_NOTICE_AFTER = 2.5  # seconds: loading cached kernels takes about one (README), compiling much longer
 
 
 def warm_up(model, background: bool = False):
@@ -146,7 +146,7 @@ def warm_up(model, background: bool = False):
         if not _interactive():  # a script reading stderr gets no progress chatter
             return model.warm_up()
         timer = threading.Timer(COMPILE_NOTICE_AFTER, say, ["compiling the Numba kernels for this machine, once "
-                                                            "(about 15-40 s; later runs load them from the cache)"])
+                                                            "(later runs load them from the cache)"])
         timer.daemon = True
         timer.start()
         try:

@@ -2,7 +2,6 @@
 token by token on the model's worker thread, stopping as soon as the client has gone."""
 from __future__ import annotations
 
-import dataclasses
 import threading
 from typing import Iterator
 
@@ -24,7 +23,6 @@ class GenerationRun:
     def __init__(self, model, req: GenerationRequest, max_tokens_limit: int, template: str | None = None):
         self.model = model
         self.stats = GenerationStats()
-        self.logprobs = req.logprobs
         self.echo_text: str | None = None
         param = "messages" if req.messages is not None else "prompt"
         try:
@@ -41,11 +39,11 @@ class GenerationRun:
         self.max_tokens = self._max_tokens(req, max_tokens_limit, param)
 
     def _chat_prompt(self, req: GenerationRequest, template: str | None) -> None:
-        session = ChatSession(self.model, template=template, **req.sampling)
+        session = ChatSession(self.model, template=template, stop=req.stop, logprobs=req.logprobs,
+                              grammar=req.grammar, **req.sampling)
         session.load_messages(req.messages)
         self.prompt_ids = session.prompt_ids()
-        self.decoding = dataclasses.replace(session.decoding, stop=session.decoding.stop + req.stop,
-                                            logprobs=req.logprobs, grammar=req.grammar)
+        self.decoding = session.decoding
 
     def _completion_prompt(self, req: GenerationRequest) -> None:
         model = self.model
@@ -110,11 +108,12 @@ class GenerationRun:
 
     def _prompt_logprobs(self) -> list[TokenLogprob]:
         """The prompt's tokens, each scored given those before it; the first has no logprob."""
-        if self.logprobs is None:
+        n_top = self.decoding.logprobs
+        if n_top is None:
             return []
         ids = self.prompt_ids
         first = [TokenLogprob(ids[0], None)]
-        rest = self.model.token_logprobs(ids, 1, self.logprobs) if len(ids) > 1 else []
+        rest = self.model.token_logprobs(ids, 1, n_top) if len(ids) > 1 else []
         entries = first + rest
         decoder, offset = self.model.tokenizer.stream(skip_leading_space=True), 0
         for entry in entries:  # where each token's text starts in the echoed prompt

@@ -20,8 +20,8 @@ def chat_logprobs(tokenizer, entries: list[TokenLogprob]) -> dict:
             "refusal": None}
 
 
-def completion_logprobs(tokenizer, entries: list[TokenLogprob], base_offset: int = 0) -> dict:
-    """``base_offset``: where the generated text starts in the choice's text (after an echo)."""
+def completion_logprobs(tokenizer, entries: list[TokenLogprob]) -> dict:
+    """``entries``' offsets count from the start of the choice's text (echo included)."""
     def top(e: TokenLogprob):
         if e.logprob is None:
             return None
@@ -33,4 +33,4 @@ def completion_logprobs(tokenizer, entries: list[TokenLogprob], base_offset: int
     return {"tokens": [token_string(tokenizer, e.token) for e in entries],
             "token_logprobs": [e.logprob for e in entries],
             "top_logprobs": [top(e) for e in entries],
-            "text_offset": [base_offset + (e.offset or 0) for e in entries]}
+            "text_offset": [e.offset or 0 for e in entries]}
