@@ -54,7 +54,7 @@ def machine() -> dict:
         pass
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return {"cpu": cpu, "cores": numba_cpu.available_cores(), "python": platform.python_version(),
-            "simd_width": numba_cpu.SIMD_WIDTH, "load_average_at_end": load}
+            "simd_width": numba_cpu.default_simd_width(), "load_average_at_end": load}
 
 
 def add_ratios() -> None:

@@ -60,7 +60,7 @@ PREFILL_PATHS = {
 @pytest.mark.parametrize("fmt", ["q4_0", "q4_k", "q8_0"])
 @pytest.mark.parametrize("path", list(PREFILL_PATHS))
 def test_matmul_prefill_128(benchmark, path, fmt, shape):
-    if path == "numba-simd" and not numba_cpu.SIMD_WIDTH:
+    if path == "numba-simd" and not numba_cpu.default_simd_width():
         pytest.skip("no SIMD kernels on this CPU")
     w = weight(fmt, shape)
     x = np.random.default_rng(1).standard_normal((128, shape[1])).astype(np.float32)

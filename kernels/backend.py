@@ -1,7 +1,9 @@
 """The contract between the architectures and the kernels: the ops a forward pass calls.
 
-Every backend (``reference`` = numpy, ``numba_cpu`` = numba, ``cuda``) provides exactly these,
-with these signatures, and ``tests/test_backend_conformance.py`` checks each one against the
+Every backend (``reference`` = numpy, ``numba_cpu`` = numba, ``cuda``) is an object made by
+``tinyllm.kernels.get_backend(name, threads=...)`` that provides exactly these, with these
+signatures; its settings (threads, SIMD width, device) are its own attributes, never
+process state set at import, and ``tests/test_backend_conformance.py`` checks each one against the
 NumPy reference. Conventions: activations are 2-D float32 ``(T, features)`` in the backend's
 own array type (``from_numpy`` / ``to_numpy`` cross the boundary), heads contiguous in a row;
 weights are what ``prepare`` returns for a loaded ``QTensor`` (matrices, ``(out, in)``) or a
@@ -19,6 +21,9 @@ import numpy as np
 @runtime_checkable
 class Backend(Protocol):
     name: str
+    compiles: bool                                                        # kernels compile on first use
+
+    def begin(self) -> None: ...                                          # before a forward, in its thread
 
     # weights, buffers, and the host boundary
     def prepare(self, w) -> Any: ...                                      # QTensor / 1-D array -> backend weight

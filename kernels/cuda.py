@@ -5,8 +5,9 @@ there. ``from_numpy``/``to_numpy`` are the only bulk transfers: per token the to
 (``embedding``) and the logits come out (``to_numpy``). Small constants the runtime passes as
 NumPy arrays (RoPE frequencies, ALiBi slopes) are uploaded once and cached.
 
-Importing this module imports ``numba.cuda``; ``tinyllm.device.check_cuda`` runs first so a
-missing extra or GPU is a clear ``TinyLLMError``. Under ``NUMBA_ENABLE_CUDASIM=1`` Numba's
+Importing this module imports ``numba.cuda``; ``tinyllm.kernels.get_backend("cuda")`` runs
+``tinyllm.device.check_cuda`` before it, so a missing extra or GPU is a clear
+``TinyLLMError``. Under ``NUMBA_ENABLE_CUDASIM=1`` Numba's
 CUDA simulator stands in for the GPU (that is how CI tests these kernels).
 """
 from __future__ import annotations
@@ -15,16 +16,11 @@ import importlib
 from dataclasses import dataclass
 
 import numpy as np
+from numba import cuda
 
-from tinyllm.device import check_cuda
-from tinyllm.errors import ShapeError, UnsupportedError
+from tinyllm.errors import ShapeError, TinyLLMError, UnsupportedError
+from tinyllm.kernels import cuda_kernels as K
 from tinyllm.kernels.quant import QTensor, n_blocks
-
-check_cuda()
-
-from numba import cuda  # noqa: E402
-
-from tinyllm.kernels import cuda_kernels as K  # noqa: E402
 
 name = "cuda"
 
@@ -352,3 +348,41 @@ def attention(q, cache, start_pos: int, n_heads: int, scale: float, alibi_slopes
     K.attention[(T, n_heads), threads](q, k_cache, v_cache, start_pos, np.float32(scale),
                                        slopes, has_alibi, n_heads // n_kv, out)
     return out
+
+
+def _device_name() -> str:
+    get = getattr(cuda, "get_current_device", None)  # the simulator has none
+    name = get().name if get else "CUDA simulator"
+    return name.decode() if isinstance(name, bytes) else str(name)
+
+
+class CudaBackend:
+    """The CUDA ops as a Backend object, on the current device (``device``: its name). Kernels
+    run on the GPU's own threads, so a CPU thread count is refused rather than ignored."""
+
+    name = "cuda"
+    compiles = True
+
+    def __init__(self, threads: int | None = None):
+        if threads is not None:
+            raise TinyLLMError("the cuda backend does not take a CPU thread count (its kernels run on the GPU)")
+        self.device = _device_name()
+
+    def begin(self) -> None:
+        pass
+
+    prepare = staticmethod(prepare)
+    to_numpy = staticmethod(to_numpy)
+    from_numpy = staticmethod(from_numpy)
+    new_kv_cache = staticmethod(new_kv_cache)
+    embedding = staticmethod(embedding)
+    matmul = staticmethod(matmul)
+    add = staticmethod(add)
+    rmsnorm = staticmethod(rmsnorm)
+    layernorm = staticmethod(layernorm)
+    gelu = staticmethod(gelu)
+    swiglu = staticmethod(swiglu)
+    clip = staticmethod(clip)
+    rope = staticmethod(rope)
+    kv_write = staticmethod(kv_write)
+    attention = staticmethod(attention)

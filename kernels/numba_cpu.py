@@ -9,9 +9,15 @@ Quantized matmuls quantize the activation to int8 blocks and run integer block d
 products (numba_quant.py); on x86 with AVX2/AVX-512BW they go through hand-placed
 pmaddubsw (q4_0, q4_1, q4_k) and pmaddwd (q8_0) kernels (numba_simd.py). Set TINYLLM_SIMD=0 to force the portable
 loops (or =32 to use the AVX2 width on an AVX-512 machine).
+
+The module's functions are the ops, with the SIMD width an argument; ``NumbaBackend`` is the
+Backend object a model holds: its thread count and SIMD width are its own, set when it is
+made, and applied (``begin``) in whichever thread runs a forward pass. Importing the module
+changes no process state.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import numba
@@ -35,7 +41,9 @@ BLAS_TILE_ROWS = 512          # rows dequantized per BLAS call (512 x 11008 floa
 ATTENTION_PARALLEL_MIN_MACS = 1 << 13
 
 
-def _simd_width() -> int:
+@functools.lru_cache(maxsize=None)
+def default_simd_width() -> int:
+    """The widest pmaddubsw this CPU has (64: AVX-512BW, 32: AVX2, 0: none), or TINYLLM_SIMD's cap."""
     forced = os.environ.get("TINYLLM_SIMD")
     native = numba_simd.native_width()
     if forced is None:
@@ -45,7 +53,13 @@ def _simd_width() -> int:
     return min(int(forced), native) if int(forced) else 0
 
 
-SIMD_WIDTH = _simd_width()
+def check_simd_width(width: int) -> int:
+    if width not in (0, 32, 64):
+        raise TinyLLMError(f"SIMD width {width!r}: expected 0 (portable loops), 32 (AVX2) or 64 (AVX-512)")
+    if width > numba_simd.native_width():
+        raise TinyLLMError(f"SIMD width {width} needs instructions this CPU lacks "
+                           f"(widest: {numba_simd.native_width()})")
+    return width
 
 
 # -- threads -------------------------------------------------------------------------------
@@ -57,21 +71,23 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+def thread_count(n: int | None = None) -> int:
+    """A checked thread count for the parallel kernels (default: every core this process may use)."""
+    n = available_cores() if n is None else n
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise TinyLLMError(f"threads must be an integer of at least 1, got {n!r}")
+    return min(n, numba.config.NUMBA_NUM_THREADS)
+
+
 def set_threads(n: int | None = None) -> int:
-    """Threads for the parallel kernels (default: every core this process may use)."""
-    n = available_cores() if n is None else int(n)
-    if n < 1:
-        raise TinyLLMError(f"threads must be at least 1, got {n}")
-    n = min(n, numba.config.NUMBA_NUM_THREADS)
-    numba.set_num_threads(n)
+    """Use ``n`` threads (default: every core) for parallel kernels called from this thread."""
+    n = thread_count(n)
+    numba.set_num_threads(n)  # Numba's count is per calling thread
     return n
 
 
 def get_threads() -> int:
     return numba.get_num_threads()
-
-
-set_threads()
 
 
 # -- weights -------------------------------------------------------------------------------
@@ -120,13 +136,13 @@ def embedding(table, tokens) -> np.ndarray:
     return out
 
 
-def matmul(x: np.ndarray, w, bias: np.ndarray | None = None) -> np.ndarray:
-    """(T, K) @ W(N, K)^T (+ bias) -> (T, N)."""
+def matmul(x: np.ndarray, w, bias: np.ndarray | None = None, simd_width: int | None = None) -> np.ndarray:
+    """(T, K) @ W(N, K)^T (+ bias) -> (T, N); simd_width None: this CPU's default_simd_width()."""
     w = prepare(w)
     x = _rows_f32(x)
     if x.ndim != 2 or x.shape[1] != w.shape[1]:
         raise ShapeError(f"matmul: activation {x.shape} does not match weight {w.shape}")
-    y = _matmul_nobias(x, w)
+    y = _matmul_nobias(x, w, default_simd_width() if simd_width is None else simd_width)
     if bias is not None:
         y += bias
     return y
@@ -135,27 +151,27 @@ def matmul(x: np.ndarray, w, bias: np.ndarray | None = None) -> np.ndarray:
 Q4_FORMATS = ("q4_0", "q4_1", "q4_k")  # one family of kernels: 4-bit planes, per-block grids
 
 
-def _chunk_width(w) -> int:
+def _chunk_width(w, simd: int) -> int:
     """SIMD chunk (blocks per vector) for a weight: rows of at most 32 blocks (K <= 1024)
     would leave most of a 64-block AVX-512 chunk empty; 32-block (AVX2-width) chunks waste less."""
-    return 32 if SIMD_WIDTH == 64 and w.views["qs"].shape[2] <= 32 else SIMD_WIDTH
+    return 32 if simd == 64 and w.views["qs"].shape[2] <= 32 else simd
 
 
-def _matmul_nobias(x, w):
+def _matmul_nobias(x, w, simd: int):
     T = x.shape[0]
     v = w.views
     if w.format in Q4_FORMATS:  # parts: d, qs, and m (q4_1) or scales (q4_k)
         q4 = (v["qs"], v["d"], v.get("m"))
-        if SIMD_WIDTH:
-            return numba_quant.q4_matmul_simd(x, *q4, _chunk_width(w), scales=v.get("scales"))
+        if simd:
+            return numba_quant.q4_matmul_simd(x, *q4, _chunk_width(w, simd), scales=v.get("scales"))
         if T < PORTABLE_BLAS_MIN_TOKENS:
             out = np.empty((T, w.shape[0]), np.float32)
             numba_quant.q4_rows_portable(*q4, v.get("scales"), *numba_quant.quantize_planes(x), out)
             return out
         return _matmul_blas_tiles(x, w)
     if w.format == "q8_0":
-        if SIMD_WIDTH:
-            return numba_quant.q8_matmul_simd(x, v["qs"], v["d"], _chunk_width(w))
+        if simd:
+            return numba_quant.q8_matmul_simd(x, v["qs"], v["d"], _chunk_width(w, simd))
         if T < PORTABLE_BLAS_MIN_TOKENS:
             xq, _, dx, _ = numba_quant.quantize_planes(x)
             out = np.empty((T, w.shape[0]), np.float32)
@@ -254,6 +270,43 @@ def attention(q, cache, start_pos: int, n_heads: int, scale: float, alibi_slopes
     return numba_ops.attention(q, k_t, v_cache, start_pos, int(n_heads), np.float32(scale), slopes, parallel)
 
 
+# -- the backend object ----------------------------------------------------------------------
+
+class NumbaBackend:
+    """The Numba CPU ops with their settings: ``threads`` (default: every core this process
+    may use) and ``simd_width`` (default: ``default_simd_width()``; 0 forces the portable loops)."""
+
+    name = "numba"
+    compiles = True  # kernels compile (or load from the on-disk cache) on first use
+
+    def __init__(self, threads: int | None = None, simd_width: int | None = None):
+        self.threads = thread_count(threads)
+        self.simd_width = default_simd_width() if simd_width is None else check_simd_width(simd_width)
+
+    def begin(self) -> None:
+        """Before a forward pass, in the thread that runs it: Numba counts threads per thread."""
+        if numba.get_num_threads() != self.threads:
+            numba.set_num_threads(self.threads)
+
+    def matmul(self, x, w, bias=None):
+        return matmul(x, w, bias, self.simd_width)
+
+    prepare = staticmethod(prepare)
+    to_numpy = staticmethod(to_numpy)
+    from_numpy = staticmethod(from_numpy)
+    new_kv_cache = staticmethod(new_kv_cache)
+    embedding = staticmethod(embedding)
+    add = staticmethod(add)
+    rmsnorm = staticmethod(rmsnorm)
+    layernorm = staticmethod(layernorm)
+    gelu = staticmethod(gelu)
+    swiglu = staticmethod(swiglu)
+    clip = staticmethod(clip)
+    rope = staticmethod(rope)
+    kv_write = staticmethod(kv_write)
+    attention = staticmethod(attention)
+
+
 __all__ = ["name", "prepare", "to_numpy", "from_numpy", "new_kv_cache", "embedding", "matmul", "add",
            "rmsnorm", "layernorm", "silu", "swiglu", "gelu", "clip", "softmax", "rope", "kv_write",
-           "attention", "set_threads", "get_threads", "SIMD_WIDTH"]
+           "attention", "set_threads", "get_threads", "default_simd_width", "NumbaBackend"]

@@ -31,6 +31,7 @@ from numba import njit, prange
 
 from tinyllm.kernels import numba_cache, numba_simd  # noqa: F401  (numba_cache first: see numba_cache.py)
 from tinyllm.kernels.numba_math import f16_bits_to_f32
+from tinyllm.kernels.numba_simd import ActivationChunk, OutputSlot, WeightChunk
 
 QK = 32
 PREFILL_TILE = 4     # tokens per weight-chunk pass in the SIMD q4 prefill kernel (8 measured slower end to end)
@@ -196,20 +197,18 @@ def _q4_rows_simd(qs, d, m, scales, xq, corr, dx, sxf, out, width, tt):
             for r in range(r0, r1):
                 for c in range(nch):
                     b0 = c * width
+                    act = ActivationChunk(xq, t0 * x_tstride + c * 16 * 2 * width, x_tstride,
+                                          corr, dx, sxf, t0 * c_tstride + b0, c_tstride)
+                    dest, n_valid, q_off = OutputSlot(out, t0 * N + r, N), min(width, nb - b0), r * 16 * nb + b0
                     if in_chunk:  # decode, whole super-blocks: the chunk kernel decodes them in registers
-                        numba_simd.q4_chunk_dot(qs, r * 16 * nb + b0, nb, xq, t0 * x_tstride + c * 16 * 2 * width,
-                                                x_tstride, d, scales, (r * nb + b0) >> 3, corr, dx, sxf,
-                                                t0 * c_tstride + b0, c_tstride, min(width, nb - b0), out,
-                                                t0 * N + r, N, width, tt)
-                    elif scales is None:
-                        numba_simd.q4_chunk_dot(qs, r * 16 * nb + b0, nb, xq, t0 * x_tstride + c * 16 * 2 * width,
-                                                x_tstride, d, m, r * nb + b0, corr, dx, sxf, t0 * c_tstride + b0,
-                                                c_tstride, min(width, nb - b0), out, t0 * N + r, N, width, tt)
-                    else:
-                        numba_simd.q4_chunk_dot(qs, r * 16 * nb + b0, nb, xq, t0 * x_tstride + c * 16 * 2 * width,
-                                                x_tstride, ds, ms, (r - r0) * nb + b0, corr, dx, sxf,
-                                                t0 * c_tstride + b0, c_tstride, min(width, nb - b0), out,
-                                                t0 * N + r, N, width, tt)
+                        weight = WeightChunk(qs, q_off, nb, d, scales, (r * nb + b0) >> 3)
+                        numba_simd.q4_chunk_dot(weight, act, dest, n_valid, width, tt)
+                    elif scales is None:  # q4_0, q4_1: float16 scales (and minimums) per block
+                        weight = WeightChunk(qs, q_off, nb, d, m, r * nb + b0)
+                        numba_simd.q4_chunk_dot(weight, act, dest, n_valid, width, tt)
+                    else:  # q4_k, scales decoded above for this row block
+                        weight = WeightChunk(qs, q_off, nb, ds, ms, (r - r0) * nb + b0)
+                        numba_simd.q4_chunk_dot(weight, act, dest, n_valid, width, tt)
 
 
 # Entry points: activation in, product out, the constants fixed (calling a literally()
@@ -274,9 +273,11 @@ def _q8_rows_simd(qs, d, xq, dx, out, width, tt):
             for r in range(rb * ROW_BLOCK, min(N, rb * ROW_BLOCK + ROW_BLOCK)):
                 for c in range(nch):
                     b0 = c * width
-                    numba_simd.q8_chunk_dot(qs, r * 32 * nb + b0, nb, xq, t0 * x_tstride + c * 16 * 2 * width,
-                                            x_tstride, d, r * nb + b0, dx, t0 * c_tstride + b0, c_tstride,
-                                            min(width, nb - b0), out, t0 * N + r, N, width, tt)
+                    weight = WeightChunk(qs, r * 32 * nb + b0, nb, d, None, r * nb + b0)
+                    act = ActivationChunk(xq, t0 * x_tstride + c * 16 * 2 * width, x_tstride,
+                                          None, dx, None, t0 * c_tstride + b0, c_tstride)
+                    numba_simd.q8_chunk_dot(weight, act, OutputSlot(out, t0 * N + r, N),
+                                            min(width, nb - b0), width, tt)
 
 
 @njit(cache=True, error_model="numpy")

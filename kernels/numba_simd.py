@@ -29,6 +29,7 @@ chunk's sums into ``out``. Everything is specialized at compile time on W, tt an
 from __future__ import annotations
 
 import platform
+from collections import namedtuple
 
 import llvmlite.binding as llvm_binding
 from llvmlite import ir
@@ -42,6 +43,32 @@ I1, I8, I16, I32, F16, F32 = ir.IntType(1), ir.IntType(8), ir.IntType(16), ir.In
 # sums) and pmaddwd (i16 x i16 -> i32 pair sums)
 _PMADDUBSW = {64: "llvm.x86.avx512.pmaddubs.w.512", 32: "llvm.x86.avx2.pmadd.ub.sw"}
 _PMADDWD = {64: "llvm.x86.avx512.pmaddw.d.512", 32: "llvm.x86.avx2.pmadd.wd"}
+
+# The chunk kernels' operands, bundled by role. Numba passes a namedtuple by value and LLVM
+# takes it apart again after inlining: the compiled loop is the same as with loose arguments.
+# Offsets are flat element indices; a format without a part passes None for it.
+WeightChunk = namedtuple("WeightChunk", [
+    "qs", "q_off", "plane_stride",    # quants; the chunk's plane j at q_off + j * plane_stride
+    "d", "m", "d_off"])               # scales, minimums (q4_1) or q4_k's packed 6-bit scales; chunk at d_off
+ActivationChunk = namedtuple("ActivationChunk", [
+    "xq", "x_off", "x_tstride",       # int8 (q4) / int16 (q8) values; token t's chunk at x_off + t * x_tstride
+    "corr", "dx", "sxf",              # per block: 8*sum(x) (q4), scale, scale*sum(x) (q4_1)
+    "c_off", "c_tstride"])            # token t's per-block values at c_off + t * c_tstride
+OutputSlot = namedtuple("OutputSlot", ["out", "o_off", "o_tstride"])  # out.flat[o_off + t * o_tstride] +=
+
+
+def _fields(context, builder, signature, args) -> tuple[dict, dict]:
+    """The bundles' fields (and the trailing nvalid) by name: LLVM values, integers as i64,
+    and their Numba types."""
+    values, kinds = {}, {}
+    for bundle_type, bundle in zip(signature.args[:3], args[:3]):
+        for k, (name, kind) in enumerate(zip(bundle_type.fields, bundle_type.types)):
+            values[name], kinds[name] = builder.extract_value(bundle, k), kind
+    values["nvalid"], kinds["nvalid"] = args[3], signature.args[3]
+    for name, kind in kinds.items():
+        if isinstance(kind, types.Integer):
+            values[name], kinds[name] = context.cast(builder, values[name], kind, types.int64), types.int64
+    return values, kinds
 
 
 def compile_features() -> set[str]:
@@ -143,11 +170,12 @@ def _hsum(builder, v):
     return builder.extract_element(v, ir.Constant(I32, 0))
 
 
-def _emit_q4_chunk(context, builder, sig, args, W, tt, has_min, masked):
-    """IR for one chunk; see q4_chunk_dot. ``masked``: the chunk runs past the row's end."""
-    (qs, q_off, plane_stride, xq, x_off, x_tstride, d, m, d_off,
-     corr, dx, sxf, c_off, c_tstride, nvalid, out, o_off, o_tstride) = args[:18]
-    at = sig.args
+def _emit_q4_chunk(context, builder, v, at, W, tt, has_min, masked):
+    """IR for one chunk; see q4_chunk_dot. v, at: the operands and their types by field name
+    (_fields). ``masked``: the chunk runs past the row's end."""
+    qs, q_off, plane_stride, d, m, d_off = (v[k] for k in WeightChunk._fields)
+    xq, x_off, x_tstride, corr, dx, sxf, c_off, c_tstride = (v[k] for k in ActivationChunk._fields)
+    (out, o_off, o_tstride), nvalid = (v[k] for k in OutputSlot._fields), v["nvalid"]
     i64 = q_off.type
     vb = ir.VectorType(I8, W)            # W weight bytes: byte j of W blocks
     vh = ir.VectorType(I16, W // 2)      # pmaddubsw result
@@ -175,8 +203,8 @@ def _emit_q4_chunk(context, builder, sig, args, W, tt, has_min, masked):
     acc1, acc2 = [zero] * tt, [zero] * tt
     for j in range(16):
         offset = builder.add(q_off, builder.mul(plane_stride, ir.Constant(i64, j)))
-        _prefetch(builder, _vec_ptr(context, builder, at[0], qs, offset, vb))
-        w = load(at[0], qs, offset, vb, 1)
+        _prefetch(builder, _vec_ptr(context, builder, at["qs"], qs, offset, vb))
+        w = load(at["qs"], qs, offset, vb, 1)
         lo = builder.and_(w, fifteen)
         hi = builder.and_(builder.lshr(w, four), fifteen)
         p1 = builder.shuffle_vector(lo, hi, unpack_lo)
@@ -184,8 +212,9 @@ def _emit_q4_chunk(context, builder, sig, args, W, tt, has_min, masked):
         for t in range(tt):
             xo = builder.add(x_off, builder.add(builder.mul(x_tstride, ir.Constant(i64, t)),
                                                 ir.Constant(i64, 2 * W * j)))
-            x1 = builder.load(_vec_ptr(context, builder, at[3], xq, xo, vb), align=1)
-            x2 = builder.load(_vec_ptr(context, builder, at[3], xq, builder.add(xo, ir.Constant(i64, W)), vb), align=1)
+            x1 = builder.load(_vec_ptr(context, builder, at["xq"], xq, xo, vb), align=1)
+            x2 = builder.load(_vec_ptr(context, builder, at["xq"], xq, builder.add(xo, ir.Constant(i64, W)), vb),
+                              align=1)
             acc1[t] = builder.add(acc1[t], builder.call(pmaddubsw, [p1, x1]))
             acc2[t] = builder.add(acc2[t], builder.call(pmaddubsw, [p2, x2]))
 
@@ -196,24 +225,24 @@ def _emit_q4_chunk(context, builder, sig, args, W, tt, has_min, masked):
             return load(aryty, ary, d_off, vf, 4)
         return builder.fpext(builder.bitcast(load(aryty, ary, d_off, vi, 2), ir.VectorType(F16, W)), vf)
 
-    if isinstance(at[7], types.Array) and at[7].dtype == types.uint8:  # q4_k: decode the chunk's super-blocks
-        dw, mw = _q4_k_chunk_scales(context, builder, at[6], d, at[7], m, d_off, nvalid, W, masked)
+    if isinstance(at["m"], types.Array) and at["m"].dtype == types.uint8:  # q4_k: decode the chunk's super-blocks
+        dw, mw = _q4_k_chunk_scales(context, builder, at["d"], d, at["m"], m, d_off, nvalid, W, masked)
     else:
-        dw = scales(at[6], d)
-        mw = scales(at[7], m) if has_min else None
+        dw = scales(at["d"], d)
+        mw = scales(at["m"], m) if has_min else None
     if has_min:
         # x = d*q + m = d*(q-8) + (m + 8d)
         mw = builder.fadd(mw, builder.fmul(dw, _const(F32, [8.0] * W)))
     for t in range(tt):
         co = builder.add(c_off, builder.mul(c_tstride, ir.Constant(i64, t)))
         acc = builder.shuffle_vector(acc1[t], acc2[t], _const(I32, natural))
-        centered = builder.sub(acc, builder.load(_vec_ptr(context, builder, at[9], corr, co, vi), align=2))
+        centered = builder.sub(acc, builder.load(_vec_ptr(context, builder, at["corr"], corr, co, vi), align=2))
         v = builder.fmul(builder.fmul(builder.sitofp(centered, vf), dw),
-                         builder.load(_vec_ptr(context, builder, at[10], dx, co, vf), align=4))
+                         builder.load(_vec_ptr(context, builder, at["dx"], dx, co, vf), align=4))
         if has_min:
-            sx = builder.load(_vec_ptr(context, builder, at[11], sxf, co, vf), align=4)
+            sx = builder.load(_vec_ptr(context, builder, at["sxf"], sxf, co, vf), align=4)
             v = builder.fadd(v, builder.fmul(mw, sx))
-        optr = builder.gep(context.make_array(at[15])(context, builder, out).data,
+        optr = builder.gep(context.make_array(at["out"])(context, builder, out).data,
                            [builder.add(o_off, builder.mul(o_tstride, ir.Constant(i64, t)))], inbounds=True)
         builder.store(builder.fadd(builder.load(optr), _hsum(builder, v)), optr)
 
@@ -259,11 +288,12 @@ def _q4_k_chunk_scales(context, builder, d_type, d, scales_type, scales, sb0, nv
     return dw, mw
 
 
-def _emit_q8_chunk(context, builder, sig, args, W, tt, masked):
-    """IR for one q8_0 chunk; see q8_chunk_dot."""
-    (qs, q_off, plane_stride, xq, x_off, x_tstride, d, d_off, dx, c_off, c_tstride, nvalid,
-     out, o_off, o_tstride) = args[:15]
-    at = sig.args
+def _emit_q8_chunk(context, builder, v, at, W, tt, masked):
+    """IR for one q8_0 chunk; see q8_chunk_dot (v, at: as for _emit_q4_chunk)."""
+    qs, q_off, plane_stride, d, d_off = (v[k] for k in ("qs", "q_off", "plane_stride", "d", "d_off"))
+    xq, x_off, x_tstride, dx, c_off, c_tstride = (v[k] for k in ("xq", "x_off", "x_tstride", "dx", "c_off",
+                                                                  "c_tstride"))
+    (out, o_off, o_tstride), nvalid = (v[k] for k in OutputSlot._fields), v["nvalid"]
     i64 = q_off.type
     half = W // 2
     vb, vw, vd = ir.VectorType(I8, W), ir.VectorType(I16, half), ir.VectorType(I32, W // 4)
@@ -288,8 +318,8 @@ def _emit_q8_chunk(context, builder, sig, args, W, tt, masked):
         wide = []
         for plane in (j, j + 16):
             offset = builder.add(q_off, builder.mul(plane_stride, ir.Constant(i64, plane)))
-            _prefetch(builder, _vec_ptr(context, builder, at[0], qs, offset, vb))
-            w = load(at[0], qs, offset, vb, 1)
+            _prefetch(builder, _vec_ptr(context, builder, at["qs"], qs, offset, vb))
+            w = load(at["qs"], qs, offset, vb, 1)
             w16 = builder.sext(w, ir.VectorType(I16, W))
             wide.append([builder.shuffle_vector(w16, w16, first), builder.shuffle_vector(w16, w16, second)])
         regs = [builder.shuffle_vector(wide[0][hf], wide[1][hf], unpack[part]) for hf in (0, 1) for part in (0, 1)]
@@ -297,86 +327,80 @@ def _emit_q8_chunk(context, builder, sig, args, W, tt, masked):
             xo = builder.add(x_off, builder.add(builder.mul(x_tstride, ir.Constant(i64, t)),
                                                 ir.Constant(i64, 2 * W * j)))
             for r in range(4):
-                xp = _vec_ptr(context, builder, at[3], xq, builder.add(xo, ir.Constant(i64, r * half)), vw)
+                xp = _vec_ptr(context, builder, at["xq"], xq, builder.add(xo, ir.Constant(i64, r * half)), vw)
                 xv = builder.load(xp, align=2)
                 acc[t][r] = builder.add(acc[t][r], builder.call(pmaddwd, [regs[r], xv]))
     vf = ir.VectorType(F32, W)
-    dw = builder.fpext(builder.bitcast(load(at[6], d, d_off, ir.VectorType(I16, W), 2), ir.VectorType(F16, W)), vf)
+    dw = builder.fpext(builder.bitcast(load(at["d"], d, d_off, ir.VectorType(I16, W), 2), ir.VectorType(F16, W)), vf)
     for t in range(tt):
         lo = builder.shuffle_vector(acc[t][0], acc[t][1], _const(I32, list(range(W // 2))))
         hi = builder.shuffle_vector(acc[t][2], acc[t][3], _const(I32, list(range(W // 2))))
         total = builder.shuffle_vector(lo, hi, _const(I32, natural))
         co = builder.add(c_off, builder.mul(c_tstride, ir.Constant(i64, t)))
         v = builder.fmul(builder.fmul(builder.sitofp(total, vf), dw),
-                         builder.load(_vec_ptr(context, builder, at[8], dx, co, vf), align=4))
-        optr = builder.gep(context.make_array(at[12])(context, builder, out).data,
+                         builder.load(_vec_ptr(context, builder, at["dx"], dx, co, vf), align=4))
+        optr = builder.gep(context.make_array(at["out"])(context, builder, out).data,
                            [builder.add(o_off, builder.mul(o_tstride, ir.Constant(i64, t)))], inbounds=True)
         builder.store(builder.fadd(builder.load(optr), _hsum(builder, v)), optr)
 
 
 @intrinsic
-def q8_chunk_dot(typingctx, qs, q_off, plane_stride, xq, x_off, x_tstride, d, d_off, dx, c_off, c_tstride,
-                 nvalid, out, o_off, o_tstride, width, tt):
-    """As q4_chunk_dot, for q8_0 weights (32 int8 planes): int16 products summed in pairs by
-    pmaddwd into int32 per block (exact), then one float pass. xq: int16 from
-    quantize_for_simd_q8, plane pair j of a chunk at 2*width*j, in q8_pair_blocks order."""
+def q8_chunk_dot(typingctx, weight, act, dest, nvalid, width, tt):
+    """As q4_chunk_dot, for q8_0 weights (32 int8 planes; weight.m None): int16 products summed
+    in pairs by pmaddwd into int32 per block (exact), then one float pass. act.xq: int16 from
+    quantize_for_simd_q8, plane pair j of a chunk at 2*width*j, in q8_pair_blocks order
+    (act.corr, act.sxf None)."""
     if not all(isinstance(a, types.IntegerLiteral) for a in (width, tt)):
         return None
     W, TT = width.literal_value, tt.literal_value
     if W not in _PMADDWD:
         raise ValueError(f"unsupported SIMD width {W}")
-    sig = types.void(qs, q_off, plane_stride, xq, x_off, x_tstride, d, d_off, dx, c_off, c_tstride,
-                     nvalid, out, o_off, o_tstride, width, tt)
+    sig = types.void(weight, act, dest, nvalid, width, tt)
 
     def codegen(context, builder, signature, args):
-        args = list(args)
-        for i in (1, 2, 4, 5, 7, 9, 10, 11, 13, 14):
-            args[i] = context.cast(builder, args[i], signature.args[i], types.int64)
-        full = builder.icmp_signed(">=", args[11], ir.Constant(args[11].type, W))
+        v, at = _fields(context, builder, signature, args)
+        full = builder.icmp_signed(">=", v["nvalid"], ir.Constant(v["nvalid"].type, W))
         with builder.if_else(full) as (whole, tail):
             with whole:
-                _emit_q8_chunk(context, builder, signature, args, W, TT, masked=False)
+                _emit_q8_chunk(context, builder, v, at, W, TT, masked=False)
             with tail:
-                _emit_q8_chunk(context, builder, signature, args, W, TT, masked=True)
+                _emit_q8_chunk(context, builder, v, at, W, TT, masked=True)
         return context.get_dummy_value()
 
     return sig, codegen
 
 
 @intrinsic
-def q4_chunk_dot(typingctx, qs, q_off, plane_stride, xq, x_off, x_tstride, d, m, d_off,
-                 corr, dx, sxf, c_off, c_tstride, nvalid, out, o_off, o_tstride, width, tt):
-    """out[o_off + t*o_tstride] += sum over the chunk's blocks of one q4 row . token t, t < tt.
+def q4_chunk_dot(typingctx, weight, act, dest, nvalid, width, tt):
+    """dest.out[o_off + t*o_tstride] += sum over the chunk's blocks of one q4 row . token t, t < tt.
 
-    qs     uint8 weights, the chunk's plane 0 at flat offset q_off, plane j at + j*plane_stride
-    xq     int8 activations from quantize_for_simd, token t's chunk at x_off + t*x_tstride
-    d, m   uint16 (float16 bits) scales and q4_1 minimums (m None: q4_0), chunk at d_off; or
-           float32 ones (q4_k's block scales, decoded per row); or for q4_k whose chunk is whole
-           super-blocks, d (nsb, 2) uint16 and m the (nsb, 12) uint8 6-bit scales, d_off the
-           chunk's first super-block (decoded in vector registers, _q4_k_chunk_scales)
-    corr   int16 8*sum(x) per block; dx float32 activation scale; sxf float32 dx*sum(x);
-           token t's chunk at c_off + t*c_tstride
-    nvalid blocks of this chunk inside the row (< width only for the row's last chunk)
+    weight  a WeightChunk: uint8 quants; d, m uint16 (float16 bits) scales and q4_1 minimums
+            (m None: q4_0); or float32 ones (q4_k's block scales, decoded per row); or for q4_k
+            whose chunk is whole super-blocks, d (nsb, 2) uint16 and m the (nsb, 12) uint8
+            6-bit scales, d_off the chunk's first super-block (decoded in vector registers,
+            _q4_k_chunk_scales)
+    act     an ActivationChunk: int8 values from quantize_for_simd; corr int16 8*sum(x) per
+            block, dx float32 activation scale, sxf float32 dx*sum(x)
+    dest    an OutputSlot
+    nvalid  blocks of this chunk inside the row (< width only for the row's last chunk)
     width, tt: compile-time constants (64 or 32 blocks; tokens per call)
     """
     if not all(isinstance(a, types.IntegerLiteral) for a in (width, tt)):
         return None
-    W, TT, HAS_MIN = width.literal_value, tt.literal_value, not isinstance(m, types.NoneType)
+    W, TT = width.literal_value, tt.literal_value
+    HAS_MIN = not isinstance(weight.types[weight.fields.index("m")], types.NoneType)
     if W not in _PMADDUBSW:
         raise ValueError(f"unsupported SIMD width {W}")
-    sig = types.void(qs, q_off, plane_stride, xq, x_off, x_tstride, d, m, d_off, corr, dx, sxf,
-                     c_off, c_tstride, nvalid, out, o_off, o_tstride, width, tt)
+    sig = types.void(weight, act, dest, nvalid, width, tt)
 
     def codegen(context, builder, signature, args):
-        args = list(args)
-        for i in (1, 2, 4, 5, 8, 12, 13, 14, 16, 17):  # offsets and counts as i64
-            args[i] = context.cast(builder, args[i], signature.args[i], types.int64)
-        full = builder.icmp_signed(">=", args[14], ir.Constant(args[14].type, W))
+        v, at = _fields(context, builder, signature, args)
+        full = builder.icmp_signed(">=", v["nvalid"], ir.Constant(v["nvalid"].type, W))
         with builder.if_else(full) as (whole, tail):
             with whole:
-                _emit_q4_chunk(context, builder, signature, args, W, TT, HAS_MIN, masked=False)
+                _emit_q4_chunk(context, builder, v, at, W, TT, HAS_MIN, masked=False)
             with tail:
-                _emit_q4_chunk(context, builder, signature, args, W, TT, HAS_MIN, masked=True)
+                _emit_q4_chunk(context, builder, v, at, W, TT, HAS_MIN, masked=True)
         return context.get_dummy_value()
 
     return sig, codegen

@@ -1,8 +1,9 @@
 """The NumPy reference ops: the truth every fast kernel is tested against.
 
 Every backend (this one, Numba CPU, numba.cuda) exposes these same functions with the
-same signatures. Activations are 2-D float32 arrays ``(T, features)``, one row per
-token; heads are laid out contiguously inside a row (``(T, n_heads * head_dim)``).
+same signatures, as the methods of its Backend object (``NumpyBackend`` here, at the end).
+Activations are 2-D float32 arrays ``(T, features)``, one row per token; heads are laid
+out contiguously inside a row (``(T, n_heads * head_dim)``).
 Weights are ``QTensor``s of shape ``(out_features, in_features)``, as in PyTorch.
 The KV cache of one layer is a pair of float32 arrays ``(n_kv_heads, n_ctx, head_dim)``.
 """
@@ -203,3 +204,36 @@ def attention(q: np.ndarray, cache, start_pos: int, n_heads: int, scale: float,
     scores = np.where(j <= i, scores, -np.inf)
     out = softmax(scores) @ v                                         # (n_kv, group, T, hd)
     return np.ascontiguousarray(out.transpose(2, 0, 1, 3)).reshape(T, n_heads * hd).astype(np.float32)
+
+
+class NumpyBackend:
+    """The reference ops as a Backend object. It has no settings: NumPy's BLAS picks its own
+    threads, so a thread count is refused rather than ignored."""
+
+    name = "numpy"
+    compiles = False
+
+    def __init__(self, threads: int | None = None):
+        if threads is not None:
+            from tinyllm.errors import TinyLLMError
+
+            raise TinyLLMError("the numpy backend does not take a thread count (its BLAS library chooses)")
+
+    def begin(self) -> None:
+        pass
+
+    prepare = staticmethod(prepare)
+    to_numpy = staticmethod(to_numpy)
+    from_numpy = staticmethod(from_numpy)
+    new_kv_cache = staticmethod(new_kv_cache)
+    embedding = staticmethod(embedding)
+    matmul = staticmethod(matmul)
+    add = staticmethod(add)
+    rmsnorm = staticmethod(rmsnorm)
+    layernorm = staticmethod(layernorm)
+    gelu = staticmethod(gelu)
+    swiglu = staticmethod(swiglu)
+    clip = staticmethod(clip)
+    rope = staticmethod(rope)
+    kv_write = staticmethod(kv_write)
+    attention = staticmethod(attention)

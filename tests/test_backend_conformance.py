@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tinyllm.errors import ShapeError
+from tinyllm.errors import ShapeError, TinyLLMError
 from tinyllm.kernels import get_backend, quant
 from tinyllm.kernels import reference as ref
 from tinyllm.kernels.backend import BACKEND_OPS, Backend
@@ -34,6 +34,21 @@ def rand(*shape, seed=0):
 def test_every_backend_provides_the_contract(ops):
     assert isinstance(ops, Backend)
     assert all(callable(getattr(ops, name)) for name in BACKEND_OPS)
+
+
+def test_backends_are_objects_with_their_own_settings():
+    a, b = get_backend("numba", threads=1), get_backend("numba")
+    assert (a.threads, b.threads) == (1, nb_default_threads()) and a is not b
+    with pytest.raises(TinyLLMError, match="does not take a thread count"):
+        get_backend("numpy", threads=2)
+    with pytest.raises(TinyLLMError, match="unknown backend"):
+        get_backend("nonesuch")
+
+
+def nb_default_threads() -> int:
+    from tinyllm.kernels import numba_cpu
+
+    return numba_cpu.thread_count()
 
 
 def test_a_broken_contract_is_one_error_class_on_every_backend(ops):

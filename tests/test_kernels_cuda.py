@@ -27,7 +27,10 @@ FORMATS = ("q4_0", "q4_1", "q4_k", "q8_0", "f16", "f32")
 
 @pytest.fixture(scope="module")
 def C():
-    return cuda_backend()
+    """The cuda backend's module: its op functions, and the helpers (silu, softmax) outside the contract."""
+    import importlib
+
+    return importlib.import_module(type(cuda_backend()).__module__)
 
 
 def rand(*shape, seed=0, scale=1.0):

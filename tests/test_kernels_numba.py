@@ -158,9 +158,9 @@ MATMUL_SHAPES = [  # (T, N, K): one row, rows not a multiple of the threads, K n
 
 
 @pytest.fixture(params=PATHS, ids=lambda w: f"simd{w}" if w else "portable")
-def path(request, monkeypatch):
-    monkeypatch.setattr(nb, "SIMD_WIDTH", request.param)
-    return request.param
+def path(request):
+    """A Numba backend object with one SIMD width (0: the portable loops)."""
+    return nb.NumbaBackend(simd_width=request.param)
 
 
 @pytest.mark.parametrize("fmt", ["q4_0", "q4_1", "q4_k"])
@@ -168,9 +168,9 @@ def path(request, monkeypatch):
 def test_q4_matmul_exact_and_close(rng, path, fmt, T, N, K):
     w = quant.quantize(rng.standard_normal((N, K)).astype(np.float32) + 0.3, fmt)
     x = rng.standard_normal((T, K)).astype(np.float32)
-    got = nb.matmul(x, nb.prepare(w))
+    got = path.matmul(x, nb.prepare(w))
     assert got.shape == (T, N) and got.dtype == np.float32
-    if path or T < nb.PORTABLE_BLAS_MIN_TOKENS:   # integer kernels (else: dequantize + BLAS)
+    if path.simd_width or T < nb.PORTABLE_BLAS_MIN_TOKENS:   # integer kernels (else: dequantize + BLAS)
         assert rel_err(got, emulate_int8_matmul(x, w)) < EXACT_TOL
     else:
         assert rel_err(got, ref.matmul(x, w)) < EXACT_TOL
@@ -181,8 +181,8 @@ def test_q4_matmul_exact_and_close(rng, path, fmt, T, N, K):
 def test_q8_0_matmul(rng, path, T, N, K):
     w = quant.quantize(rng.standard_normal((N, K)).astype(np.float32), "q8_0")
     x = rng.standard_normal((T, K)).astype(np.float32)
-    got = nb.matmul(x, nb.prepare(w))
-    want = emulate_int8_matmul(x, w) if path or T < nb.PORTABLE_BLAS_MIN_TOKENS else ref.matmul(x, w)
+    got = path.matmul(x, nb.prepare(w))
+    want = emulate_int8_matmul(x, w) if path.simd_width or T < nb.PORTABLE_BLAS_MIN_TOKENS else ref.matmul(x, w)
     assert rel_err(got, want) < EXACT_TOL
     assert rel_err(got, ref.matmul(x, w)) < QUANT_TOL
 
@@ -216,7 +216,7 @@ def test_zero_activation_blocks(rng, path):
     w = quant.quantize(rng.standard_normal((4, 96)).astype(np.float32), "q4_0")
     x = rng.standard_normal((1, 96)).astype(np.float32)
     x[:, 32:64] = 0
-    got = nb.matmul(x, w)
+    got = path.matmul(x, w)
     assert np.all(np.isfinite(got)) and rel_err(got, emulate_int8_matmul(x, w)) < EXACT_TOL
 
 
@@ -253,9 +253,10 @@ def test_matmul_shape_mismatch_is_refused(rng):
 # -- threads ----------------------------------------------------------------------------------
 
 def test_threads_default_to_all_cores_and_results_do_not_depend_on_them(rng):
-    # A fresh process: earlier tests in this one may have loaded a model with threads=N.
-    code = ("import numba, tinyllm.kernels.numba_cpu as nb; "
-            "print(nb.get_threads() == min(nb.available_cores(), numba.config.NUMBA_NUM_THREADS))")
+    # A fresh process: importing the backend sets no threads; a backend object's default is every core.
+    code = ("import numba, tinyllm.kernels.numba_cpu as nb; before = numba.get_num_threads(); "
+            "b = nb.NumbaBackend(); b.begin(); "
+            "print(b.threads == numba.get_num_threads() == min(nb.available_cores(), numba.config.NUMBA_NUM_THREADS))")
     fresh = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert fresh.stdout.strip() == "True"
     w = quant.quantize(rng.standard_normal((33, 200)).astype(np.float32), "q4_0")
@@ -268,15 +269,19 @@ def test_threads_default_to_all_cores_and_results_do_not_depend_on_them(rng):
         nb.set_threads()
     with pytest.raises(TinyLLMError, match="at least 1"):
         nb.set_threads(0)
+    with pytest.raises(TinyLLMError, match="at least 1"):
+        nb.NumbaBackend(threads=0)
 
 
 def test_simd_override_is_checked():
-    code = "import tinyllm.kernels.numba_cpu as nb; print(nb.SIMD_WIDTH)"
+    code = "import tinyllm.kernels.numba_cpu as nb; print(nb.NumbaBackend().simd_width)"
     run = [sys.executable, "-c", code]
     ok = subprocess.run(run, env={**os.environ, "TINYLLM_SIMD": "0"}, capture_output=True, text=True, check=True)
     assert ok.stdout.strip() == "0"
     bad = subprocess.run(run, env={**os.environ, "TINYLLM_SIMD": "48"}, capture_output=True, text=True, check=False)
     assert bad.returncode != 0 and "TINYLLM_SIMD='48'" in bad.stderr
+    with pytest.raises(TinyLLMError, match="SIMD width 48"):
+        nb.NumbaBackend(simd_width=48)
 
 
 def test_interface_matches_reference():

@@ -136,7 +136,7 @@ def run_bench(model, prompt_tokens=(128, 512), gen_tokens: int = 128, repeats: i
     prefill = {n: time_prefill(model, n, repeats) for n in prompt_tokens if n + 1 <= model.n_ctx}
     decode = time_decode(model, min(gen_tokens, model.n_ctx - 2), repeats)
     bandwidth = memory_bandwidth(probe_bytes) if probe_bytes else None
-    threads = model.ops.get_threads() if hasattr(model.ops, "get_threads") else None
+    threads = getattr(model.ops, "threads", None)
     return BenchReport(model.name, model.path.stat().st_size, weight_bytes_per_token(model), threads,
                        prefill, decode, bandwidth)
 

@@ -53,10 +53,9 @@ class Model:
         else:  # a device cache lives in GPU memory, which this check does not see
             kv_bytes = 2 * 4 * cfg.num_hidden_layers * cfg.n_kv_heads * cfg.head_dim * self.n_ctx
             check_allocation(kv_bytes, f"the KV cache for {self.n_ctx} positions", "load with a smaller n_ctx (--ctx)")
-        self.ops = get_backend(backend)
-        # the model's own thread count (None: the backend's default), applied in whichever thread
-        # runs a forward pass: Numba's count is per thread, and a server runs the model on its own
-        self.threads = self.ops.set_threads(threads) if threads and hasattr(self.ops, "set_threads") else None
+        # the backend object holds the model's own settings (threads, SIMD width, device); its
+        # begin() applies them in whichever thread runs a forward (a server runs it on its own)
+        self.ops = get_backend(backend, threads=threads)
         self.file_tensors = source.tensors
         self.weights = {name: self.ops.prepare(_runtime_tensor(t)) for name, t in source.tensors.items()}
         if "output" not in self.weights:  # tied embeddings
@@ -105,8 +104,7 @@ class Model:
         ids = np.asarray(tokens, dtype=np.int64)
         if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
             raise TinyLLMError(f"token id out of range 0..{self.config.vocab_size - 1}")
-        if self.threads is not None and self.ops.get_threads() != self.threads:
-            self.ops.set_threads(self.threads)
+        self.ops.begin()
         extra = {} if head is None else {"head": head}
         out = self.ops.to_numpy(self.arch.forward(self.config, self.weights, self.ops, self.cache, ids, start_pos,
                                                   last_only, **extra))
@@ -228,7 +226,7 @@ class Model:
     @property
     def compiles(self) -> bool:
         """Whether the backend compiles kernels on first use (Numba: CPU and CUDA)."""
-        return self.ops.__name__.rsplit(".", 1)[-1] in ("numba_cpu", "cuda")
+        return self.ops.compiles
 
     def warm_up(self) -> None:
         """Run the two kinds of forward pass generation uses (a prompt, then one token) on a
