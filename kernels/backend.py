@@ -13,6 +13,7 @@ are trusted: the loader (tinyllm/validate.py) and Model._forward check them befo
 """
 from __future__ import annotations
 
+import sys
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -50,3 +51,15 @@ class Backend(Protocol):
 
 
 BACKEND_OPS = tuple(name for name in Backend.__dict__ if not name.startswith("_") and callable(Backend.__dict__[name]))
+OP_NAMES = tuple(name for name in BACKEND_OPS if name != "begin")  # the compute ops, without the hook
+
+
+def module_ops(cls):
+    """Class decorator for a backend class: every op the class does not define itself is the
+    function of that name in the class's own module (so a module's functions, which the
+    kernel tests call directly, and its Backend object cannot drift apart)."""
+    module = sys.modules[cls.__module__]
+    for name in OP_NAMES:
+        if name not in cls.__dict__:
+            setattr(cls, name, staticmethod(getattr(module, name)))
+    return cls

@@ -20,6 +20,7 @@ from numba import cuda
 
 from tinyllm.errors import ShapeError, TinyLLMError, UnsupportedError
 from tinyllm.kernels import cuda_kernels as K
+from tinyllm.kernels.backend import module_ops
 from tinyllm.kernels.quant import QTensor, n_blocks
 
 name = "cuda"
@@ -356,6 +357,7 @@ def _device_name() -> str:
     return name.decode() if isinstance(name, bytes) else str(name)
 
 
+@module_ops
 class CudaBackend:
     """The CUDA ops as a Backend object, on the current device (``device``: its name). Kernels
     run on the GPU's own threads, so a CPU thread count is refused rather than ignored."""
@@ -370,19 +372,3 @@ class CudaBackend:
 
     def begin(self) -> None:
         pass
-
-    prepare = staticmethod(prepare)
-    to_numpy = staticmethod(to_numpy)
-    from_numpy = staticmethod(from_numpy)
-    new_kv_cache = staticmethod(new_kv_cache)
-    embedding = staticmethod(embedding)
-    matmul = staticmethod(matmul)
-    add = staticmethod(add)
-    rmsnorm = staticmethod(rmsnorm)
-    layernorm = staticmethod(layernorm)
-    gelu = staticmethod(gelu)
-    swiglu = staticmethod(swiglu)
-    clip = staticmethod(clip)
-    rope = staticmethod(rope)
-    kv_write = staticmethod(kv_write)
-    attention = staticmethod(attention)

@@ -25,6 +25,7 @@ import numpy as np
 
 from tinyllm.errors import ShapeError, TinyLLMError
 from tinyllm.kernels import numba_ops, numba_quant, numba_simd
+from tinyllm.kernels.backend import module_ops
 from tinyllm.kernels.numba_ops import kv_write, new_kv_cache  # noqa: F401  (keys stored transposed, see numba_ops)
 from tinyllm.kernels.quant import QTensor
 from tinyllm.kernels.reference import add, clip, from_numpy, to_numpy  # noqa: F401
@@ -272,6 +273,7 @@ def attention(q, cache, start_pos: int, n_heads: int, scale: float, alibi_slopes
 
 # -- the backend object ----------------------------------------------------------------------
 
+@module_ops
 class NumbaBackend:
     """The Numba CPU ops with their settings: ``threads`` (default: every core this process
     may use) and ``simd_width`` (default: ``default_simd_width()``; 0 forces the portable loops)."""
@@ -291,20 +293,6 @@ class NumbaBackend:
     def matmul(self, x, w, bias=None):
         return matmul(x, w, bias, self.simd_width)
 
-    prepare = staticmethod(prepare)
-    to_numpy = staticmethod(to_numpy)
-    from_numpy = staticmethod(from_numpy)
-    new_kv_cache = staticmethod(new_kv_cache)
-    embedding = staticmethod(embedding)
-    add = staticmethod(add)
-    rmsnorm = staticmethod(rmsnorm)
-    layernorm = staticmethod(layernorm)
-    gelu = staticmethod(gelu)
-    swiglu = staticmethod(swiglu)
-    clip = staticmethod(clip)
-    rope = staticmethod(rope)
-    kv_write = staticmethod(kv_write)
-    attention = staticmethod(attention)
 
 
 __all__ = ["name", "prepare", "to_numpy", "from_numpy", "new_kv_cache", "embedding", "matmul", "add",

@@ -344,6 +344,27 @@ def _emit_q8_chunk(context, builder, v, at, W, tt, masked):
         builder.store(builder.fadd(builder.load(optr), _hsum(builder, v)), optr)
 
 
+def _chunk_codegen(emit):
+    """The chunk intrinsics' codegen: unbundle the operands, then emit the chunk twice, unmasked
+    for a full chunk and masked for the row's last, partial one (``emit(context, builder, v,
+    at, masked=)``)."""
+    def codegen(context, builder, signature, args):
+        v, at = _fields(context, builder, signature, args)
+        full = builder.icmp_signed(">=", v["nvalid"], ir.Constant(v["nvalid"].type, _width_of(signature)))
+        with builder.if_else(full) as (whole, tail):
+            with whole:
+                emit(context, builder, v, at, masked=False)
+            with tail:
+                emit(context, builder, v, at, masked=True)
+        return context.get_dummy_value()
+
+    return codegen
+
+
+def _width_of(signature) -> int:
+    return signature.args[4].literal_value  # (weight, act, dest, nvalid, width, tt)
+
+
 @intrinsic
 def q8_chunk_dot(typingctx, weight, act, dest, nvalid, width, tt):
     """As q4_chunk_dot, for q8_0 weights (32 int8 planes; weight.m None): int16 products summed
@@ -357,17 +378,7 @@ def q8_chunk_dot(typingctx, weight, act, dest, nvalid, width, tt):
         raise ValueError(f"unsupported SIMD width {W}")
     sig = types.void(weight, act, dest, nvalid, width, tt)
 
-    def codegen(context, builder, signature, args):
-        v, at = _fields(context, builder, signature, args)
-        full = builder.icmp_signed(">=", v["nvalid"], ir.Constant(v["nvalid"].type, W))
-        with builder.if_else(full) as (whole, tail):
-            with whole:
-                _emit_q8_chunk(context, builder, v, at, W, TT, masked=False)
-            with tail:
-                _emit_q8_chunk(context, builder, v, at, W, TT, masked=True)
-        return context.get_dummy_value()
-
-    return sig, codegen
+    return sig, _chunk_codegen(lambda *a, masked: _emit_q8_chunk(*a, W, TT, masked=masked))
 
 
 @intrinsic
@@ -393,17 +404,7 @@ def q4_chunk_dot(typingctx, weight, act, dest, nvalid, width, tt):
         raise ValueError(f"unsupported SIMD width {W}")
     sig = types.void(weight, act, dest, nvalid, width, tt)
 
-    def codegen(context, builder, signature, args):
-        v, at = _fields(context, builder, signature, args)
-        full = builder.icmp_signed(">=", v["nvalid"], ir.Constant(v["nvalid"].type, W))
-        with builder.if_else(full) as (whole, tail):
-            with whole:
-                _emit_q4_chunk(context, builder, v, at, W, TT, HAS_MIN, masked=False)
-            with tail:
-                _emit_q4_chunk(context, builder, v, at, W, TT, HAS_MIN, masked=True)
-        return context.get_dummy_value()
-
-    return sig, codegen
+    return sig, _chunk_codegen(lambda *a, masked: _emit_q4_chunk(*a, W, TT, HAS_MIN, masked=masked))
 
 
 @intrinsic

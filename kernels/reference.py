@@ -13,7 +13,8 @@ import math
 
 import numpy as np
 
-from tinyllm.errors import ShapeError
+from tinyllm.errors import ShapeError, TinyLLMError
+from tinyllm.kernels.backend import module_ops
 from tinyllm.kernels.quant import (
     QK,
     QTensor,
@@ -206,6 +207,7 @@ def attention(q: np.ndarray, cache, start_pos: int, n_heads: int, scale: float,
     return np.ascontiguousarray(out.transpose(2, 0, 1, 3)).reshape(T, n_heads * hd).astype(np.float32)
 
 
+@module_ops
 class NumpyBackend:
     """The reference ops as a Backend object. It has no settings: NumPy's BLAS picks its own
     threads, so a thread count is refused rather than ignored."""
@@ -215,25 +217,7 @@ class NumpyBackend:
 
     def __init__(self, threads: int | None = None):
         if threads is not None:
-            from tinyllm.errors import TinyLLMError
-
             raise TinyLLMError("the numpy backend does not take a thread count (its BLAS library chooses)")
 
     def begin(self) -> None:
         pass
-
-    prepare = staticmethod(prepare)
-    to_numpy = staticmethod(to_numpy)
-    from_numpy = staticmethod(from_numpy)
-    new_kv_cache = staticmethod(new_kv_cache)
-    embedding = staticmethod(embedding)
-    matmul = staticmethod(matmul)
-    add = staticmethod(add)
-    rmsnorm = staticmethod(rmsnorm)
-    layernorm = staticmethod(layernorm)
-    gelu = staticmethod(gelu)
-    swiglu = staticmethod(swiglu)
-    clip = staticmethod(clip)
-    rope = staticmethod(rope)
-    kv_write = staticmethod(kv_write)
-    attention = staticmethod(attention)
