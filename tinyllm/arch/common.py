@@ -84,7 +84,8 @@ class ArchModule(Protocol):
 
     def weights(self, cfg) -> dict: ...        # the declared weight set: name -> shape ((out, in) for matrices)
     def forward(self, cfg, w: dict, ops, cache, tokens, start_pos: int, last_only: bool = False,
-                head=None): ...        # head(cfg, w, ops, final_hidden (T, D)): default lm_head -> logits
+                head=None): ...        # tokens (T,) at start_pos.. -> logits (T, vocab), (1, vocab) if
+    #                                        last_only; head(cfg, w, ops, final hidden (T, D)): default lm_head
     def describe(self, cfg) -> dict: ...       # architecture-specific rows for `tinyllm info`
 
 

@@ -115,8 +115,7 @@ def weights(cfg: Config) -> dict:
 
 def forward(cfg: Config, w: dict, ops: Backend, cache: KVCache, tokens: np.ndarray, start_pos: int,
             last_only: bool = False, head=lm_head):
-    """tokens (T,) at positions start_pos.. -> logits (T, vocab) (or (1, vocab) if last_only);
-    ``head``: what turns the final hidden states into the output (default: the LM head)."""
+    """MPT's pre-norm blocks: LayerNorm, ALiBi attention (optionally clipped QKV), GELU MLP (ArchModule.forward)."""
     T = len(tokens)
     eps, H = cfg.layer_norm_epsilon, cfg.n_heads
 
