@@ -19,6 +19,7 @@ import pytest
 from tinyllm.device import check_cuda, simulator_enabled
 from tinyllm.errors import TinyLLMError
 from tinyllm.kernels.quant import QTensor, n_blocks
+from tinyllm.kvcache import Batch, KVCache
 
 
 def _why_no_gpu() -> str | None:
@@ -162,7 +163,7 @@ def llama7b(ops):
     for i in range(LAYERS):
         w.update({f"layers.{i}.{k}": v for k, v in layer.items()})
     read_per_token = LAYERS * sum(v.nbytes for k, v in layer.items() if not k.endswith("norm")) + w["output"].nbytes
-    cache = ops.new_kv_cache(LAYERS, H, 1024, HD)
+    cache = KVCache(ops, LAYERS, H, 1024, HD)
     return llama, cfg, w, cache, read_per_token
 
 
@@ -170,7 +171,8 @@ def test_decode_tokens_per_second(benchmark, ops, cuda, llama7b, copy_bandwidth)
     """One token at position 255 (attention over 256 cached keys), logits copied to the host."""
     arch, cfg, w, cache, nbytes = llama7b
     token = np.array([7])
-    mean = timed(benchmark, cuda, lambda: ops.to_numpy(arch.forward(cfg, w, ops, cache, token, 255, True)), rounds=10)
+    batch = Batch.single(cache, 255, 1)
+    mean = timed(benchmark, cuda, lambda: ops.to_numpy(arch.forward(cfg, w, ops, batch, token, True)), rounds=10)
     benchmark.extra_info.update(tokens_per_s=round(1 / mean, 1), weight_GB_per_token=round(nbytes / 1e9, 2),
                                 weight_GB_per_s=round(nbytes / mean / 1e9, 1),
                                 device_copy_GB_per_s=round(copy_bandwidth, 1))
@@ -180,5 +182,6 @@ def test_prefill_tokens_per_second(benchmark, ops, cuda, llama7b):
     """512 prompt tokens from an empty cache, last logits copied to the host."""
     arch, cfg, w, cache, _ = llama7b
     tokens = np.arange(512) % VOCAB
-    mean = timed(benchmark, cuda, lambda: ops.to_numpy(arch.forward(cfg, w, ops, cache, tokens, 0, True)), rounds=3)
+    batch = Batch.single(cache, 0, 512)
+    mean = timed(benchmark, cuda, lambda: ops.to_numpy(arch.forward(cfg, w, ops, batch, tokens, True)), rounds=3)
     benchmark.extra_info["tokens_per_s"] = round(512 / mean, 1)

@@ -46,6 +46,7 @@ class Backend(Protocol):
 
     # positions and attention
     def rope(self, x, positions: np.ndarray, inv_freq: np.ndarray, n_heads: int) -> Any: ...
+    def concat_rows(self, parts: list) -> Any: ...                      # [(T_i, F)] -> (sum T_i, F)
     def kv_write(self, cache, k, v, start_pos: int) -> None: ...          # (T, Hkv*hd) at start_pos..
     def attention(self, q, cache, start_pos: int, n_heads: int, scale: float, alibi_slopes=None) -> Any: ...
 

@@ -308,6 +308,16 @@ def rope(x, positions, inv_freq, n_heads: int):
 
 # -- attention -------------------------------------------------------------------------------
 
+def concat_rows(parts: list):
+    """[(T_i, F)] device arrays -> (sum T_i, F), copied on the device."""
+    out = _empty((sum(p.shape[0] for p in parts), parts[0].shape[1]))
+    r = 0
+    for p in parts:
+        out[r:r + p.shape[0]].copy_to_device(p)
+        r += p.shape[0]
+    return out
+
+
 def kv_write(cache, k, v, start_pos: int) -> None:
     """Store (T, n_kv * head_dim) keys/values at positions start_pos .. start_pos+T-1."""
     k_cache, v_cache = cache

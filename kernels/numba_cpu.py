@@ -28,7 +28,7 @@ from tinyllm.kernels import numba_ops, numba_quant, numba_simd
 from tinyllm.kernels.backend import module_ops
 from tinyllm.kernels.numba_ops import kv_write, new_kv_cache  # noqa: F401  (keys stored transposed, see numba_ops)
 from tinyllm.kernels.quant import QTensor
-from tinyllm.kernels.reference import add, clip, from_numpy, to_numpy  # noqa: F401
+from tinyllm.kernels.reference import add, clip, concat_rows, from_numpy, to_numpy  # noqa: F401
 
 name = "numba"
 

@@ -169,6 +169,11 @@ def rope(x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray, n_heads: in
     return heads.reshape(T, -1)
 
 
+def concat_rows(parts: list) -> np.ndarray:
+    """[(T_i, F)] -> (sum T_i, F): the rows of several sequences, one after another."""
+    return np.concatenate(parts, axis=0)
+
+
 # -- attention ------------------------------------------------------------------------
 
 def kv_write(cache, k: np.ndarray, v: np.ndarray, start_pos: int) -> None:

@@ -104,13 +104,13 @@ def test_interrupted_forward_leaves_a_consistent_cache(model, monkeypatch):
     prompt = [1, *_greedy_ids(model, 30)]
     model.eval(prompt)
     changed = prompt[:12] + [300, 301, 302]
-    real = model._forward
+    real = model._run
 
-    def interrupted(tokens, start_pos, last_only):
-        real(tokens, start_pos, last_only)  # the cache positions after the prefix are overwritten...
-        raise KeyboardInterrupt              # ...then Ctrl-C arrives
+    def interrupted(tokens, batch, last_only):
+        real(tokens, batch, last_only)  # the cache positions after the prefix are overwritten...
+        raise KeyboardInterrupt         # ...then Ctrl-C arrives
 
-    monkeypatch.setattr(model, "_forward", interrupted)
+    monkeypatch.setattr(model, "_run", interrupted)
     with pytest.raises(KeyboardInterrupt):
         list(generate_ids(model, changed, 5, Sampler(GREEDY)))
     assert model.tokens == prompt[:12]

@@ -8,6 +8,10 @@ which is always computed again because its logits are what the caller wants.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
+
 
 def reusable_prefix(cached: list[int], tokens: list[int]) -> int:
     """How many leading tokens of ``tokens`` a cache holding ``cached`` already has computed
@@ -45,3 +49,59 @@ class KVCache:
 
     def clear(self) -> None:
         self.tokens = []
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One sequence's run of rows in a forward: positions start .. start+length-1 of ``cache``."""
+
+    cache: KVCache
+    start: int
+    length: int
+
+
+class Batch:
+    """Which sequence, and which position in it, each row of one forward pass belongs to.
+
+    The rows are consecutive runs (``segments``), one per sequence, each with its own KV
+    cache: a single prompt is one segment; a step of batched decoding is one row per running
+    sequence, plus a chunk of a newcomer's prompt. Everything per token (matmuls, norms, the
+    MLP) runs once over all rows; only attention is per sequence, here.
+    """
+
+    def __init__(self, segments: list[Segment]):
+        self.segments = [s for s in segments if s.length > 0]
+        if not self.segments:
+            raise ValueError("a batch needs at least one row")
+        self.positions = np.concatenate([np.arange(s.start, s.start + s.length) for s in self.segments])  # (T,)
+        self.ends = np.cumsum([s.length for s in self.segments])                   # row after each segment
+
+    @classmethod
+    def single(cls, cache: KVCache, start_pos: int, length: int) -> "Batch":
+        return cls([Segment(cache, start_pos, length)])
+
+    def __len__(self) -> int:
+        return int(self.ends[-1])
+
+    def attend(self, ops, layer: int, q, k, v, n_heads: int, scale: float, alibi_slopes=None):
+        """Write each segment's keys and values (T, Hkv*hd) at its positions in its cache, then
+        causal attention of its queries (T, H*hd) over that cache -> (T, H*hd)."""
+        if len(self.segments) == 1:
+            s = self.segments[0]
+            ops.kv_write(s.cache[layer], k, v, s.start)
+            return ops.attention(q, s.cache[layer], s.start, n_heads, scale, alibi_slopes)
+        out, r = [], 0
+        for s in self.segments:
+            rows = slice(r, r + s.length)
+            ops.kv_write(s.cache[layer], k[rows], v[rows], s.start)
+            out.append(ops.attention(q[rows], s.cache[layer], s.start, n_heads, scale, alibi_slopes))
+            r += s.length
+        return ops.concat_rows(out)
+
+    def last_rows(self, ops, x):
+        """(T, F) -> (segments, F): each segment's last row (the one whose logits are wanted)."""
+        if len(self.segments) == 1:
+            return x[len(self) - 1:]
+        if len(self.segments) == len(self):
+            return x
+        return ops.concat_rows([x[e - 1:e] for e in self.ends])

@@ -11,13 +11,14 @@ from tinyllm.converters.llama2c import is_llama2c
 from tinyllm.errors import TinyLLMError, reading
 from tinyllm.fileformat import ModelFile, file_kind
 from tinyllm.kernels import get_backend
-from tinyllm.kvcache import KVCache
+from tinyllm.kvcache import Batch, KVCache, Segment
 from tinyllm.logprobs import TokenLogprob, sequence_logprobs
 from tinyllm.sampling import SamplingParams
 from tinyllm.tokenizer import Tokenizer
 from tinyllm.validate import check_allocation, check_source
 
 DEFAULT_MAX_CTX = 4096  # KV cache positions allocated unless n_ctx asks for more
+SAMPLING_OPTIONS = {"temperature", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n", "seed"}
 
 
 def _runtime_tensor(t):
@@ -60,7 +61,12 @@ class Model:
         self.weights = {name: self.ops.prepare(_runtime_tensor(t)) for name, t in source.tensors.items()}
         if "output" not in self.weights:  # tied embeddings
             self.weights["output"] = self.weights["tok_embeddings"]
-        self.cache = KVCache(self.ops, cfg.num_hidden_layers, cfg.n_kv_heads, self.n_ctx, cfg.head_dim)
+        self.cache = self.new_cache()
+
+    def new_cache(self) -> KVCache:
+        """An empty KV cache of this model's context, for a sequence of its own (``eval_batch``)."""
+        cfg = self.config
+        return KVCache(self.ops, cfg.num_hidden_layers, cfg.n_kv_heads, self.n_ctx, cfg.head_dim)
 
     @property
     def tokens(self) -> list[int]:
@@ -99,15 +105,21 @@ class Model:
     # -- running the network -----------------------------------------------------------
 
     def _forward(self, tokens, start_pos: int, last_only: bool, head=None) -> np.ndarray:
-        if start_pos + len(tokens) > self.n_ctx:
-            raise TinyLLMError(f"{start_pos + len(tokens)} tokens exceed the context length ({self.n_ctx})")
+        """One sequence in ``self.cache``: tokens at positions start_pos.. -> (T or 1, vocab)."""
+        return self._run(tokens, Batch.single(self.cache, start_pos, len(tokens)), last_only, head)
+
+    def _run(self, tokens, batch: Batch, last_only: bool, head=None) -> np.ndarray:
+        """The forward pass over a batch's rows: (T, vocab), or a row per segment if last_only."""
+        for s in batch.segments:
+            if s.start + s.length > self.n_ctx:
+                raise TinyLLMError(f"{s.start + s.length} tokens exceed the context length ({self.n_ctx})")
         ids = np.asarray(tokens, dtype=np.int64)
         if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
             raise TinyLLMError(f"token id out of range 0..{self.config.vocab_size - 1}")
         self.ops.begin()
         extra = {} if head is None else {"head": head}
-        out = self.ops.to_numpy(self.arch.forward(self.config, self.weights, self.ops, self.cache, ids, start_pos,
-                                                  last_only, **extra))
+        out = self.ops.to_numpy(self.arch.forward(self.config, self.weights, self.ops, batch, ids, last_only,
+                                                  **extra))
         if not np.isfinite(out).all():  # weights that overflow float32: say so, never sample from NaN
             raise TinyLLMError("the model computed NaN or infinite logits (its weights overflow float32 arithmetic)")
         return out
@@ -115,15 +127,30 @@ class Model:
     def eval(self, tokens: list[int]) -> np.ndarray:
         """Make the cache hold ``tokens``; return the next-token logits (vocab,).
         Only tokens after the longest prefix already in the cache are computed."""
-        tokens = list(tokens)
-        if not tokens:
-            raise TinyLLMError("cannot evaluate an empty token sequence")
-        if len(tokens) > self.n_ctx:
-            raise TinyLLMError(f"prompt of {len(tokens)} tokens exceeds the context length ({self.n_ctx})")
-        keep = self.cache.reusable(tokens)
-        self.cache.trim(keep)  # an interrupted forward must not leave stale claims
-        logits = self._forward(tokens[keep:], keep, last_only=True)[-1]
-        self.cache.tokens = tokens
+        return self.eval_batch([self.cache], [tokens])[0]
+
+    def eval_batch(self, caches: list[KVCache], sequences: list[list[int]]) -> np.ndarray:
+        """``eval`` for several sequences at once, each in its own cache (``new_cache()``): one
+        forward pass over all their new tokens, so a decode step of B sequences streams the
+        weights once. Returns the next-token logits of each (B, vocab)."""
+        if len(caches) != len(sequences) or not caches:
+            raise TinyLLMError("eval_batch() takes one cache per sequence, and at least one")
+        if len({id(c) for c in caches}) != len(caches):
+            raise TinyLLMError("eval_batch(): each sequence needs a cache of its own")
+        sequences = [list(tokens) for tokens in sequences]
+        segments, new = [], []
+        for cache, tokens in zip(caches, sequences):
+            if not tokens:
+                raise TinyLLMError("cannot evaluate an empty token sequence")
+            if len(tokens) > self.n_ctx:
+                raise TinyLLMError(f"prompt of {len(tokens)} tokens exceeds the context length ({self.n_ctx})")
+            keep = cache.reusable(tokens)
+            cache.trim(keep)  # an interrupted forward must not leave stale claims
+            segments.append(Segment(cache, keep, len(tokens) - keep))
+            new += tokens[keep:]
+        logits = self._run(new, Batch(segments), last_only=True)
+        for cache, tokens in zip(caches, sequences):
+            cache.tokens = tokens
         return logits
 
     def logits(self, tokens) -> np.ndarray:
@@ -277,6 +304,16 @@ class Model:
         ``max_new_tokens`` or at the end of the context. ``stats``: a GenerationStats to fill.
         ``json_schema`` (a dict or JSON text; True: any JSON object) or ``grammar`` (llama.cpp
         GBNF text, or a tinyllm.structured.Grammar): the text is held to it token by token."""
+        ids, decoding = self._continuation(prompt, add_bos, stop, json_schema, grammar, temperature=temperature,
+                                           top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
+                                           repeat_last_n=repeat_last_n, seed=seed)
+        pieces: Iterator[str] = decoding.stream(self, ids, max_new_tokens, stats=stats)
+        return pieces if stream else "".join(pieces)
+
+    # -- chat ------------------------------------------------------------------------
+
+    def _continuation(self, prompt, add_bos, stop, json_schema, grammar, **sampling):
+        """A prompt's token ids, checked, and the Decoding that continues it."""
         from tinyllm.generate import Decoding
         from tinyllm.structured import grammar_from
 
@@ -285,13 +322,62 @@ class Model:
             raise TinyLLMError("empty prompt: give some text, or add_bos=True to start from BOS")
         if len(ids) >= self.n_ctx:
             raise TinyLLMError(f"prompt of {len(ids)} tokens does not fit the context length ({self.n_ctx})")
-        decoding = Decoding.continuing(self, ids, stop, temperature=temperature, top_k=top_k, top_p=top_p,
-                                       min_p=min_p, repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
-                                       seed=seed, grammar=grammar_from(json_schema, grammar))
-        pieces: Iterator[str] = decoding.stream(self, ids, max_new_tokens, stats=stats)
-        return pieces if stream else "".join(pieces)
+        return ids, Decoding.continuing(self, ids, stop, grammar=grammar_from(json_schema, grammar), **sampling)
 
-    # -- chat ------------------------------------------------------------------------
+    def generate_batch(self, prompts: list, max_new_tokens: int = 256, parallel: int | None = None,
+                       on_text=None, stop=None, add_bos: bool | None = None, json_schema=None, grammar=None,
+                       **sampling) -> list[str]:
+        """Continue every prompt of ``prompts`` at once (continuous batching, tinyllm.batching):
+        up to ``parallel`` (default: all of them) decode together, one forward pass per step
+        for all, and the next prompt joins as one finishes. Returns the texts in prompt order,
+        each the same as ``generate`` gives alone (greedy, or with a seed); ``on_text(i, piece)``
+        sees each piece as it is decoded (called from the generation threads, one at a time).
+        Options as for :meth:`generate`, for every prompt."""
+        import threading
+
+        from tinyllm.batching import Batcher
+
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (list, tuple)) or not prompts:
+            raise TinyLLMError("generate_batch() takes a non-empty list of prompts")
+        unknown = sorted(set(sampling) - SAMPLING_OPTIONS)
+        if unknown:
+            raise TinyLLMError(f"generate_batch(): unknown option {unknown[0]!r}; sampling options are "
+                               + ", ".join(sorted(SAMPLING_OPTIONS)))
+        jobs = [self._continuation(p, add_bos, stop, json_schema, grammar, **sampling) for p in prompts]
+        batcher = Batcher(self, min(parallel or len(jobs), len(jobs)))
+        texts: list = [None] * len(jobs)
+        failures: list[BaseException] = []
+        lock = threading.Lock()
+        queue = iter(range(len(jobs)))
+
+        def run() -> None:
+            while not failures:
+                with lock:
+                    i = next(queue, None)
+                if i is None:
+                    return
+                ids, decoding = jobs[i]
+                parts = []
+                try:
+                    with batcher.slot() as slot:
+                        for piece in decoding.stream(slot, ids, max_new_tokens):
+                            parts.append(piece)
+                            if on_text is not None:
+                                with lock:
+                                    on_text(i, piece)
+                except BaseException as e:  # noqa: BLE001 - raised again in the caller's thread
+                    failures.append(e)
+                    return
+                texts[i] = "".join(parts)
+
+        threads = [threading.Thread(target=run, daemon=True) for _ in range(batcher.slots)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if failures:
+            raise failures[0]
+        return texts
 
     def chat_session(self, system: str | None = None, template: str | None = None, **options):
         """A multi-turn conversation (:class:`tinyllm.chat.ChatSession`): ``session.send(text)``

@@ -5,7 +5,8 @@ An architecture module provides (the ArchModule protocol in arch/common.py)
     HF_CLASSES      the config.json "architectures" class names it reads
     Config          a dataclass built by ``Config.from_hf(config_dict)``, fields named as
                     in the checkpoint's config.json; unsupported options are refused there
-    forward(cfg, w, ops, cache, tokens, start_pos) -> logits (T, vocab)
+    forward(cfg, w, ops, batch, tokens) -> logits (T, vocab); batch: positions and KV caches
+                    of the rows (tinyllm.kvcache.Batch)
     describe(cfg)   architecture-specific lines for `tinyllm info`
 """
 from __future__ import annotations

@@ -83,9 +83,9 @@ class ArchModule(Protocol):
     Config: type                 # dataclass; ``Config.from_hf(config_json)`` refuses unknown options by name
 
     def weights(self, cfg) -> dict: ...        # the declared weight set: name -> shape ((out, in) for matrices)
-    def forward(self, cfg, w: dict, ops, cache, tokens, start_pos: int, last_only: bool = False,
-                head=None): ...        # tokens (T,) at start_pos.. -> logits (T, vocab), (1, vocab) if
-    #                                        last_only; head(cfg, w, ops, final hidden (T, D)): default lm_head
+    def forward(self, cfg, w: dict, ops, batch, tokens, last_only: bool = False,
+                head=None): ...        # tokens (T,), rows of batch's sequences -> logits (T, vocab), a row
+    #                                        per sequence if last_only; head(cfg, w, ops, final hidden (T, D))
     def describe(self, cfg) -> dict: ...       # architecture-specific rows for `tinyllm info`
 
 

@@ -33,7 +33,7 @@ from tinyllm.arch.common import (
 )
 from tinyllm.errors import UnsupportedError
 from tinyllm.kernels.backend import Backend
-from tinyllm.kvcache import KVCache
+from tinyllm.kvcache import Batch
 
 ARCH = "falcon"
 HF_CLASSES = ("FalconForCausalLM", "RWForCausalLM")  # config.json "architectures" names
@@ -154,11 +154,10 @@ def weights(cfg: Config) -> dict:
     return weight_set(cfg.num_hidden_layers, layer, top)
 
 
-def forward(cfg: Config, w: dict, ops: Backend, cache: KVCache, tokens: np.ndarray, start_pos: int,
-            last_only: bool = False, head=lm_head):
+def forward(cfg: Config, w: dict, ops: Backend, batch: Batch, tokens: np.ndarray, last_only: bool = False,
+            head=lm_head):
     """Falcon's blocks: rotary (or ALiBi) multi- or grouped-query attention, GELU MLP, parallel or in sequence."""
-    T = len(tokens)
-    positions = np.arange(start_pos, start_pos + T)
+    positions = batch.positions
     eps, H, Hkv = cfg.layer_norm_epsilon, cfg.num_attention_heads, cfg.n_kv_heads
     approximate = ACTIVATIONS[cfg.activation]
 
@@ -175,8 +174,7 @@ def forward(cfg: Config, w: dict, ops: Backend, cache: KVCache, tokens: np.ndarr
         q, k = linear(h, p + "attention.wq"), linear(h, p + "attention.wk")         # (T, H*hd), (T, Hkv*hd)
         if not cfg.alibi:
             q, k = ops.rope(q, positions, cfg.inv_freq, H), ops.rope(k, positions, cfg.inv_freq, Hkv)
-        ops.kv_write(cache[i], k, linear(h, p + "attention.wv"), start_pos)
-        a = ops.attention(q, cache[i], start_pos, H, cfg.head_dim ** -0.5, cfg.alibi_slopes)
+        a = batch.attend(ops, i, q, k, linear(h, p + "attention.wv"), H, cfg.head_dim ** -0.5, cfg.alibi_slopes)
         attn = linear(a, p + "attention.wo")                                         # (T, D)
         if not cfg.parallel:
             x = ops.add(x, attn)
@@ -185,7 +183,7 @@ def forward(cfg: Config, w: dict, ops: Backend, cache: KVCache, tokens: np.ndarr
         mlp = linear(ops.gelu(linear(h, p + "feed_forward.w1"), approximate), p + "feed_forward.w2")
         x = ops.add(x, ops.add(attn, mlp) if cfg.parallel else mlp)                 # (T, D)
     if last_only:
-        x = x[T - 1:]
+        x = batch.last_rows(ops, x)
     return head(cfg, w, ops, norm(x, "norm"))                                     # (T, vocab)
 
 

@@ -20,7 +20,7 @@ import numpy as np
 from tinyllm.arch.common import check_config, config_from_hf, lm_head, require, rope_inv_freq, weight_set
 from tinyllm.errors import UnsupportedError
 from tinyllm.kernels.backend import Backend
-from tinyllm.kvcache import KVCache
+from tinyllm.kvcache import Batch
 
 ARCH = "gptj"
 HF_CLASSES = ("GPTJForCausalLM",)  # config.json "architectures" names
@@ -85,11 +85,10 @@ def weights(cfg: Config) -> dict:
     return weight_set(cfg.n_layer, layer, top)
 
 
-def forward(cfg: Config, w: dict, ops: Backend, cache: KVCache, tokens: np.ndarray, start_pos: int,
-            last_only: bool = False, head=lm_head):
+def forward(cfg: Config, w: dict, ops: Backend, batch: Batch, tokens: np.ndarray, last_only: bool = False,
+            head=lm_head):
     """GPT-J's parallel blocks: one LayerNorm feeds rotary attention and the GELU MLP (ArchModule.forward)."""
-    T = len(tokens)
-    positions = np.arange(start_pos, start_pos + T)
+    positions = batch.positions
     eps, H = cfg.layer_norm_epsilon, cfg.n_head
     approximate = ACTIVATIONS[cfg.activation_function]
     x = ops.embedding(w["tok_embeddings"], tokens)                                        # (T, D)
@@ -99,15 +98,14 @@ def forward(cfg: Config, w: dict, ops: Backend, cache: KVCache, tokens: np.ndarr
         q = ops.rope(ops.matmul(h, w[p + "attention.wq"]), positions, cfg.inv_freq, H)   # (T, H*hd)
         k = ops.rope(ops.matmul(h, w[p + "attention.wk"]), positions, cfg.inv_freq, H)
         v = ops.matmul(h, w[p + "attention.wv"])
-        ops.kv_write(cache[i], k, v, start_pos)
-        a = ops.attention(q, cache[i], start_pos, H, cfg.head_dim ** -0.5)                # (T, H*hd)
+        a = batch.attend(ops, i, q, k, v, H, cfg.head_dim ** -0.5)                # (T, H*hd)
         attn = ops.matmul(a, w[p + "attention.wo"])                                       # (T, D)
 
         up = ops.gelu(ops.matmul(h, w[p + "feed_forward.w1"], w[p + "feed_forward.w1_bias"]), approximate)
         mlp = ops.matmul(up, w[p + "feed_forward.w2"], w[p + "feed_forward.w2_bias"])    # (T, D)
         x = ops.add(x, ops.add(attn, mlp))                                                # parallel residual
     if last_only:
-        x = x[T - 1:]
+        x = batch.last_rows(ops, x)
     return head(cfg, w, ops, ops.layernorm(x, w["norm"], w["norm_bias"], eps))        # (T, vocab)
 
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from tinyllm.arch.common import check_config, config_from_hf, lm_head, require, rope_inv_freq, rope_settings, weight_set
 from tinyllm.kernels.backend import Backend
-from tinyllm.kvcache import KVCache
+from tinyllm.kvcache import Batch
 
 ARCH = "llama"
 HF_CLASSES = ("LlamaForCausalLM",)  # config.json "architectures" names
@@ -80,11 +80,10 @@ def weights(cfg: Config) -> dict:
     return weight_set(cfg.num_hidden_layers, layer, top)
 
 
-def forward(cfg: Config, w: dict, ops: Backend, cache: KVCache, tokens: np.ndarray, start_pos: int,
-            last_only: bool = False, head=lm_head):
+def forward(cfg: Config, w: dict, ops: Backend, batch: Batch, tokens: np.ndarray, last_only: bool = False,
+            head=lm_head):
     """LLaMA's pre-norm blocks: RMSNorm, rotary grouped-query attention, SwiGLU MLP (ArchModule.forward)."""
-    T = len(tokens)
-    positions = np.arange(start_pos, start_pos + T)
+    positions = batch.positions
     eps, H, Hkv = cfg.rms_norm_eps, cfg.num_attention_heads, cfg.n_kv_heads
     x = ops.embedding(w["tok_embeddings"], tokens)                              # (T, D)
     for i in range(cfg.num_hidden_layers):
@@ -93,15 +92,14 @@ def forward(cfg: Config, w: dict, ops: Backend, cache: KVCache, tokens: np.ndarr
         q = ops.rope(ops.matmul(h, w[p + "attention.wq"]), positions, cfg.inv_freq, H)     # (T, H*hd)
         k = ops.rope(ops.matmul(h, w[p + "attention.wk"]), positions, cfg.inv_freq, Hkv)   # (T, Hkv*hd)
         v = ops.matmul(h, w[p + "attention.wv"])                                           # (T, Hkv*hd)
-        ops.kv_write(cache[i], k, v, start_pos)
-        a = ops.attention(q, cache[i], start_pos, H, cfg.head_dim ** -0.5)                  # (T, H*hd)
+        a = batch.attend(ops, i, q, k, v, H, cfg.head_dim ** -0.5)                  # (T, H*hd)
         x = ops.add(x, ops.matmul(a, w[p + "attention.wo"]))
 
         h = ops.rmsnorm(x, w[p + "ffn_norm"], eps)
         gate = ops.swiglu(ops.matmul(h, w[p + "feed_forward.w1"]), ops.matmul(h, w[p + "feed_forward.w3"]))
         x = ops.add(x, ops.matmul(gate, w[p + "feed_forward.w2"]))                          # (T, D)
     if last_only:
-        x = x[T - 1:]
+        x = batch.last_rows(ops, x)
     return head(cfg, w, ops, ops.rmsnorm(x, w["norm"], eps))                            # (T, vocab)
 
 

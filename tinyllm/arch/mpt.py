@@ -20,7 +20,7 @@ import numpy as np
 from tinyllm.arch.common import METADATA_KEYS, alibi_slopes, check_config, config_from_hf, lm_head, require, weight_set
 from tinyllm.errors import UnsupportedError
 from tinyllm.kernels.backend import Backend
-from tinyllm.kvcache import KVCache
+from tinyllm.kvcache import Batch
 
 ARCH = "mpt"
 HF_CLASSES = ("MptForCausalLM", "MPTForCausalLM")  # config.json "architectures" names
@@ -113,10 +113,9 @@ def weights(cfg: Config) -> dict:
     return weight_set(cfg.n_layers, layer, top)
 
 
-def forward(cfg: Config, w: dict, ops: Backend, cache: KVCache, tokens: np.ndarray, start_pos: int,
-            last_only: bool = False, head=lm_head):
+def forward(cfg: Config, w: dict, ops: Backend, batch: Batch, tokens: np.ndarray, last_only: bool = False,
+            head=lm_head):
     """MPT's pre-norm blocks: LayerNorm, ALiBi attention (optionally clipped QKV), GELU MLP (ArchModule.forward)."""
-    T = len(tokens)
     eps, H = cfg.layer_norm_epsilon, cfg.n_heads
 
     def clipped(y):
@@ -129,15 +128,14 @@ def forward(cfg: Config, w: dict, ops: Backend, cache: KVCache, tokens: np.ndarr
         q = clipped(ops.matmul(h, w[p + "attention.wq"]))                           # (T, H*hd)
         k = clipped(ops.matmul(h, w[p + "attention.wk"]))                           # (T, Hkv*hd)
         v = clipped(ops.matmul(h, w[p + "attention.wv"]))
-        ops.kv_write(cache[i], k, v, start_pos)
-        a = ops.attention(q, cache[i], start_pos, H, cfg.softmax_scale, cfg.alibi_slopes)
+        a = batch.attend(ops, i, q, k, v, H, cfg.softmax_scale, cfg.alibi_slopes)
         x = ops.add(x, ops.matmul(a, w[p + "attention.wo"]))
 
         h = ops.layernorm(x, w[p + "ffn_norm"], None, eps)
         up = ops.gelu(ops.matmul(h, w[p + "feed_forward.w1"]))                      # (T, 4D)
         x = ops.add(x, ops.matmul(up, w[p + "feed_forward.w2"]))                    # (T, D)
     if last_only:
-        x = x[T - 1:]
+        x = batch.last_rows(ops, x)
     return head(cfg, w, ops, ops.layernorm(x, w["norm"], None, eps))            # (T, vocab)
 
 

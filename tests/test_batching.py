@@ -1,0 +1,119 @@
+"""Continuous batching (tinyllm/batching.py, Model.eval_batch, Model.generate_batch): the same
+answers as alone, sequences joining and leaving between steps, chunked prefill, bad input.
+Every architecture's batched forward is checked against its lone one in test_architectures.py."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+import tinyllm
+from tinyllm.batching import Batcher
+from tinyllm.errors import TinyLLMError
+from tinyllm.generate import Decoding
+from tinyllm.sampling import Sampler, SamplingParams
+
+PROMPTS = ["Once upon a time", "The little dog", "Lily and Tom went to the park. They saw a big", "One day"]
+
+
+@pytest.fixture(scope="module")
+def fast(stories_q8):
+    return tinyllm.load(stories_q8)  # the numba backend: the one a server batches on
+
+
+def test_generate_batch_gives_each_prompt_its_answer_alone(fast):
+    alone = [fast.generate(p, max_new_tokens=24, temperature=0, stream=False) for p in PROMPTS]
+    seen = {i: [] for i in range(len(PROMPTS))}
+    texts = fast.generate_batch(PROMPTS, max_new_tokens=24, temperature=0,
+                                on_text=lambda i, piece: seen[i].append(piece))
+    assert texts == alone
+    assert ["".join(seen[i]) for i in range(len(PROMPTS))] == texts  # streamed, piece by piece
+
+
+def test_fewer_slots_than_prompts_and_seeded_sampling(fast):
+    """Two slots for four prompts: each next prompt joins as one finishes; a seeded sampler
+    draws the same text batched as alone."""
+    options = dict(temperature=0.8, top_k=40, seed=7)
+    alone = [fast.generate(p, max_new_tokens=16, stream=False, **options) for p in PROMPTS]
+    assert fast.generate_batch(PROMPTS, max_new_tokens=16, parallel=2, **options) == alone
+
+
+def test_one_step_serves_every_running_sequence(fast):
+    """Sequences that run together share forward passes: far fewer steps than tokens."""
+    batcher = Batcher(fast, slots=4)
+    go = threading.Barrier(4)
+    out = {}
+
+    def run(i):
+        ids = fast.tokenize(PROMPTS[i])
+        go.wait()
+        with batcher.slot() as slot:
+            decoding = Decoding(Sampler(SamplingParams(temperature=0)), [], [])  # no stop id: all 20 tokens
+            out[i] = "".join(decoding.stream(slot, ids, 20))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(out) == 4
+    assert batcher.steps < 0.6 * 4 * 20  # 80 sequence-steps alone; together about 20-30
+
+
+def test_long_prompt_is_prefilled_in_chunks(fast):
+    ids = fast.tokenize(" ".join(PROMPTS * 3))
+    assert len(ids) > 40
+    fast.reset()
+    want = fast.eval(ids)
+    batcher = Batcher(fast, slots=1, chunk=16)
+    with batcher.slot() as slot:
+        got = slot.eval(ids)
+    assert batcher.steps == -(-len(ids) // 16)  # 16 new tokens a step
+    assert np.abs(got - want).max() < 1e-4 * np.abs(want).max()
+    assert slot.tokens == ids
+
+
+def test_prefix_held_by_a_free_slot_is_reused(fast):
+    batcher = Batcher(fast, slots=1)
+    ids = fast.tokenize(PROMPTS[2])
+    with batcher.slot() as slot:
+        slot.eval(ids)
+    rows = batcher.rows
+    with batcher.slot() as slot:  # the same slot, the same conversation one token longer
+        slot.eval(ids + [fast.tokenize(" dog", add_bos=False)[0]])
+    assert batcher.rows - rows == 1  # only the new token is computed
+
+
+def test_bad_batches_are_refused(fast):
+    cache = fast.new_cache()
+    with pytest.raises(TinyLLMError, match="cache of its own"):
+        fast.eval_batch([cache, cache], [[1, 2], [1, 3]])
+    with pytest.raises(TinyLLMError, match="one cache per sequence"):
+        fast.eval_batch([cache], [[1], [2]])
+    with pytest.raises(TinyLLMError, match="empty token sequence"):
+        fast.eval_batch([cache], [[]])
+    with pytest.raises(TinyLLMError, match="exceeds the context"):
+        fast.eval_batch([cache], [[1] * (fast.n_ctx + 1)])
+    with pytest.raises(TinyLLMError, match="token id out of range"):
+        fast.eval_batch([cache, fast.new_cache()], [[1, 2], [1, 10 ** 6]])
+    with pytest.raises(TinyLLMError, match="list of prompts"):
+        fast.generate_batch("Once upon a time")
+    with pytest.raises(TinyLLMError, match="unknown option 'temprature'"):
+        fast.generate_batch(PROMPTS, temprature=0.5)
+    with pytest.raises(TinyLLMError, match="empty prompt"):
+        fast.generate_batch(["fine", ""], add_bos=False)
+    with pytest.raises(TinyLLMError, match="positive integer"):
+        Batcher(fast, slots=0)
+    batcher = Batcher(fast, slots=1)
+    with batcher.slot():
+        with pytest.raises(TinyLLMError, match="all 1 parallel slots are busy"):
+            batcher.slot().__enter__()
+
+
+def test_an_error_in_a_step_reaches_the_waiting_sequence(fast):
+    batcher = Batcher(fast, slots=1)
+    with batcher.slot() as slot:
+        with pytest.raises(TinyLLMError, match="token id out of range"):
+            slot.eval([1, 10 ** 6])
+        assert len(slot.eval([1, 2])) == fast.config.vocab_size  # the slot still works

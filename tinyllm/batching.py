@@ -1,0 +1,154 @@
+"""Continuous batching: many sequences generating at once share one forward pass per step.
+
+Decoding is memory-bound: each step streams every weight once, whether it computes one
+token or eight. A :class:`Batcher` lets several generations run side by side, each in its
+own thread with its own KV cache (a :class:`Slot`), and turns their ``eval`` calls into
+``Model.eval_batch`` steps: a step takes every sequence waiting for logits, so sequences
+join and leave the batch between steps. A newcomer's long prompt is computed in chunks of
+``chunk`` tokens, one chunk per step, so the running streams keep moving meanwhile.
+
+A slot is a stand-in for the model wherever generation takes one (``generate_ids``,
+``Decoding.stream``): it is the model, but with its own cache and a batched ``eval``.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Future
+
+import numpy as np
+
+from tinyllm.errors import TinyLLMError
+
+DEFAULT_CHUNK = 128   # prompt tokens a newcomer adds to one step
+GATHER_SECONDS = 0.002  # how long a step waits for running sequences still sampling their last token
+
+
+class Slot:
+    """The model as one batched sequence sees it: its own KV cache, ``eval`` through the batcher."""
+
+    def __init__(self, batcher: "Batcher", cache):
+        self._batcher, self.cache = batcher, cache
+
+    def __getattr__(self, name):  # everything else (tokenizer, n_ctx, sampling_params, ...) is the model's
+        return getattr(self._batcher.model, name)
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.cache.tokens
+
+    def eval(self, tokens: list[int]) -> np.ndarray:
+        """The next-token logits (vocab,) after ``tokens``, computed in a shared step."""
+        return self._batcher.eval(self, list(tokens))
+
+    def reset(self) -> None:
+        self.cache.clear()
+
+
+class Batcher:
+    """Runs the forward passes of up to ``slots`` sequences in shared steps (see module doc).
+
+    Use ``with batcher.slot() as s:`` around one generation; the step loop runs in a thread of
+    its own, started on first use, and applies the model's thread count there."""
+
+    def __init__(self, model, slots: int, chunk: int = DEFAULT_CHUNK):
+        if not isinstance(slots, int) or slots < 1:
+            raise TinyLLMError(f"parallel slots must be a positive integer, got {slots!r}")
+        if not isinstance(chunk, int) or chunk < 1:
+            raise TinyLLMError(f"prefill chunk must be a positive integer, got {chunk!r}")
+        self.model, self.chunk = model, chunk
+        self._free = [model.new_cache() for _ in range(slots)]
+        self._lock = threading.Condition()
+        self._waiting: dict[Slot, tuple[list[int], Future]] = {}
+        self._active = 0
+        self._thread: threading.Thread | None = None
+        self.steps = 0               # forward passes run, and the token rows they computed
+        self.rows = 0
+
+    @property
+    def slots(self) -> int:
+        return len(self._free) + self._active
+
+    def slot(self) -> "_Lease":
+        """A free slot for one generation (the context manager returns it when done)."""
+        return _Lease(self)
+
+    def _acquire(self) -> Slot:
+        with self._lock:
+            if not self._free:
+                raise TinyLLMError(f"all {self.slots} parallel slots are busy")
+            self._active += 1
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="tinyllm-batcher", daemon=True)
+                self._thread.start()
+            return Slot(self, self._free.pop())
+
+    def _release(self, slot: Slot) -> None:
+        with self._lock:
+            self._active -= 1
+            self._free.append(slot.cache)  # its tokens stay: the next user of the slot may share a prefix
+            self._lock.notify_all()
+
+    def eval(self, slot: Slot, tokens: list[int]) -> np.ndarray:
+        done: Future = Future()
+        with self._lock:
+            self._waiting[slot] = (tokens, done)
+            self._lock.notify_all()
+        return done.result()
+
+    # -- the step loop ----------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._gather()
+            self._step(batch)
+
+    def _gather(self) -> list[tuple[Slot, list[int], Future]]:
+        """Every sequence waiting for logits, once all running ones wait (or a moment has passed)."""
+        with self._lock:
+            while not self._waiting:
+                self._lock.wait()
+            deadline = time.monotonic() + GATHER_SECONDS
+            while len(self._waiting) < self._active and time.monotonic() < deadline:
+                self._lock.wait(max(0.0, deadline - time.monotonic()))
+            batch = [(slot, tokens, done) for slot, (tokens, done) in self._waiting.items()]
+            self._waiting.clear()
+        return batch
+
+    def _step(self, batch) -> None:
+        """One forward over the batch; a prompt longer than a chunk computes its next chunk and
+        waits for the following step."""
+        caches, sequences, finishing, new_rows = [], [], [], 0
+        for slot, tokens, _ in batch:
+            keep = slot.cache.reusable(tokens)
+            part = tokens if len(tokens) - keep <= self.chunk else tokens[:keep + self.chunk]
+            caches.append(slot.cache)
+            sequences.append(part)
+            finishing.append(part is tokens)
+            new_rows += len(part) - keep
+        try:
+            logits = self.model.eval_batch(caches, sequences)
+        except BaseException as e:  # noqa: BLE001 - each waiting sequence gets the error as its own
+            for _, _, done in batch:
+                done.set_exception(e)
+            return
+        self.steps += 1
+        self.rows += new_rows
+        with self._lock:
+            for (slot, tokens, done), row, finished in zip(batch, logits, finishing):
+                if finished:
+                    done.set_result(row)
+                else:
+                    self._waiting[slot] = (tokens, done)  # the rest of its prompt, next step
+
+
+class _Lease:
+    def __init__(self, batcher: Batcher):
+        self._batcher = batcher
+
+    def __enter__(self) -> Slot:
+        self._slot = self._batcher._acquire()
+        return self._slot
+
+    def __exit__(self, *exc) -> None:
+        self._batcher._release(self._slot)
