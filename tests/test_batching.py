@@ -117,3 +117,99 @@ def test_an_error_in_a_step_reaches_the_waiting_sequence(fast):
         with pytest.raises(TinyLLMError, match="token id out of range"):
             slot.eval([1, 10 ** 6])
         assert len(slot.eval([1, 2])) == fast.config.vocab_size  # the slot still works
+
+
+# -- the server with parallel slots ------------------------------------------------------------
+
+def test_server_decodes_concurrent_streams_together_with_the_answers_alone(fast):
+    """Eight OpenAI streaming clients on four slots: each gets its text alone, in fewer steps."""
+    import asyncio
+
+    openai = pytest.importorskip("openai")
+    from tinyllm.server import create_app
+
+    from .server_helpers import serving
+
+    prompts = ["Once upon a time", "Lily and Tom", "The big dog", "One day, a bird",
+               "Sam had a red ball", "The sun was", "Mia wanted to", "A little fish"]
+    expected = [fast.generate(p, max_new_tokens=24, temperature=0, stream=False) for p in prompts]
+
+    async def one(client, prompt):
+        stream = await client.completions.create(model="m", prompt=prompt, max_tokens=24, temperature=0, stream=True)
+        return "".join([chunk.choices[0].text async for chunk in stream])
+
+    with serving(create_app(fast, parallel=4)) as server:
+        async def main():
+            async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0) as client:
+                return await asyncio.gather(*(one(client, p) for p in prompts))
+
+        assert asyncio.run(main()) == expected
+        batcher = server.worker._batcher
+        stats = server.worker.stats()
+    assert stats["slots"] == 4 and stats["completed"] == 8 and stats["running"] == 0
+    assert batcher.steps < 0.75 * sum(len(fast.tokenize(t, add_bos=False)) + 1 for t in expected)
+
+
+class GatedSteps:
+    """Holds every batched step at a gate (Model.eval_batch), counting them."""
+
+    def __init__(self, model):
+        self.model, self.real, self.gate, self.calls = model, model.eval_batch, threading.Event(), 0
+
+    def __enter__(self):
+        def gated(caches, sequences):
+            self.calls += 1
+            self.gate.wait(10)
+            return self.real(caches, sequences)
+
+        self.model.eval_batch = gated
+        return self
+
+    def __exit__(self, *exc):
+        self.gate.set()
+        del self.model.eval_batch
+
+
+def test_server_queue_and_disconnect_with_parallel_slots(stories_q8):
+    """Two slots and max_queue 1: two requests run, one waits, the next gets 503; a client
+    that disconnects frees its slot for the waiting one."""
+    import httpx
+
+    from tinyllm.server import create_app
+
+    from .server_helpers import serving, wait_until
+
+    model = tinyllm.load(stories_q8)
+    body = {"prompt": "Once upon a time", "max_tokens": 3, "temperature": 0}
+    with serving(create_app(model, parallel=2, max_queue=1)) as server, GatedSteps(model) as steps:
+        results = {}
+
+        def send(name):
+            with httpx.Client(timeout=30) as http:
+                results[name] = http.post(server.url + "/v1/completions", json=body)
+
+        threads = [threading.Thread(target=send, args=(n,)) for n in ("a", "b")]
+        for t in threads:
+            t.start()
+        wait_until(lambda: server.worker.stats()["running"] == 2)
+        threads.append(threading.Thread(target=send, args=("waiting",)))
+        threads[-1].start()
+        wait_until(lambda: server.worker.stats()["waiting"] == 1)
+        with httpx.Client(timeout=30) as http:
+            refused = http.post(server.url + "/v1/completions", json=body)
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "queue_full"
+        steps.gate.set()
+        for t in threads:
+            t.join(10)
+        assert [results[n].status_code for n in ("a", "b", "waiting")] == [200, 200, 200]
+
+        with httpx.Client(timeout=30) as http:  # a stream of 400 tokens, left after 5 chunks
+            with http.stream("POST", server.url + "/v1/completions",
+                             json={**body, "max_tokens": 400, "stream": True}) as r:
+                chunks = 0
+                for line in r.iter_lines():
+                    chunks += line.startswith("data: {")
+                    if chunks == 5:
+                        break
+        wait_until(lambda: server.worker.stats()["running"] == 0, timeout=5)
+        assert server.worker.counts["cancelled"] == 1

@@ -19,9 +19,15 @@ from concurrent.futures import Future
 import numpy as np
 
 from tinyllm.errors import TinyLLMError
+from tinyllm.validate import check_allocation
 
 DEFAULT_CHUNK = 128   # prompt tokens a newcomer adds to one step
 GATHER_SECONDS = 0.002  # how long a step waits for running sequences still sampling their last token
+
+
+# Model methods that run whole forward passes in the model's own cache: from a slot they run
+# in the step thread, between steps, so they never overlap a batched step.
+UNBATCHED = frozenset({"logits", "score", "token_logprobs", "loglikelihood", "embed"})
 
 
 class Slot:
@@ -31,7 +37,10 @@ class Slot:
         self._batcher, self.cache = batcher, cache
 
     def __getattr__(self, name):  # everything else (tokenizer, n_ctx, sampling_params, ...) is the model's
-        return getattr(self._batcher.model, name)
+        attr = getattr(self._batcher.model, name)
+        if name in UNBATCHED:
+            return lambda *args, **kwargs: self._batcher.exclusive(lambda: attr(*args, **kwargs))
+        return attr
 
     @property
     def tokens(self) -> list[int]:
@@ -57,9 +66,15 @@ class Batcher:
         if not isinstance(chunk, int) or chunk < 1:
             raise TinyLLMError(f"prefill chunk must be a positive integer, got {chunk!r}")
         self.model, self.chunk = model, chunk
+        if model.ops.name != "cuda":  # a device cache lives in GPU memory, which this check does not see
+            cfg = model.config
+            kv_bytes = 2 * 4 * cfg.num_hidden_layers * cfg.n_kv_heads * cfg.head_dim * model.n_ctx * slots
+            check_allocation(kv_bytes, f"{slots} KV cache slots of {model.n_ctx} positions",
+                             "use fewer parallel slots (--parallel) or a smaller context (--ctx)")
         self._free = [model.new_cache() for _ in range(slots)]
         self._lock = threading.Condition()
         self._waiting: dict[Slot, tuple[list[int], Future]] = {}
+        self._calls: list[tuple[object, Future]] = []  # UNBATCHED work, run between steps
         self._active = 0
         self._thread: threading.Thread | None = None
         self.steps = 0               # forward passes run, and the token rows they computed
@@ -96,24 +111,42 @@ class Batcher:
             self._lock.notify_all()
         return done.result()
 
+    def exclusive(self, fn):
+        """fn() in the step thread between two steps (it may use the model's own cache)."""
+        done: Future = Future()
+        with self._lock:
+            self._calls.append((fn, done))
+            self._lock.notify_all()
+        return done.result()
+
     # -- the step loop ----------------------------------------------------------------
 
     def _loop(self) -> None:
         while True:
-            batch = self._gather()
-            self._step(batch)
+            calls, batch = self._gather()
+            for fn, done in calls:
+                try:
+                    done.set_result(fn())
+                except BaseException as e:  # noqa: BLE001 - the caller's error, raised in its thread
+                    done.set_exception(e)
+            if batch:
+                self._step(batch)
 
-    def _gather(self) -> list[tuple[Slot, list[int], Future]]:
-        """Every sequence waiting for logits, once all running ones wait (or a moment has passed)."""
+    def _gather(self) -> tuple[list, list[tuple[Slot, list[int], Future]]]:
+        """Unbatched calls waiting, and every sequence waiting for logits, once all running
+        ones wait (or a moment has passed)."""
         with self._lock:
-            while not self._waiting:
+            while not self._waiting and not self._calls:
                 self._lock.wait()
+            calls, self._calls = self._calls, []
+            if calls:
+                return calls, []
             deadline = time.monotonic() + GATHER_SECONDS
             while len(self._waiting) < self._active and time.monotonic() < deadline:
                 self._lock.wait(max(0.0, deadline - time.monotonic()))
             batch = [(slot, tokens, done) for slot, (tokens, done) in self._waiting.items()]
             self._waiting.clear()
-        return batch
+        return [], batch
 
     def _step(self, batch) -> None:
         """One forward over the batch; a prompt longer than a chunk computes its next chunk and

@@ -7,6 +7,8 @@ from tinyllm.cli import main
 from tinyllm.cli.options import load_model, model_argument, runtime_options
 from tinyllm.templates import BUILTIN
 
+DEFAULT_PARALLEL = 4  # decode steps of 4 cost about 1.6x one on 2 cores (BENCHMARKS.md, continuous batching)
+
 
 @main.command()
 @model_argument
@@ -15,8 +17,11 @@ from tinyllm.templates import BUILTIN
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="TCP port.")
 @click.option("--api-key", default=None, envvar="TINYLLM_API_KEY",
               help="Require 'Authorization: Bearer KEY' on /v1/ (also from $TINYLLM_API_KEY).")
+@click.option("--parallel", "-np", type=click.IntRange(min=1, max=256), default=None,
+              help="Requests decoded at once, batched into shared forward passes, each in a KV cache slot of "
+                   "its own (default: 4 on the CPU, 1 with --device cuda).")
 @click.option("--max-queue", type=click.IntRange(min=0), default=16, show_default=True,
-              help="Requests that may wait for the model; more get HTTP 503.")
+              help="Requests that may wait while every slot is busy; more get HTTP 503.")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=None,
               help="Most tokens one request may generate (default: the context length).")
 @click.option("--template", default=None,
@@ -28,7 +33,7 @@ from tinyllm.templates import BUILTIN
 @click.option("--max-connections", type=click.IntRange(min=1, max=10000), default=128, show_default=True,
               help="Open connections at most; more are closed on arrival.")
 @runtime_options
-def serve(model, host, port, api_key, max_queue, max_tokens, template, model_id, timeout, max_connections,
+def serve(model, host, port, api_key, parallel, max_queue, max_tokens, template, model_id, timeout, max_connections,
           backend, threads, n_ctx, device):
     """Serve MODEL over an OpenAI-compatible API, with a chat page at /.
 
@@ -45,12 +50,15 @@ def serve(model, host, port, api_key, max_queue, max_tokens, template, model_id,
     m = load_model(model, backend, threads, n_ctx, device)
     sock = listen(host, port)  # a used port fails here, before the banner
     port = sock.getsockname()[1]
+    parallel = parallel or (1 if device == "cuda" else DEFAULT_PARALLEL)
     app = create_app(m, api_key=api_key, max_queue=max_queue, max_tokens=max_tokens, model_id=model_id,
-                     chat_template=template, allowed_hosts=LOOPBACK_HOSTS if loopback else None, timeout=timeout)
+                     chat_template=template, allowed_hosts=LOOPBACK_HOSTS if loopback else None, timeout=timeout,
+                     parallel=parallel)
     service = app.state.service
     model_id = service.model_id
     shown = f"[{host}]" if ":" in host else host
-    click.echo(f"Serving {model_id} (context {m.n_ctx}, template {service.template.name}) at http://{shown}:{port}/  "
+    click.echo(f"Serving {model_id} (context {m.n_ctx}, template {service.template.name}, {parallel} "
+               f"{'slot' if parallel == 1 else 'parallel slots'}) at http://{shown}:{port}/  "
                f"(OpenAI API at http://{shown}:{port}/v1{', API key required' if api_key else ''}). Ctrl-C stops.",
                err=True)
     if not loopback and not api_key:

@@ -141,7 +141,8 @@ class JobStreamingResponse(StreamingResponse):
 class Service:
     """The endpoints, sharing one model, one worker and the server's limits."""
 
-    def __init__(self, model, api_key, max_queue, max_tokens, max_body_bytes, model_id, chat_template, timeout):
+    def __init__(self, model, api_key, max_queue, max_tokens, max_body_bytes, model_id, chat_template, timeout,
+                 parallel=1):
         self.model = model
         self.timeout = timeout
         self.shutting_down = False
@@ -151,7 +152,7 @@ class Service:
         self.max_tokens = min(max_tokens or model.n_ctx, model.n_ctx)
         self.max_body_bytes = max_body_bytes
         self.api_key = api_key
-        self.worker = ModelWorker(max_queue)
+        self.worker = ModelWorker(max_queue, model, parallel)
         self._page = (resources.files("tinyllm") / "web" / "index.html").read_text(encoding="utf-8")
 
     def begin_shutdown(self) -> None:
@@ -202,8 +203,8 @@ class Service:
             if len(x) > model.n_ctx:
                 raise bad_request(f"input[{i}] has {len(x)} tokens; this model's context length is {model.n_ctx}",
                                   param="input", code="context_length_exceeded")
-        def embed(cancelled):
-            yield model.embed(ids)
+        def embed(cancelled, on):
+            yield on.embed(ids)
 
         vectors = await self._run_on_model(embed)
         data = [{"object": "embedding", "index": i,
@@ -367,9 +368,10 @@ def _http_error(request: Request, exc: HTTPException) -> Response:
 def create_app(model, api_key: str | None = None, max_queue: int = DEFAULT_MAX_QUEUE, max_tokens: int | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, model_id: str | None = None,
                chat_template: str | None = None, allowed_hosts=LOOPBACK_HOSTS,
-               timeout: float = DEFAULT_TIMEOUT) -> Starlette:
-    """The server for one loaded ``model``. ``max_queue``: requests that may wait behind the
-    running one (more get 503); ``max_tokens``: the most one request may generate (default and
+               timeout: float = DEFAULT_TIMEOUT, parallel: int = 1) -> Starlette:
+    """The server for one loaded ``model``. ``parallel``: requests decoded at once (continuous
+    batching, each in a KV cache slot of its own); ``max_queue``: requests that may wait while
+    every slot is busy (more get 503); ``max_tokens``: the most one request may generate (default and
     ceiling: the context length); ``model_id``: the name clients use (default: the file's stem);
     ``chat_template``: a built-in template name or Jinja file instead of the model's own;
     ``allowed_hosts``: the Host header values answered (default: loopback names; None: any);
@@ -378,7 +380,10 @@ def create_app(model, api_key: str | None = None, max_queue: int = DEFAULT_MAX_Q
         raise TinyLLMError("the API key is empty: give a non-empty --api-key (or none, for no authentication)")
     if not (isinstance(timeout, (int, float)) and 0 < timeout < float("inf")):
         raise TinyLLMError(f"timeout must be a positive number of seconds, got {timeout!r}")
-    service = Service(model, api_key, max_queue, max_tokens, max_body_bytes, model_id, chat_template, timeout)
+    if not isinstance(parallel, int) or isinstance(parallel, bool) or parallel < 1:
+        raise TinyLLMError(f"parallel must be a positive integer (slots), got {parallel!r}")
+    service = Service(model, api_key, max_queue, max_tokens, max_body_bytes, model_id, chat_template, timeout,
+                      parallel)
     routes = [
         Route("/", service.index),
         Route("/health", service.health),

@@ -90,30 +90,32 @@ class GenerationRun:
         return {"prompt_tokens": n, "completion_tokens": new, "total_tokens": n + new,
                 "prompt_tokens_details": {"cached_tokens": self.stats.cached_tokens}}
 
-    def pieces(self, cancelled: threading.Event) -> Iterator[Piece]:
+    def pieces(self, cancelled: threading.Event, model=None) -> Iterator[Piece]:
         """Pieces of text (with their tokens' logprobs when asked) as they are decoded, after
         the echoed prompt when asked. ``cancelled`` is checked after every token, so a client
-        that has gone costs at most one more forward pass."""
+        that has gone costs at most one more forward pass. ``model``: what to run on (a batch
+        slot; default the model the request was prepared for)."""
+        model = self.model if model is None else model
         if self.echo_text is not None:
-            yield Piece(self.echo_text, self._prompt_logprobs())
+            yield Piece(self.echo_text, self._prompt_logprobs(model))
         if self.max_tokens == 0:
             self.stats.finish_reason = "length"
             return
         shift = len(self.echo_text or "")  # text offsets count from the start of the choice's text
-        for piece in self.decoding.pieces(self.model, self.prompt_ids, self.max_tokens, stats=self.stats,
+        for piece in self.decoding.pieces(model, self.prompt_ids, self.max_tokens, stats=self.stats,
                                           should_stop=cancelled.is_set):
             for entry in piece.logprobs:
                 entry.offset += shift
             yield piece
 
-    def _prompt_logprobs(self) -> list[TokenLogprob]:
+    def _prompt_logprobs(self, model) -> list[TokenLogprob]:
         """The prompt's tokens, each scored given those before it; the first has no logprob."""
         n_top = self.decoding.logprobs
         if n_top is None:
             return []
         ids = self.prompt_ids
         first = [TokenLogprob(ids[0], None)]
-        rest = self.model.token_logprobs(ids, 1, n_top) if len(ids) > 1 else []
+        rest = model.token_logprobs(ids, 1, n_top) if len(ids) > 1 else []
         entries = first + rest
         decoder, offset = self.model.tokenizer.stream(skip_leading_space=True), 0
         for entry in entries:  # where each token's text starts in the echoed prompt

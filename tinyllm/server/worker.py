@@ -1,9 +1,13 @@
-"""The one thread that owns the model, and the FIFO queue of requests waiting for it.
+"""The threads that run the model, and the FIFO queue of requests waiting for them.
 
-The model holds a single KV cache, so requests run one at a time, in arrival order. The
-generation loop is blocking Python/NumPy/Numba code; running it here keeps the event loop
-free to accept, queue, stream and notice disconnects. Results travel back to the event loop
-through an asyncio queue per job.
+With one slot (``parallel=1``) one thread owns the model and its single KV cache: requests
+run one at a time, in arrival order. With N slots, N threads each hold a slot of a
+``tinyllm.batching.Batcher`` (a KV cache of its own, kept between requests so a returning
+conversation reuses its prefix) and the running requests decode together, one forward pass
+per step for all of them (continuous batching). The generation loop is blocking
+Python/NumPy/Numba code; running it in these threads keeps the event loop free to accept,
+queue, stream and notice disconnects. Results travel back to the event loop through an
+asyncio queue per job.
 """
 from __future__ import annotations
 
@@ -27,10 +31,11 @@ class GenerationFailed(Exception):
 
 
 class Job:
-    """One request's generation. Create it on the event loop; ``run(cancelled)`` is called on
-    the worker thread and returns the iterator of text pieces."""
+    """One request's generation. Create it on the event loop; ``run(cancelled, model)`` is
+    called on a worker thread, with the model (or batch slot) to run on, and returns the
+    iterator of text pieces."""
 
-    def __init__(self, run: Callable[[threading.Event], Iterator[str]]):
+    def __init__(self, run: Callable[[threading.Event, object], Iterator[str]]):
         self._run = run
         self._loop = asyncio.get_running_loop()
         self._events: asyncio.Queue = asyncio.Queue()
@@ -46,10 +51,10 @@ class Job:
         except RuntimeError:  # the event loop is gone (server shutting down)
             self.cancel()
 
-    def _execute(self) -> str:
+    def _execute(self, model) -> str:
         pieces = None
         try:
-            pieces = self._run(self.cancelled)
+            pieces = self._run(self.cancelled, model)
             for piece in pieces:
                 self._post("piece", piece)
                 if self.cancelled.is_set():
@@ -81,29 +86,46 @@ class Job:
 
 
 class ModelWorker:
-    """Runs jobs one at a time, first in first out; at most ``max_queue`` wait behind the running one."""
+    """Runs up to ``parallel`` jobs at once on ``model``, first in first out; at most
+    ``max_queue`` wait while every slot is busy."""
 
-    def __init__(self, max_queue: int):
+    def __init__(self, max_queue: int, model=None, parallel: int = 1):
         if max_queue < 0:
             raise ValueError("max_queue must be >= 0")
-        self.max_queue = max_queue
+        if parallel < 1:
+            raise ValueError("parallel must be >= 1")
+        self.max_queue, self.model, self.parallel = max_queue, model, parallel
+        self._batcher = None
+        if parallel > 1:
+            from tinyllm.batching import Batcher
+
+            self._batcher = Batcher(model, parallel)
         self._cond = threading.Condition()
         self._waiting: deque[Job] = deque()
-        self._current: Job | None = None
+        self._running: set[Job] = set()
         self._stopping = False
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self.counts = {"completed": 0, "cancelled": 0, "failed": 0}
 
     def start(self) -> None:
         self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name="tinyllm-model", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._serve, name=f"tinyllm-model-{i}", daemon=True)
+                         for i in range(self.parallel)]
+        for t in self._threads:
+            t.start()
+
+    def _serve(self) -> None:
+        if self._batcher is None:
+            self._loop(self.model)
+            return
+        with self._batcher.slot() as slot:  # this thread's slot, its KV cache kept between requests
+            self._loop(slot)
 
     def cancel_all(self) -> None:
         """Cancel the running job and every waiting one (the lock is reentrant: a signal
         handler interrupting this thread inside it cannot deadlock)."""
         with self._cond:
-            for job in [*self._waiting, *([self._current] if self._current else [])]:
+            for job in [*self._waiting, *self._running]:
                 job.cancel()
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -111,16 +133,17 @@ class ModelWorker:
             self._stopping = True
             self.cancel_all()
             self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        for t in self._threads:
+            t.join(timeout)
 
     def submit(self, job: Job) -> int:
         """Queue ``job``; returns how many requests are ahead of it. Raises QueueFull."""
         with self._cond:
             self._drop_cancelled()
-            if len(self._waiting) >= self.max_queue and (self._current is not None or self._waiting):
+            busy = len(self._running) >= self.parallel
+            if len(self._waiting) >= self.max_queue and (busy or self._waiting):
                 raise QueueFull(f"{len(self._waiting)} requests are already waiting for the model")
-            ahead = len(self._waiting) + (self._current is not None)
+            ahead = len(self._waiting) + (len(self._running) if busy else 0)
             self._waiting.append(job)
             self._cond.notify()
             return ahead
@@ -128,7 +151,8 @@ class ModelWorker:
     def stats(self) -> dict:
         with self._cond:
             self._drop_cancelled()
-            return {"busy": self._current is not None, "waiting": len(self._waiting), **self.counts}
+            return {"busy": bool(self._running), "running": len(self._running), "slots": self.parallel,
+                    "waiting": len(self._waiting), **self.counts}
 
     def _drop_cancelled(self) -> None:
         if any(j.cancelled.is_set() for j in self._waiting):
@@ -143,17 +167,18 @@ class ModelWorker:
                 if self._stopping:
                     return None
                 if self._waiting:
-                    self._current = self._waiting.popleft()
-                    return self._current
+                    job = self._waiting.popleft()
+                    self._running.add(job)
+                    return job
                 self._cond.wait()
 
-    def _loop(self) -> None:
+    def _loop(self, model) -> None:
         while (job := self._next()) is not None:
             try:
-                outcome = job._execute()
+                outcome = job._execute(model)
             except BaseException:  # never let one request end the worker
                 log.exception("worker error")
                 outcome = "failed"
             with self._cond:
                 self.counts[outcome] += 1
-                self._current = None
+                self._running.discard(job)
