@@ -199,13 +199,13 @@ def test_chat_stops_at_the_end_of_turn_token(model, tmp_path):
 
 def _record_forward(model, monkeypatch):
     calls = []
-    real = model._forward
+    real = model._run
 
-    def spy(tokens, start_pos, last_only):
-        calls.append((start_pos, len(tokens)))
-        return real(tokens, start_pos, last_only)
+    def spy(tokens, batch, last_only):
+        calls.append((batch.segments[0].start, len(tokens)))
+        return real(tokens, batch, last_only)
 
-    monkeypatch.setattr(model, "_forward", spy)
+    monkeypatch.setattr(model, "_run", spy)
     return calls
 
 
