@@ -20,6 +20,9 @@ DEFAULT_PARALLEL = 4  # decode steps of 4 cost about 1.6x one on 2 cores (BENCHM
 @click.option("--parallel", "-np", type=click.IntRange(min=1, max=256), default=None,
               help="Requests decoded at once, batched into shared forward passes, each in a KV cache slot of "
                    "its own (default: 4 on the CPU, 1 with --device cuda).")
+@click.option("--replicas", type=click.IntRange(min=1, max=1024), default=None,
+              help="Run N copies of the server behind Ray Serve's HTTP proxy (needs the 'ray' extra; "
+                   "on a Ray cluster when RAY_ADDRESS is set).")
 @click.option("--max-queue", type=click.IntRange(min=0), default=16, show_default=True,
               help="Requests that may wait while every slot is busy; more get HTTP 503.")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=None,
@@ -33,8 +36,8 @@ DEFAULT_PARALLEL = 4  # decode steps of 4 cost about 1.6x one on 2 cores (BENCHM
 @click.option("--max-connections", type=click.IntRange(min=1, max=10000), default=128, show_default=True,
               help="Open connections at most; more are closed on arrival.")
 @runtime_options
-def serve(model, host, port, api_key, parallel, max_queue, max_tokens, template, model_id, timeout, max_connections,
-          backend, threads, n_ctx, device):
+def serve(model, host, port, api_key, parallel, replicas, max_queue, max_tokens, template, model_id, timeout,
+          max_connections, backend, threads, n_ctx, device):
     """Serve MODEL over an OpenAI-compatible API, with a chat page at /.
 
     With no MODEL: the cached SmolLM2 chat model, else the bundled story model.
@@ -48,9 +51,14 @@ def serve(model, host, port, api_key, parallel, max_queue, max_tokens, template,
         raise TinyLLMError("--api-key is empty: give a key, or leave the option out for no authentication")
     loopback = host in LOOPBACK_HOSTS
     m = load_model(model, backend, threads, n_ctx, device)
+    parallel = parallel or (1 if device == "cuda" else DEFAULT_PARALLEL)
+    if replicas:
+        _serve_on_ray(m, replicas, parallel, host, port, threads, n_ctx, backend, device, api_key=api_key,
+                      max_queue=max_queue, max_tokens=max_tokens, model_id=model_id, chat_template=template,
+                      timeout=timeout)
+        return
     sock = listen(host, port)  # a used port fails here, before the banner
     port = sock.getsockname()[1]
-    parallel = parallel or (1 if device == "cuda" else DEFAULT_PARALLEL)
     app = create_app(m, api_key=api_key, max_queue=max_queue, max_tokens=max_tokens, model_id=model_id,
                      chat_template=template, allowed_hosts=LOOPBACK_HOSTS if loopback else None, timeout=timeout,
                      parallel=parallel)
@@ -65,3 +73,27 @@ def serve(model, host, port, api_key, parallel, max_queue, max_tokens, template,
         click.secho(f"warning: listening on {host} without --api-key: anyone who can reach this port can use the model",
                     err=True, fg="yellow")
     serve_app(app, sock, timeout=timeout, max_connections=max_connections)
+
+
+def _serve_on_ray(m, replicas, parallel, host, port, threads, n_ctx, backend, device, **app_options):
+    """``replicas`` copies of the server for the (already checked) model ``m``, behind Ray
+    Serve's proxy at host:port, until Ctrl-C."""
+    import time
+
+    from tinyllm.server.ray import deployment, ray, serve  # a clear error without the 'ray' extra
+
+    ray.init(include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(deployment(m.path, replicas, parallel, threads, n_ctx, backend=backend, device=device,
+                             **app_options), name="tinyllm", route_prefix="/")
+        shown = f"[{host}]" if ":" in host else host
+        click.echo(f"Serving {app_options.get('model_id') or m.name} on {replicas} Ray Serve replicas "
+                   f"({parallel} slots each) at http://{shown}:{port}/ (OpenAI API at /v1). Ctrl-C stops.", err=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+        ray.shutdown()
