@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 from pathlib import Path
 
 import pytest
@@ -40,7 +41,10 @@ def test_cli_serves_replicas_until_ctrl_c():
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "tinyllm", "serve", str(MODEL), "--replicas", "2", "--port",
                                str(port), "--parallel", "1", "--threads", "1"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    err: list[str] = []
+    reader = threading.Thread(target=lambda: err.extend(server.stderr), daemon=True)
+    reader.start()
     try:
         deadline, answer = time.monotonic() + 180, None
         while time.monotonic() < deadline and server.poll() is None:
@@ -54,10 +58,14 @@ def test_cli_serves_replicas_until_ctrl_c():
             time.sleep(1)
         assert answer is not None and answer.status_code == 200, server.poll()
         assert answer.json()["usage"]["completion_tokens"] == 4 and answer.headers["x-tinyllm-replica"]
+        # Ray's proxy answers as soon as the replicas run, a moment before serve.run returns
+        while time.monotonic() < deadline and not any("on 2 Ray Serve replicas" in line for line in err):
+            time.sleep(0.2)
+        assert any("on 2 Ray Serve replicas" in line for line in err), "".join(err)[-2000:]
         server.send_signal(signal.SIGINT)
-        _, err = server.communicate(timeout=90)
-        assert server.returncode == 0, err[-2000:]
-        assert "on 2 Ray Serve replicas" in err
+        server.wait(90)
+        reader.join(10)
+        assert server.returncode == 0, "".join(err)[-2000:]
     finally:
         if server.poll() is None:
             server.kill()
@@ -69,7 +77,7 @@ def ray_url():
     from tinyllm.server.ray import deployment
 
     port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(deployment(MODEL, replicas=2, parallel=2, threads=1, cpus_per_replica=0.5), name="tinyllm",

@@ -78,11 +78,13 @@ def serve(model, host, port, api_key, parallel, replicas, max_queue, max_tokens,
 def _serve_on_ray(m, replicas, parallel, host, port, threads, n_ctx, backend, device, **app_options):
     """``replicas`` copies of the server for the (already checked) model ``m``, behind Ray
     Serve's proxy at host:port, until Ctrl-C."""
+    import os
     import time
 
     from tinyllm.server.ray import deployment, ray, serve  # a clear error without the 'ray' extra
 
-    ray.init(include_dashboard=False, log_to_driver=False)
+    # a cluster when RAY_ADDRESS names one, else a fresh Ray instance on this machine
+    ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(deployment(m.path, replicas, parallel, threads, n_ctx, backend=backend, device=device,
