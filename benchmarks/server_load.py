@@ -1,6 +1,7 @@
 """Many clients at once on `tinyllm serve`: request latency and refusals, by --parallel.
 
     python -m benchmarks.server_load [MODEL] [--clients 16] [--requests 4] [--tokens 48] [--parallel 1 4]
+    python -m benchmarks.server_load --url http://127.0.0.1:8081 ...   # a server already running (llama-server)
 
 For each --parallel value: starts `tinyllm serve MODEL --parallel N` on a free port (default
 MODEL: the bundled stories260K), then ``--clients`` concurrent clients each send
@@ -39,6 +40,28 @@ async def client(url: str, index: int, requests: int, tokens: int, out: list) ->
             out.append((r.status_code, time.perf_counter() - start, n))
 
 
+def load(url: str, clients: int, requests: int, tokens: int) -> tuple[list, float]:
+    """Every client's requests against ``url``: [(status, seconds, completion tokens)], wall seconds."""
+    asyncio.run(client(url, 0, 1, 4, []))  # warm: kernels compiled before the clock starts
+    out: list = []
+
+    async def everyone():
+        await asyncio.gather(*(client(url, i, requests, tokens, out) for i in range(clients)))
+
+    start = time.perf_counter()
+    asyncio.run(everyone())
+    return out, time.perf_counter() - start
+
+
+def summary(name: str, out: list, wall: float) -> str:
+    ok = sorted(t for code, t, _ in out if code == 200)
+    refused = sum(code == 503 for code, _, _ in out)
+    q = statistics.quantiles(ok, n=100) if len(ok) > 1 else ok * 99
+    return (f"{name}: {len(ok)} answered, {refused} refused (503); latency p50 {q[49]:.2f} s, "
+            f"p90 {q[89]:.2f} s, p99 {q[98]:.2f} s, max {ok[-1]:.2f} s; "
+            f"{sum(n for *_, n in out) / wall:.0f} completion tok/s; load {os.getloadavg()[0]:.2f}")
+
+
 def run(model: str | None, parallel: int, clients: int, requests: int, tokens: int) -> str:
     port = free_port()
     model = model or os.path.join(os.path.dirname(tinyllm.__file__), "data", "stories260K.q4")
@@ -48,24 +71,11 @@ def run(model: str | None, parallel: int, clients: int, requests: int, tokens: i
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_up(url, server)
-        asyncio.run(client(url, 0, 1, 4, []))  # warm: kernels compiled before the clock starts
-        out: list = []
-
-        async def everyone():
-            await asyncio.gather(*(client(url, i, requests, tokens, out) for i in range(clients)))
-
-        start = time.perf_counter()
-        asyncio.run(everyone())
-        wall = time.perf_counter() - start
+        out, wall = load(url, clients, requests, tokens)
     finally:
         server.terminate()
         server.wait(10)
-    ok = sorted(t for code, t, _ in out if code == 200)
-    refused = sum(code == 503 for code, _, _ in out)
-    q = statistics.quantiles(ok, n=100) if len(ok) > 1 else ok * 99
-    return (f"--parallel {parallel}: {len(ok)} answered, {refused} refused (503); latency p50 {q[49]:.2f} s, "
-            f"p90 {q[89]:.2f} s, p99 {q[98]:.2f} s, max {ok[-1]:.2f} s; "
-            f"{sum(n for *_, n in out) / wall:.0f} completion tok/s; load {os.getloadavg()[0]:.2f}")
+    return summary(f"--parallel {parallel}", out, wall)
 
 
 def main() -> None:
@@ -75,7 +85,11 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=4)
     p.add_argument("--tokens", type=int, default=48)
     p.add_argument("--parallel", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--url", help="load this running server instead of starting tinyllm's")
     args = p.parse_args()
+    if args.url:
+        print(summary(args.url, *load(args.url, args.clients, args.requests, args.tokens)))
+        return
     for n in args.parallel:
         print(run(args.model, n, args.clients, args.requests, args.tokens), flush=True)
 
