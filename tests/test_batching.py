@@ -85,6 +85,20 @@ def test_prefix_held_by_a_free_slot_is_reused(fast):
     assert batcher.rows - rows == 1  # only the new token is computed
 
 
+def test_a_returning_conversation_gets_the_slot_holding_it(fast):
+    batcher = Batcher(fast, slots=3)
+    first, second = fast.tokenize(PROMPTS[2]), fast.tokenize(PROMPTS[1])
+    with batcher.slot(first) as a, batcher.slot(second) as b:
+        a.eval(first)
+        b.eval(second)
+    rows = batcher.rows
+    follow_up = first + fast.tokenize(" dog", add_bos=False)
+    with batcher.slot(follow_up) as slot:
+        assert slot.cache is a.cache
+        slot.eval(follow_up)
+    assert batcher.rows - rows == len(follow_up) - len(first)
+
+
 def test_bad_batches_are_refused(fast):
     cache = fast.new_cache()
     with pytest.raises(TinyLLMError, match="cache of its own"):

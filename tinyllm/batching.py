@@ -84,11 +84,13 @@ class Batcher:
     def slots(self) -> int:
         return len(self._free) + self._active
 
-    def slot(self) -> "_Lease":
-        """A free slot for one generation (the context manager returns it when done)."""
-        return _Lease(self)
+    def slot(self, prompt: list[int] | None = None) -> "_Lease":
+        """A free slot for one generation (the context manager returns it when done): of the
+        free ones, the one whose cache holds the longest prefix of ``prompt`` (llama-server's
+        slot choice by similarity), so a returning conversation reuses what it computed."""
+        return _Lease(self, prompt)
 
-    def _acquire(self) -> Slot:
+    def _acquire(self, prompt: list[int] | None) -> Slot:
         with self._lock:
             if not self._free:
                 raise TinyLLMError(f"all {self.slots} parallel slots are busy")
@@ -96,7 +98,8 @@ class Batcher:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="tinyllm-batcher", daemon=True)
                 self._thread.start()
-            return Slot(self, self._free.pop())
+            best = max(range(len(self._free)), key=lambda i: self._free[i].reusable(prompt)) if prompt else -1
+            return Slot(self, self._free.pop(best))
 
     def _release(self, slot: Slot) -> None:
         with self._lock:
@@ -176,11 +179,11 @@ class Batcher:
 
 
 class _Lease:
-    def __init__(self, batcher: Batcher):
-        self._batcher = batcher
+    def __init__(self, batcher: Batcher, prompt: list[int] | None):
+        self._batcher, self._prompt = batcher, prompt
 
     def __enter__(self) -> Slot:
-        self._slot = self._batcher._acquire()
+        self._slot = self._batcher._acquire(self._prompt)
         return self._slot
 
     def __exit__(self, *exc) -> None:

@@ -281,7 +281,7 @@ class Service:
         if self.shutting_down:
             raise self._shutdown_error()
         run = await run_in_threadpool(self._prepare, req)  # any model name: the one model answers
-        job = Job(run.pieces)
+        job = Job(run.pieces, run.prompt_ids)
         ahead = self._submit(job)
         headers = {"X-Queue-Position": str(ahead)}
         kind = "chat.completion" if req.endpoint == "chat" else "text_completion"

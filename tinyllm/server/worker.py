@@ -1,10 +1,11 @@
 """The threads that run the model, and the FIFO queue of requests waiting for them.
 
 With one slot (``parallel=1``) one thread owns the model and its single KV cache: requests
-run one at a time, in arrival order. With N slots, N threads each hold a slot of a
-``tinyllm.batching.Batcher`` (a KV cache of its own, kept between requests so a returning
-conversation reuses its prefix) and the running requests decode together, one forward pass
-per step for all of them (continuous batching). The generation loop is blocking
+run one at a time, in arrival order. With N slots, N threads run a request each in a slot of a
+``tinyllm.batching.Batcher`` (a KV cache of its own, kept between requests; a request gets
+the free slot holding the longest prefix of its prompt, so a returning conversation reuses
+it) and the running requests decode together, one forward pass per step for all of them
+(continuous batching). The generation loop is blocking
 Python/NumPy/Numba code; running it in these threads keeps the event loop free to accept,
 queue, stream and notice disconnects. Results travel back to the event loop through an
 asyncio queue per job.
@@ -35,8 +36,8 @@ class Job:
     called on a worker thread, with the model (or batch slot) to run on, and returns the
     iterator of text pieces."""
 
-    def __init__(self, run: Callable[[threading.Event, object], Iterator[str]]):
-        self._run = run
+    def __init__(self, run: Callable[[threading.Event, object], Iterator[str]], prompt: list[int] | None = None):
+        self._run, self.prompt = run, prompt  # prompt: token ids, for choosing the slot that holds most of them
         self._loop = asyncio.get_running_loop()
         self._events: asyncio.Queue = asyncio.Queue()
         self.cancelled = threading.Event()
@@ -115,11 +116,7 @@ class ModelWorker:
             t.start()
 
     def _serve(self) -> None:
-        if self._batcher is None:
-            self._loop(self.model)
-            return
-        with self._batcher.slot() as slot:  # this thread's slot, its KV cache kept between requests
-            self._loop(slot)
+        self._loop()
 
     def cancel_all(self) -> None:
         """Cancel the running job and every waiting one (the lock is reentrant: a signal
@@ -172,10 +169,17 @@ class ModelWorker:
                     return job
                 self._cond.wait()
 
-    def _loop(self, model) -> None:
+    def _run(self, job: Job) -> str:
+        if self._batcher is None:
+            return job._execute(self.model)
+        # the free slot whose KV cache (kept between requests) holds most of this prompt
+        with self._batcher.slot(job.prompt) as slot:
+            return job._execute(slot)
+
+    def _loop(self) -> None:
         while (job := self._next()) is not None:
             try:
-                outcome = job._execute(model)
+                outcome = self._run(job)
             except BaseException:  # never let one request end the worker
                 log.exception("worker error")
                 outcome = "failed"
