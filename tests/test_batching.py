@@ -99,6 +99,20 @@ def test_a_returning_conversation_gets_the_slot_holding_it(fast):
     assert batcher.rows - rows == len(follow_up) - len(first)
 
 
+def test_default_slots_fit_in_half_the_free_memory(fast, monkeypatch):
+    from tinyllm import batching, validate
+
+    per_slot = batching.slot_bytes(fast)
+    monkeypatch.setattr(validate, "available_memory", lambda: 10 * per_slot)
+    assert batching.default_slots(fast) == 4
+    monkeypatch.setattr(validate, "available_memory", lambda: 5 * per_slot)
+    assert batching.default_slots(fast) == 2
+    monkeypatch.setattr(validate, "available_memory", lambda: per_slot // 2)
+    assert batching.default_slots(fast) == 1
+    with pytest.raises(TinyLLMError, match="use fewer parallel slots"):
+        Batcher(fast, slots=3)
+
+
 def test_bad_batches_are_refused(fast):
     cache = fast.new_cache()
     with pytest.raises(TinyLLMError, match="cache of its own"):
@@ -205,7 +219,7 @@ def test_server_queue_and_disconnect_with_parallel_slots(stories_q8):
         threads = [threading.Thread(target=send, args=(n,)) for n in ("a", "b")]
         for t in threads:
             t.start()
-        wait_until(lambda: server.worker.stats()["running"] == 2)
+        wait_until(lambda: server.worker.stats()["running"] == 2, timeout=20)
         threads.append(threading.Thread(target=send, args=("waiting",)))
         threads[-1].start()
         wait_until(lambda: server.worker.stats()["waiting"] == 1)

@@ -18,8 +18,8 @@ from concurrent.futures import Future
 
 import numpy as np
 
+from tinyllm import validate
 from tinyllm.errors import TinyLLMError
-from tinyllm.validate import check_allocation
 
 DEFAULT_CHUNK = 128   # prompt tokens a newcomer adds to one step
 GATHER_SECONDS = 0.002  # how long a step waits for running sequences still sampling their last token
@@ -28,6 +28,21 @@ GATHER_SECONDS = 0.002  # how long a step waits for running sequences still samp
 # Model methods that run whole forward passes in the model's own cache: from a slot they run
 # in the step thread, between steps, so they never overlap a batched step.
 UNBATCHED = frozenset({"logits", "score", "token_logprobs", "loglikelihood", "embed"})
+
+
+def slot_bytes(model) -> int:
+    """Host memory one slot's KV cache takes (float32 keys and values, every layer, n_ctx positions)."""
+    cfg = model.config
+    return 2 * 4 * cfg.num_hidden_layers * cfg.n_kv_heads * cfg.head_dim * model.n_ctx
+
+
+def default_slots(model, most: int = 4) -> int:
+    """How many parallel slots a server runs unless told: ``most``, or as many as fit in half
+    of the free memory (at least 1); 1 on a GPU, whose memory this does not see."""
+    if model.ops.name == "cuda":
+        return 1
+    free = validate.available_memory()
+    return most if free is None else max(1, min(most, free // 2 // max(1, slot_bytes(model))))
 
 
 class Slot:
@@ -67,9 +82,8 @@ class Batcher:
             raise TinyLLMError(f"prefill chunk must be a positive integer, got {chunk!r}")
         self.model, self.chunk = model, chunk
         if model.ops.name != "cuda":  # a device cache lives in GPU memory, which this check does not see
-            cfg = model.config
-            kv_bytes = 2 * 4 * cfg.num_hidden_layers * cfg.n_kv_heads * cfg.head_dim * model.n_ctx * slots
-            check_allocation(kv_bytes, f"{slots} KV cache slots of {model.n_ctx} positions",
+            kv_bytes = slot_bytes(model) * slots
+            validate.check_allocation(kv_bytes, f"{slots} KV cache slots of {model.n_ctx} positions",
                              "use fewer parallel slots (--parallel) or a smaller context (--ctx)")
         self._free = [model.new_cache() for _ in range(slots)]
         self._lock = threading.Condition()

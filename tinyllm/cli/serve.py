@@ -19,7 +19,8 @@ DEFAULT_PARALLEL = 4  # decode steps of 4 cost about 1.6x one on 2 cores (BENCHM
               help="Require 'Authorization: Bearer KEY' on /v1/ (also from $TINYLLM_API_KEY).")
 @click.option("--parallel", "-np", type=click.IntRange(min=1, max=256), default=None,
               help="Requests decoded at once, batched into shared forward passes, each in a KV cache slot of "
-                   "its own (default: 4 on the CPU, 1 with --device cuda).")
+                   "its own (default: 4, fewer if their KV caches would take over half the free memory; "
+                   "1 with --device cuda).")
 @click.option("--replicas", type=click.IntRange(min=1, max=1024), default=None,
               help="Run N copies of the server behind Ray Serve's HTTP proxy (needs the 'ray' extra; "
                    "on a Ray cluster when RAY_ADDRESS is set).")
@@ -51,7 +52,10 @@ def serve(model, host, port, api_key, parallel, replicas, max_queue, max_tokens,
         raise TinyLLMError("--api-key is empty: give a key, or leave the option out for no authentication")
     loopback = host in LOOPBACK_HOSTS
     m = load_model(model, backend, threads, n_ctx, device)
-    parallel = parallel or (1 if device == "cuda" else DEFAULT_PARALLEL)
+    if parallel is None:
+        from tinyllm.batching import default_slots
+
+        parallel = default_slots(m, DEFAULT_PARALLEL)
     if replicas:
         _serve_on_ray(m, replicas, parallel, host, port, threads, n_ctx, backend, device, api_key=api_key,
                       max_queue=max_queue, max_tokens=max_tokens, model_id=model_id, chat_template=template,

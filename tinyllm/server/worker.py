@@ -138,7 +138,8 @@ class ModelWorker:
         with self._cond:
             self._drop_cancelled()
             busy = len(self._running) >= self.parallel
-            if len(self._waiting) >= self.max_queue and (busy or self._waiting):
+            idle = self.parallel - len(self._running)  # slots about to take a waiting job
+            if len(self._waiting) >= self.max_queue + idle:
                 raise QueueFull(f"{len(self._waiting)} requests are already waiting for the model")
             ahead = len(self._waiting) + (len(self._running) if busy else 0)
             self._waiting.append(job)
