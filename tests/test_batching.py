@@ -22,6 +22,12 @@ def fast(stories_q8):
     return tinyllm.load(stories_q8)  # the numba backend: the one a server batches on
 
 
+def test_generate_batch_leaves_no_step_thread_behind(fast):
+    before = {t for t in threading.enumerate() if t.name == "tinyllm-batcher"}
+    fast.generate_batch(PROMPTS[:2], max_new_tokens=4, temperature=0)
+    assert {t for t in threading.enumerate() if t.name == "tinyllm-batcher"} == before
+
+
 def test_generate_batch_gives_each_prompt_its_answer_alone(fast):
     alone = [fast.generate(p, max_new_tokens=24, temperature=0, stream=False) for p in PROMPTS]
     seen = {i: [] for i in range(len(PROMPTS))}
@@ -133,6 +139,16 @@ def test_bad_batches_are_refused(fast):
         fast.generate_batch(["fine", ""], add_bos=False)
     with pytest.raises(TinyLLMError, match="positive integer"):
         Batcher(fast, slots=0)
+    with pytest.raises(TinyLLMError, match="prefill chunk must be a positive integer"):
+        Batcher(fast, slots=1, chunk=0)
+    from tinyllm.server import create_app
+
+    with pytest.raises(TinyLLMError, match="parallel must be a positive integer"):
+        create_app(fast, parallel=0)
+    closed = Batcher(fast, slots=1)
+    closed.close()
+    with pytest.raises(TinyLLMError, match="closed"):
+        closed.slot().__enter__()
     batcher = Batcher(fast, slots=1)
     with batcher.slot():
         with pytest.raises(TinyLLMError, match="all 1 parallel slots are busy"):

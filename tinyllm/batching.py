@@ -20,6 +20,7 @@ import numpy as np
 
 from tinyllm import validate
 from tinyllm.errors import TinyLLMError
+from tinyllm.kvcache import kv_cache_bytes
 
 DEFAULT_CHUNK = 128   # prompt tokens a newcomer adds to one step
 GATHER_SECONDS = 0.002  # how long a step waits for running sequences still sampling their last token
@@ -31,9 +32,8 @@ UNBATCHED = frozenset({"logits", "score", "token_logprobs", "loglikelihood", "em
 
 
 def slot_bytes(model) -> int:
-    """Host memory one slot's KV cache takes (float32 keys and values, every layer, n_ctx positions)."""
-    cfg = model.config
-    return 2 * 4 * cfg.num_hidden_layers * cfg.n_kv_heads * cfg.head_dim * model.n_ctx
+    """Host memory one slot's KV cache takes."""
+    return kv_cache_bytes(model.config, model.n_ctx)
 
 
 def default_slots(model, most: int = 4) -> int:
@@ -82,14 +82,14 @@ class Batcher:
             raise TinyLLMError(f"prefill chunk must be a positive integer, got {chunk!r}")
         self.model, self.chunk = model, chunk
         if model.ops.name != "cuda":  # a device cache lives in GPU memory, which this check does not see
-            kv_bytes = slot_bytes(model) * slots
-            validate.check_allocation(kv_bytes, f"{slots} KV cache slots of {model.n_ctx} positions",
-                             "use fewer parallel slots (--parallel) or a smaller context (--ctx)")
+            validate.check_allocation(slot_bytes(model) * slots, f"{slots} KV cache slots of {model.n_ctx} positions",
+                                      "use fewer parallel slots (--parallel) or a smaller context (--ctx)")
         self._free = [model.new_cache() for _ in range(slots)]
         self._lock = threading.Condition()
         self._waiting: dict[Slot, tuple[list[int], Future]] = {}
         self._calls: list[tuple[object, Future]] = []  # UNBATCHED work, run between steps
         self._active = 0
+        self._closed = False
         self._thread: threading.Thread | None = None
         self.steps = 0               # forward passes run, and the token rows they computed
         self.rows = 0
@@ -106,6 +106,8 @@ class Batcher:
 
     def _acquire(self, prompt: list[int] | None) -> Slot:
         with self._lock:
+            if self._closed:
+                raise TinyLLMError("this batcher is closed")
             if not self._free:
                 raise TinyLLMError(f"all {self.slots} parallel slots are busy")
             self._active += 1
@@ -120,6 +122,14 @@ class Batcher:
             self._active -= 1
             self._free.append(slot.cache)  # its tokens stay: the next user of the slot may share a prefix
             self._lock.notify_all()
+
+    def close(self) -> None:
+        """End the step thread (once no generation runs): its caches can then be freed."""
+        with self._lock:
+            self._closed = True
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join(10)
 
     def eval(self, slot: Slot, tokens: list[int]) -> np.ndarray:
         done: Future = Future()
@@ -139,8 +149,8 @@ class Batcher:
     # -- the step loop ----------------------------------------------------------------
 
     def _loop(self) -> None:
-        while True:
-            calls, batch = self._gather()
+        while (work := self._gather()) is not None:
+            calls, batch = work
             for fn, done in calls:
                 try:
                     done.set_result(fn())
@@ -149,11 +159,13 @@ class Batcher:
             if batch:
                 self._step(batch)
 
-    def _gather(self) -> tuple[list, list[tuple[Slot, list[int], Future]]]:
+    def _gather(self) -> tuple[list, list[tuple[Slot, list[int], Future]]] | None:
         """Unbatched calls waiting, and every sequence waiting for logits, once all running
-        ones wait (or a moment has passed)."""
+        ones wait (or a moment has passed); None once closed with nothing left to do."""
         with self._lock:
             while not self._waiting and not self._calls:
+                if self._closed:
+                    return None
                 self._lock.wait()
             calls, self._calls = self._calls, []
             if calls:

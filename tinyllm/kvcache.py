@@ -24,6 +24,11 @@ def reusable_prefix(cached: list[int], tokens: list[int]) -> int:
     return keep
 
 
+def kv_cache_bytes(cfg, n_ctx: int) -> int:
+    """Host memory of one sequence's KV cache: float32 keys and values, every layer, n_ctx positions."""
+    return 2 * 4 * cfg.num_hidden_layers * cfg.n_kv_heads * cfg.head_dim * n_ctx
+
+
 class KVCache:
     """``n_ctx`` positions of keys and values for every layer, allocated once by the backend."""
 
@@ -73,7 +78,8 @@ class Batch:
         self.segments = [s for s in segments if s.length > 0]
         if not self.segments:
             raise ValueError("a batch needs at least one row")
-        self.positions = np.concatenate([np.arange(s.start, s.start + s.length) for s in self.segments])  # (T,)
+        runs = [np.arange(s.start, s.start + s.length) for s in self.segments]
+        self.positions = runs[0] if len(runs) == 1 else np.concatenate(runs)        # (T,)
         self.ends = np.cumsum([s.length for s in self.segments])                   # row after each segment
 
     @classmethod

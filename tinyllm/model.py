@@ -11,7 +11,7 @@ from tinyllm.converters.llama2c import is_llama2c
 from tinyllm.errors import TinyLLMError, reading
 from tinyllm.fileformat import ModelFile, file_kind
 from tinyllm.kernels import get_backend
-from tinyllm.kvcache import Batch, KVCache, Segment
+from tinyllm.kvcache import Batch, KVCache, Segment, kv_cache_bytes
 from tinyllm.logprobs import TokenLogprob, sequence_logprobs
 from tinyllm.sampling import SamplingParams
 from tinyllm.tokenizer import Tokenizer
@@ -52,8 +52,8 @@ class Model:
         if device == "cuda":
             backend = "cuda"
         else:  # a device cache lives in GPU memory, which this check does not see
-            kv_bytes = 2 * 4 * cfg.num_hidden_layers * cfg.n_kv_heads * cfg.head_dim * self.n_ctx
-            check_allocation(kv_bytes, f"the KV cache for {self.n_ctx} positions", "load with a smaller n_ctx (--ctx)")
+            check_allocation(kv_cache_bytes(cfg, self.n_ctx), f"the KV cache for {self.n_ctx} positions",
+                             "load with a smaller n_ctx (--ctx)")
         # the backend object holds the model's own settings (threads, SIMD width, device); its
         # begin() applies them in whichever thread runs a forward (a server runs it on its own)
         self.ops = get_backend(backend, threads=threads)
@@ -344,7 +344,7 @@ class Model:
             raise TinyLLMError(f"generate_batch(): unknown option {unknown[0]!r}; sampling options are "
                                + ", ".join(sorted(SAMPLING_OPTIONS)))
         jobs = [self._continuation(p, add_bos, stop, json_schema, grammar, **sampling) for p in prompts]
-        batcher = Batcher(self, min(parallel or len(jobs), len(jobs)))
+        batcher = Batcher(self, min(parallel or len(jobs), len(jobs)))  # closed below: its step thread ends
         texts: list = [None] * len(jobs)
         failures: list[BaseException] = []
         lock = threading.Lock()
@@ -371,10 +371,13 @@ class Model:
                 texts[i] = "".join(parts)
 
         threads = [threading.Thread(target=run, daemon=True) for _ in range(batcher.slots)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        try:
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        finally:
+            batcher.close()
         if failures:
             raise failures[0]
         return texts

@@ -5,10 +5,9 @@ run one at a time, in arrival order. With N slots, N threads run a request each 
 ``tinyllm.batching.Batcher`` (a KV cache of its own, kept between requests; a request gets
 the free slot holding the longest prefix of its prompt, so a returning conversation reuses
 it) and the running requests decode together, one forward pass per step for all of them
-(continuous batching). The generation loop is blocking
-Python/NumPy/Numba code; running it in these threads keeps the event loop free to accept,
-queue, stream and notice disconnects. Results travel back to the event loop through an
-asyncio queue per job.
+(continuous batching). The generation loop is blocking Python/NumPy/Numba code; running it
+in these threads keeps the event loop free to accept, queue, stream and notice disconnects.
+Results travel back to the event loop through an asyncio queue per job.
 """
 from __future__ import annotations
 
@@ -110,13 +109,10 @@ class ModelWorker:
 
     def start(self) -> None:
         self._stopping = False
-        self._threads = [threading.Thread(target=self._serve, name=f"tinyllm-model-{i}", daemon=True)
+        self._threads = [threading.Thread(target=self._loop, name=f"tinyllm-model-{i}", daemon=True)
                          for i in range(self.parallel)]
         for t in self._threads:
             t.start()
-
-    def _serve(self) -> None:
-        self._loop()
 
     def cancel_all(self) -> None:
         """Cancel the running job and every waiting one (the lock is reentrant: a signal
@@ -132,6 +128,8 @@ class ModelWorker:
             self._cond.notify_all()
         for t in self._threads:
             t.join(timeout)
+        if self._batcher is not None:
+            self._batcher.close()
 
     def submit(self, job: Job) -> int:
         """Queue ``job``; returns how many requests are ahead of it. Raises QueueFull."""
