@@ -82,6 +82,7 @@ def test_elementwise_and_norms(ops):
         (ops.gelu(X, True), ref.gelu(x, True)),
         (ops.swiglu(X, Y), ref.swiglu(x, y)),
         (ops.clip(X, 0.5), ref.clip(x, 0.5)),
+        (ops.concat_rows([X, Y, ops.from_numpy(x[1:2])]), ref.concat_rows([x, y, x[1:2]])),  # batched rows
     ]
     for i, (got, want) in enumerate(checks):
         assert rel_err(ops.to_numpy(got), want) < TOL, i
