@@ -14,17 +14,21 @@ ranges), gptj. Vocabularies (converters/gguf_tokenizer.py): "llama" SentencePiec
 Tensor types (GGUF -> tinyllm), decided per tensor by ``GGUFTensor.target_format``:
 
     F32, F16, Q4_0, Q4_1,        the same format, without loss: ggml's interleaved blocks
-    Q4_K, Q8_0                   are regrouped into tinyllm's plane-major parts, bit for bit
+    Q4_K, Q6_K, Q8_0             are regrouped into tinyllm's plane-major parts, bit for bit
     BF16                         f32 (exact)
+    Q5_0, IQ4_NL                 q8_0, without loss: a block's values are its float16 d times
+                                 small integers (q - 16; the IQ4_NL codebook entry), which q8_0
+                                 holds exactly with the same d (8.5 bits a weight instead of 5.5/4.5)
     Q2_K, Q3_K                   dequantized with gguf.quants, requantized to q4_k (searched)
-    Q5_0, Q5_1, Q5_K, Q6_K       dequantized with gguf.quants, requantized to q8_0
+    Q5_1, Q5_K, IQ4_XS           dequantized with gguf.quants, requantized to q8_0
     anything else                refused, naming the type and the tensor
     (a token embedding or output head whose choice is 4-bit gets q8_0: tinyllm's policy)
 
 Why those targets: q4_k keeps the 2-3 bit types in their size class (4.5 bits a weight);
-the 5- and 6-bit types would lose precision in a 4-bit grid, so they go to q8_0 (measured on
-random blocks: RMS requantization error ~0.5% of the weights' std, against ~7% for Q6_K ->
-q4_1). Which re-encodings happened is
+the others would lose precision in a 4-bit grid. No tinyllm format holds Q5_1's or Q5_K's
+values exactly (a minimum per block: q6_k and q8_0 are symmetric), nor IQ4_XS's (its block
+scale d (ls - 32) is not a float16), so they go to q8_0 (measured on random blocks: RMS
+requantization error ~0.5% of the weights' std). Which re-encodings and widenings happened is
 printed once per load. ``quant=`` (``tinyllm convert --quant``)
 instead requantizes every matrix to one format, with the HF converter's policy (8-bit
 embedding and output head under a 4-bit quant).
@@ -52,9 +56,10 @@ from tinyllm.validate import check_source
 GGUF_ARCHITECTURES = {t.arch: t for t in (importlib.import_module(f"tinyllm.converters.{name}").GGUF
                                           for name in ARCHITECTURES)}
 GGUF_MAGIC = b"GGUF"
-LOSSLESS = {"F32": "f32", "F16": "f16", "Q4_0": "q4_0", "Q4_1": "q4_1", "Q4_K": "q4_k", "Q8_0": "q8_0"}
-REQUANT = {"BF16": "f32", "Q2_K": "q4_k", "Q3_K": "q4_k",
-           "Q5_0": "q8_0", "Q5_1": "q8_0", "Q5_K": "q8_0", "Q6_K": "q8_0"}
+LOSSLESS = {"F32": "f32", "F16": "f16", "Q4_0": "q4_0", "Q4_1": "q4_1", "Q4_K": "q4_k", "Q6_K": "q6_k",
+            "Q8_0": "q8_0"}
+WIDENED = {"Q5_0": "q8_0", "IQ4_NL": "q8_0"}   # blocks of 32: float16 d (their first 2 bytes) x small integers
+REQUANT = {"BF16": "f32", "Q2_K": "q4_k", "Q3_K": "q4_k", "Q5_1": "q8_0", "Q5_K": "q8_0", "IQ4_XS": "q8_0"}
 # metadata values that are strings (or flags); every other "<arch>.<key>" tinyllm reads is a number
 STRING_KEYS = {"rope.scaling.type", "tensor_data_layout"}
 FLAG_KEYS = {"rope.scaling.finetuned"}
@@ -118,9 +123,9 @@ class GGUFTensor:
         if len(self.shape) > 2:
             raise UnsupportedError(f"{path}: tensor {self.name} has {len(self.shape)} dimensions "
                                    "(tinyllm reads 1 and 2)")
-        if self.type not in LOSSLESS and self.type not in REQUANT:
+        if self.type not in LOSSLESS and self.type not in WIDENED and self.type not in REQUANT:
             raise UnsupportedError(f"{path}: tensor {self.name} has GGUF type {self.type}, which tinyllm cannot read "
-                                   f"(supported: {', '.join([*LOSSLESS, *REQUANT])})")
+                                   f"(supported: {', '.join([*LOSSLESS, *WIDENED, *REQUANT])})")
 
     def target_format(self, name: str, quant: str | None, recipe: Recipe) -> str:
         """The tinyllm format for this tensor (tinyllm name ``name``): when ``quant`` is given, the
@@ -131,18 +136,34 @@ class GGUFTensor:
             return recipe.format_of(name, len(self.shape))
         if len(self.shape) == 1:
             return "f32"
-        return LOSSLESS.get(self.type) or format_of(name, 2, REQUANT[self.type])
+        return LOSSLESS.get(self.type) or WIDENED.get(self.type) or format_of(name, 2, REQUANT[self.type])
 
     def keeps(self, fmt: str) -> bool:
-        """Whether this tensor becomes ``fmt`` without re-encoding (its blocks regrouped)."""
-        return LOSSLESS.get(self.type) == fmt
+        """Whether this tensor becomes ``fmt`` without re-encoding (its blocks regrouped, or widened)."""
+        return (LOSSLESS.get(self.type) or (WIDENED.get(self.type) if len(self.shape) == 2 else None)) == fmt
 
     def load(self) -> QTensor:
-        """The tensor in its own tinyllm format, bit for bit (``keeps`` is true for it)."""
+        """The tensor in tinyllm's format for it, every value exact (``keeps`` is true for it)."""
+        if self.type in WIDENED:
+            return self._widen()
         fmt, data = LOSSLESS[self.type], self._t.data
         if len(self.shape) == 1 or fmt in ("f32", "f16"):
             return QTensor(fmt, self.shape, {"w": np.asarray(data).reshape(self.shape)})
         return from_ggml_blocks(data, fmt, self.shape)
+
+    def _widen(self) -> QTensor:
+        """A Q5_0 / IQ4_NL matrix as q8_0 with the same float16 scales: value = d * integer, and
+        that integer (|.| <= 127) is recovered exactly from the decoded float32 value."""
+        import gguf
+
+        rows = self.shape[0]
+        blocks = np.asarray(self._t.data).reshape(rows, -1, gguf.GGML_QUANT_SIZES[self._t.tensor_type][1])
+        d = np.ascontiguousarray(blocks[..., :2]).view(np.float16)[..., 0]            # (rows, nb)
+        values = self.decode().reshape(rows, -1, 32)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            q = np.where(d[..., None] != 0, np.rint(values / d.astype(np.float32)[..., None]), 0)
+        q = np.nan_to_num(q).clip(-127, 127).astype(np.int8)   # non-finite d: refused by the loader's check
+        return QTensor("q8_0", self.shape, {"d": np.ascontiguousarray(d), "qs": np.ascontiguousarray(q.transpose(0, 2, 1))})
 
     def decode(self) -> np.ndarray:
         """The tensor's values as float32 in numpy shape, for re-encoding (by row chunks: the
@@ -258,6 +279,8 @@ class GGUFModel:
             if g.keeps(fmt):
                 if gname not in kept:
                     kept[gname] = g.load()
+                    if g.type in WIDENED:
+                        recoded[g.type, "widened without loss", fmt] += 1
                 t = kept[gname]
                 self.tensors[name] = transform(t) if transform else t
                 continue

@@ -6,11 +6,12 @@ One ``Recipe`` serves both converters (Hugging Face, GGUF requantization):
   under a 4-bit format the embedding table and output head keep 8 bits (they are read one
   row per token, or dominate the logits' accuracy); 1-D tensors (norms, biases) stay f32;
 - or a mix (``q4_k_m``, ``q4_k_s``): q4_k, with more bits for the tensors llama.cpp's mixes of
-  those names favour (its llama_tensor_get_type): under q4_k_m the value projection (attn_v,
-  or a fused attn_qkv) and ffn_down of the first and last eighth of the layers and of every
-  third layer between; under q4_k_s attn_v of the first 4 layers and ffn_down of the first
-  eighth. Where llama.cpp uses Q5_K / Q6_K there, tinyllm uses q8_0 (MORE_BITS) until it has
-  a 6-bit format: more bytes than llama.cpp's mix on those tensors, never fewer bits;
+  those names favour (its llama_tensor_get_type): the output head at q6_k (a tied embedding
+  table is the head), an untied embedding table at q4_k, and under q4_k_m the value projection
+  (attn_v, or a fused attn_qkv) and ffn_down of the first and last eighth of the layers and of
+  every third layer between at q6_k (ggml's Q6_K); under q4_k_s attn_v of the first 4 layers
+  and ffn_down of the first eighth, where llama.cpp uses Q5_K: tinyllm has no 5-bit K format
+  and uses q6_k (MORE_BITS) there, one bit more on those tensors, never fewer;
 - the encoder: round to nearest (``quant.quantize``: for q4_0/q4_1/q8_0 bit-identical to
   llama.cpp's reference quantizer), or the error-minimizing search (``quantizer.py``),
   weighted by an importance matrix when one is given. q4_k always searches.
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from tinyllm.errors import TinyLLMError
-from tinyllm.kernels.quant import FORMATS, SUPER, QTensor, quantize
+from tinyllm.kernels.quant import FORMATS, K_FORMATS, SUPER, QTensor, quantize
 from tinyllm.kernels.quantizer import SEARCHED, quantize_searched
 
 FOUR_BIT = ("q4_0", "q4_1", "q4_k")
@@ -35,13 +36,13 @@ assert ROW_CHUNK % SUPER == 0
 QUANTIZERS = ("nearest", "search")
 MIXES = ("q4_k_s", "q4_k_m")
 CHOICES = FORMATS + MIXES   # what --quant accepts
-MORE_BITS = "q8_0"          # the mixes' format for the tensors that matter most (ggml: Q5_K / Q6_K)
+MORE_BITS = "q6_k"          # the mixes' format for the tensors that matter most (ggml: Q5_K / Q6_K)
 
 
 @dataclass(frozen=True)
 class Recipe:
     quant: str                           # the requested format of the weight matrices
-    quantizer: str = "nearest"           # for q4_0 / q4_1 (q4_k always searches)
+    quantizer: str = "nearest"           # for q4_0 / q4_1 (q4_k and q6_k always search)
     imatrix: dict = field(default_factory=dict)   # GGUF tensor name -> (in_features,) mean squared activation
     names: dict = field(default_factory=dict)     # tinyllm tensor name -> GGUF name (see bind)
     n_layers: int = 0                             # (see bind)
@@ -51,7 +52,7 @@ class Recipe:
             raise TinyLLMError(f"unknown quant format {self.quant!r}; choose one of {', '.join(CHOICES)}")
         if self.quantizer not in QUANTIZERS:
             raise TinyLLMError(f"unknown quantizer {self.quantizer!r}; choose one of {', '.join(QUANTIZERS)}")
-        if self.quantizer == "nearest" and self.imatrix and self.quant not in ("q4_k",) + MIXES:
+        if self.quantizer == "nearest" and self.imatrix and self.quant not in K_FORMATS + MIXES:
             raise TinyLLMError("an importance matrix weights the search quantizer: use --quantizer search")
         if self.imatrix and self.quant not in SEARCHED + MIXES:
             raise TinyLLMError(f"an importance matrix only changes the {', '.join(SEARCHED)} quantizers, "
@@ -75,8 +76,12 @@ class Recipe:
             return format_of(name, ndim, self.quant)
         if not self.names:
             raise TinyLLMError(f"{self.quant} assigns formats by tensor: the recipe must be bound to a model first")
-        if ndim != 2 or name in EDGE_TENSORS:
-            return format_of(name, ndim, "q4_k")
+        if ndim != 2:
+            return "f32"
+        if name == "output" or (name == "tok_embeddings" and "output" not in self.names):
+            return MORE_BITS  # the head (llama.cpp: Q6_K)
+        if name == "tok_embeddings":
+            return "q4_k"
         return mix_format(self.quant, self.names.get(name, name), self.n_layers)
 
     def encode(self, name: str, w: np.ndarray, fmt: str | None = None) -> QTensor:
@@ -96,7 +101,7 @@ class Recipe:
         return QTensor(fmt, tuple(w.shape), parts)
 
     def _encode(self, w, fmt, imp) -> QTensor:
-        if fmt == "q4_k" or (fmt in SEARCHED and self.quantizer == "search"):
+        if fmt in K_FORMATS or (fmt in SEARCHED and self.quantizer == "search"):
             return quantize_searched(w, fmt, imp)
         return quantize(w, fmt)
 

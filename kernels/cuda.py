@@ -39,7 +39,7 @@ def _quiet_small_grid_warnings() -> None:
 _quiet_small_grid_warnings()
 
 MATVEC_MAX_T = 4   # up to this many tokens a matmul streams W once per token (decode); beyond, tiled
-_FMT = {"q4_0": K.FMT_Q4_0, "q4_1": K.FMT_Q4_1, "q4_k": K.FMT_Q4_K, "q8_0": K.FMT_Q8_0,
+_FMT = {"q4_0": K.FMT_Q4_0, "q4_1": K.FMT_Q4_1, "q4_k": K.FMT_Q4_K, "q6_k": K.FMT_Q6_K, "q8_0": K.FMT_Q8_0,
         "f16": K.FMT_DENSE, "f32": K.FMT_DENSE}
 
 
@@ -48,7 +48,8 @@ class DeviceWeight:
     """A (rows, cols) weight on the device, in the kernels' argument order ``fmt, d, m, qs, wd``.
 
     d, m: (rows, nb) float16 scales/minimums (q4_k: d (nsb, 2) float16, m its (nsb, 12) uint8
-    6-bit block scales); qs: (rows, 16|32, nb) plane-major quants;
+    6-bit block scales; q6_k: d (nsb, 1) float16, m its (nsb, 16) int8 half-block scales);
+    qs: (rows, 16|24|32, nb) plane-major quants;
     wd: (rows, cols) dense f16/f32. Parts a format lacks are 1-element dummies.
     """
 
@@ -147,7 +148,7 @@ def prepare(w):
         return DeviceWeight(
             w.format, tuple(w.shape), parts, _FMT[w.format],
             d=_dummy(np.float16, 2) if dense else parts["d"],
-            m=parts.get("m", parts.get("scales", _dummy(np.float16, 2))),  # q4_k: its 6-bit scales
+            m=parts.get("m", parts.get("scales", _dummy(np.float16, 2))),  # q4_k, q6_k: their scales
             qs=_dummy(np.uint8, 3) if dense else parts["qs"],
             wd=parts["w"] if dense else _dummy(np.float32, 2))
     arr = np.asarray(w)

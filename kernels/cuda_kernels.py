@@ -29,7 +29,7 @@ from numba import cuda, float32, float64, int32
 from tinyllm.kernels.quant import QK  # weights per quant block
 
 # Weight decoders, selected by ``fmt``.
-FMT_Q4_0, FMT_Q4_1, FMT_Q8_0, FMT_DENSE, FMT_Q4_K = 0, 1, 2, 3, 4
+FMT_Q4_0, FMT_Q4_1, FMT_Q8_0, FMT_DENSE, FMT_Q4_K, FMT_Q6_K = 0, 1, 2, 3, 4, 5
 
 MAX_BLOCK = 256        # threads of a 1-D block; shared scratch arrays are this long
 MATVEC_THREADS = 128   # threads of a matrix-vector block: (lanes per row) x (rows per block)
@@ -68,6 +68,14 @@ def weight_pair(fmt, d, m, qs, wd, r, b, j, K):
             hi = float32(wd[r, k + 16])
         return lo, hi
     byte = int32(qs[r, j, b])           # q[j] in the low nibble, q[j + 16] in the high one
+    if fmt == FMT_Q6_K:                 # d (nsb, 1) float16, m: the (nsb, 16) int8 half-block scales
+        g = r * qs.shape[2] + b
+        sb, h = g >> 3, 2 * (g & 7)
+        top = int32(qs[r, 16 + (j & 7), b]) >> (2 * (j >> 3))   # top bits of q[j] (bits 0-1), q[j+16] (4-5)
+        lo = float32(((byte & 15) | ((top & 3) << 4)) - 32)
+        hi = float32(((byte >> 4) | (top & 48)) - 32)
+        dd = float32(d[sb, 0])
+        return (dd * float32(m[sb, h])) * lo, (dd * float32(m[sb, h + 1])) * hi
     if fmt == FMT_Q4_K:                 # d (nsb, 2) float16, m: the (nsb, 12) 6-bit scales
         g = r * qs.shape[2] + b
         sb = g >> 3

@@ -170,6 +170,13 @@ def _matmul_nobias(x, w, simd: int):
             numba_quant.q4_rows_portable(*q4, v.get("scales"), *numba_quant.quantize_planes(x), out)
             return out
         return _matmul_blas_tiles(x, w)
+    if w.format == "q6_k":  # no SIMD kernel yet: the portable integer loop, BLAS for prefill
+        if T < PORTABLE_BLAS_MIN_TOKENS:
+            xq, _, dx, _ = numba_quant.quantize_planes(x)
+            out = np.empty((T, w.shape[0]), np.float32)
+            numba_quant.q6_rows_portable(v["qs"], v["d"], v["scales"], xq, dx, out)
+            return out
+        return _matmul_blas_tiles(x, w)
     if w.format == "q8_0":
         if simd:
             return numba_quant.q8_matmul_simd(x, v["qs"], v["d"], _chunk_width(w, simd))
@@ -193,6 +200,8 @@ def dequantize_rows_into(w: NumbaTensor, rows: np.ndarray, out: np.ndarray) -> N
     v = w.views
     if w.format in Q4_FORMATS:
         numba_quant.dequantize_q4_rows(v["qs"], v["d"], v.get("m"), v.get("scales"), rows, out)
+    elif w.format == "q6_k":
+        numba_quant.dequantize_q6_rows(v["qs"], v["d"], v["scales"], rows, out)
     elif w.format == "q8_0":
         numba_quant.dequantize_q8_rows(v["qs"], v["d"], rows, out)
     elif w.format == "f16":

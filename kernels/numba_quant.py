@@ -388,6 +388,58 @@ def q8_rows_portable(qs, d, xq, dx, out):
             out[t, r] = s
 
 
+# -- q6_k products: portable ----------------------------------------------------------------
+# Six-bit levels times int8 activations overflow pmaddubsw's int16 pair sums, so q6_k sums in
+# int32 lanes, one sum per half-block of 16 (its own scale): LLVM vectorizes these loops.
+
+LOW4, TOP0, TOP1, TOP2, FOUR, TWO, BIAS6 = (np.int16(v) for v in (15, 3, 12, 48, 4, 2, 32))
+
+
+@njit(inline="always", cache=True, error_model="numpy")
+def q6k_row_steps(d, scales, r, steps):
+    """Row r's half-block grid steps -> steps (nb, 2) float32, d * sc (quant.q6_k_half_scales)."""
+    nb = steps.shape[0]
+    for b in range(nb):
+        g = r * nb + b
+        sb, h = g >> 3, 2 * (g & 7)
+        dd = f16_bits_to_f32(d[sb, 0])
+        steps[b, 0] = dd * np.float32(scales[sb, h])
+        steps[b, 1] = dd * np.float32(scales[sb, h + 1])
+
+
+@njit(parallel=True, cache=True, fastmath=True, error_model="numpy")
+def q6_rows_portable(qs, d, scales, xq, dx, out):
+    """out (T, N) = q6_k weight (N, 24, nb) . activations from quantize_planes."""
+    N, _, nb = qs.shape
+    T = xq.shape[0]
+    for r in prange(N):
+        acc0, acc1 = np.empty(nb, np.int32), np.empty(nb, np.int32)
+        steps = np.empty((nb, 2), np.float32)
+        q6k_row_steps(d, scales, r, steps)
+        w = qs[r]
+        for t in range(T):
+            acc0[:] = 0
+            acc1[:] = 0
+            for j in range(8):  # weights j, j+8 (first half) and j+16, j+24 (second) of every block
+                lo_a, lo_b, top = w[j], w[j + 8], w[16 + j]
+                xa, xb, xc, xd = xq[t, j], xq[t, j + 8], xq[t, j + 16], xq[t, j + 24]
+                # int16 levels (an int64 constant would widen the lanes); one accumulator per loop
+                for b in range(nb):  # so that LLVM vectorizes without alias checks between them
+                    a, c, h = np.int16(lo_a[b]), np.int16(lo_b[b]), np.int16(top[b])
+                    k0 = ((a & LOW4) | ((h & TOP0) << FOUR)) - BIAS6
+                    k1 = ((c & LOW4) | ((h & TOP1) << TWO)) - BIAS6
+                    acc0[b] += np.int32(k0) * np.int32(xa[b]) + np.int32(k1) * np.int32(xb[b])
+                for b in range(nb):
+                    a, c, h = np.int16(lo_a[b]), np.int16(lo_b[b]), np.int16(top[b])
+                    k2 = ((a >> FOUR) | (h & TOP2)) - BIAS6
+                    k3 = ((c >> FOUR) | ((h >> TWO) & TOP2)) - BIAS6
+                    acc1[b] += np.int32(k2) * np.int32(xc[b]) + np.int32(k3) * np.int32(xd[b])
+            s = np.float32(0.0)
+            for b in range(nb):
+                s += (np.float32(acc0[b]) * steps[b, 0] + np.float32(acc1[b]) * steps[b, 1]) * dx[t, b]
+            out[t, r] = s
+
+
 # -- dequantization (embedding rows, BLAS tiles) --------------------------------------------
 # Single-threaded on purpose: these feed BLAS, and Numba's thread pool still spinning while
 # OpenBLAS's starts made a tiled product 7x slower (60 ms instead of 9 for 2048x2048 x 128).
@@ -414,6 +466,24 @@ def dequantize_q4_rows(qs, d, m, scales, rows, out):
     for i in range(rows.shape[0]):
         q4_any_row_scales(d, m, scales, rows[i], ds, ms)
         _decode_q4_row(qs, rows[i], ds, ms, out[i])
+
+
+@njit(cache=True, error_model="numpy")
+def dequantize_q6_rows(qs, d, scales, rows, out):
+    """out (len(rows), K) = decoded q6_k rows; K = out.shape[1] <= nb*32."""
+    K = out.shape[1]
+    nb = qs.shape[2]
+    steps = np.empty((nb, 2), np.float32)
+    for i in range(rows.shape[0]):
+        r = rows[i]
+        q6k_row_steps(d, scales, r, steps)
+        for b in range(nb):
+            for j in range(QK):
+                k = b * QK + j
+                if k < K:
+                    byte, top = np.int32(qs[r, j & 15, b]), np.int32(qs[r, 16 + (j & 7), b])
+                    q = ((byte >> 4) if j >= 16 else (byte & 15)) | (((top >> (2 * (j >> 3))) & 3) << 4)
+                    out[i, k] = steps[b, j >> 4] * (np.float32(q) - np.float32(32.0))
 
 
 @njit(cache=True, error_model="numpy")

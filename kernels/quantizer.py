@@ -35,13 +35,18 @@ from tinyllm.kernels.quant import (
     _pack_nibbles,
     _unpack_nibbles,
     encode_q4_k,
+    encode_q6_k,
+    pack_q6,
     pack_scales,
+    q6_k_half_scales,
+    q6_k_levels,
     quantize,
     super_blocks,
+    unpack_q6,
     unpack_scales,
 )
 
-SEARCHED = ("q4_0", "q4_1", "q4_k")  # formats with a search; the others are quant.quantize
+SEARCHED = ("q4_0", "q4_1", "q4_k", "q6_k")  # formats with a search; the others are quant.quantize
 CANDIDATES = np.arange(-10, 11) / 10  # candidate scales: levels + c over the range, as ggml's rdelta
 
 
@@ -100,17 +105,18 @@ def fit_affine(x: np.ndarray, w: np.ndarray, levels: int, min_at_most_zero: bool
     return best_scale, best_low
 
 
-def fit_symmetric(x: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """Blocks x, weights w (..., 32) -> d (...): x ~ d * k, k in -8..7 (q4_0), by weighted least
-    squares over candidate roundings of both orientations (the largest weight at -8 or at +7)."""
+def fit_symmetric(x: np.ndarray, w: np.ndarray, half: int = 8) -> np.ndarray:
+    """Blocks x, weights w (..., n) -> d (...): x ~ d * k, k in -half..half-1 (q4_0: 8, q6_k: 32),
+    by weighted least squares over candidate roundings of both orientations (the largest weight
+    at -half or at half-1)."""
     imax = np.abs(x).argmax(-1)[..., None]
     peak = np.take_along_axis(x, imax, -1)[..., 0]                             # signed
-    best_d = (peak / -8).astype(np.float32)
-    best = _weighted_error(x, w, best_d[..., None] * np.clip(np.rint(x / _nonzero(best_d)[..., None]), -8, 7))
-    for levels in (-8.0, 7.0):
+    best_d = (peak / -half).astype(np.float32)
+    best = _weighted_error(x, w, best_d[..., None] * np.clip(np.rint(x / _nonzero(best_d)[..., None]), -half, half - 1))
+    for levels in (-float(half), half - 1.0):
         for c in CANDIDATES:
             with np.errstate(divide="ignore", invalid="ignore"):
-                k = np.clip(np.rint(x * ((levels + np.sign(levels) * c) / peak)[..., None]), -8, 7)
+                k = np.clip(np.rint(x * ((levels + np.sign(levels) * c) / peak)[..., None]), -half, half - 1)
             k = np.nan_to_num(k)
             skk, sxk = (w * k * k).sum(-1), (w * x * k).sum(-1)
             with np.errstate(divide="ignore", invalid="ignore"):
@@ -144,6 +150,11 @@ def quantize_searched(w: np.ndarray, fmt: str, importance: np.ndarray | None = N
     if fmt == "q4_k":
         scale, low = fit_affine(x, cost, 15, min_at_most_zero=True)
         return refine_q4_k(x, cost, encode_q4_k(x, scale, -low, w.shape), scale, -low)
+    if fmt == "q6_k":  # x = (d sc) k per half-block of 16, k = q - 32
+        halves = x.reshape(x.shape[:2] + (2, QK // 2))
+        step = fit_symmetric(halves, cost.reshape(halves.shape), half=32)
+        searched = refine_q6_k(x, cost, encode_q6_k(x, step, w.shape), step)
+        return better_super_blocks(x, cost, searched, quantize(w, fmt))
     if fmt == "q4_0":  # x = d k, k = q - 8
         d = _stored(fit_symmetric(x, cost))
         k = np.clip(np.rint(x / _nonzero(d)[..., None]), -8, 7)
@@ -245,3 +256,64 @@ def refine_q4_k(x: np.ndarray, cost: np.ndarray, t: QTensor, scale: np.ndarray, 
 def _block_error(X, C, d, sc, m, q):
     value = (d[:, 0, None] * sc)[..., None] * q - (d[:, 1, None] * m)[..., None]
     return np.sum(C * (X - value) ** 2, axis=-1)                                  # (nsb, 8)
+
+
+def refine_q6_k(x: np.ndarray, cost: np.ndarray, t: QTensor, step: np.ndarray, rounds: int = 2) -> QTensor:
+    """Improve a q6_k encoding of blocks x (rows, nb, 32) at its second level, as refine_q4_k
+    does for q4_k: (1) given the half-block codes sc and levels k, the super-block's d by
+    weighted least squares, x ~ d (sc k); (2) given d in float16, each half-block's code among
+    the 3 nearest to its fitted step, k re-rounded on each. A super-block keeps a round's result
+    only where it lowers the weighted error."""
+    rows, nb, _ = x.shape
+    nsb = t.parts["d"].shape[0]
+    X = super_blocks(x, nsb).reshape(nsb, 16, QK // 2)
+    C = super_blocks(cost, nsb).reshape(nsb, 16, QK // 2)
+    fit = super_blocks(step, nsb).reshape(nsb, 16)
+    d = np.asarray(t.parts["d"], np.float32)[:, 0]
+    sc = np.asarray(t.parts["scales"], np.float32)
+    k = super_blocks(unpack_q6(np.asarray(t.parts["qs"])), nsb).reshape(nsb, 16, QK // 2).astype(np.float32) - 32
+
+    def levels(grid):                                                   # (nsb, 16) -> k (nsb, 16, 16)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.clip(np.where(grid[..., None] != 0, np.rint(X / grid[..., None]), 0), -32, 31)
+
+    def half_error(grid, k):
+        return np.sum(C * (X - grid[..., None] * k) ** 2, axis=-1)       # (nsb, 16)
+
+    best = half_error(d[:, None] * sc, k).sum(axis=1)
+    for _ in range(rounds):
+        a = sc[..., None] * k
+        saa, sax = np.sum(C * a * a, axis=(1, 2)), np.sum(C * a * X, axis=(1, 2))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            nd = np.where(saa > 0, sax / saa, d)
+        nd = np.where(np.isfinite(nd), nd, d).astype(np.float16).astype(np.float32)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            s0 = np.where(nd[:, None] != 0, np.rint(fit / nd[:, None]), 0)
+        nsc = np.clip(s0, -128, 127)
+        nk = levels(nd[:, None] * nsc)
+        err = half_error(nd[:, None] * nsc, nk)
+        for delta in (-1, 1):
+            csc = np.clip(s0 + delta, -128, 127)
+            ck = levels(nd[:, None] * csc)
+            e = half_error(nd[:, None] * csc, ck)
+            better = e < err
+            err, nsc, nk = np.where(better, e, err), np.where(better, csc, nsc), np.where(better[..., None], ck, nk)
+        take = err.sum(axis=1) < best
+        best = np.where(take, err.sum(axis=1), best)
+        d, sc, k = np.where(take, nd, d), np.where(take[:, None], nsc, sc), np.where(take[:, None, None], nk, k)
+    q = (k + 32).reshape(nsb * SUPER, QK)[:rows * nb].reshape(rows, nb, QK).astype(np.uint8)
+    return QTensor("q6_k", t.shape, {"d": d.astype(np.float16)[:, None], "scales": sc.astype(np.int8), "qs": pack_q6(q)})
+
+
+def better_super_blocks(x: np.ndarray, cost: np.ndarray, a: QTensor, b: QTensor) -> QTensor:
+    """Two encodings of blocks x (rows, nb, 32) in the same K format: super-block by super-block,
+    the one with the lower weighted error (a where they tie)."""
+    rows, nb, _ = x.shape
+    nsb = a.parts["d"].shape[0]
+    errors = [super_blocks(_weighted_error(x, cost, _blocks(t.dequantize())), nsb).sum(axis=1) for t in (a, b)]
+    take_b = errors[1] < errors[0]                                                  # (nsb,)
+    parts = {k: np.where(take_b.reshape((-1,) + (1,) * (v.ndim - 1)), b.parts[k], v)
+             for k, v in a.parts.items() if k != "qs"}
+    per_block = take_b[(np.arange(rows)[:, None] * nb + np.arange(nb)) // SUPER]   # (rows, nb)
+    parts["qs"] = np.where(per_block[:, None, :], b.parts["qs"], a.parts["qs"])
+    return QTensor(a.format, a.shape, parts)

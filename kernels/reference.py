@@ -23,6 +23,8 @@ from tinyllm.kernels.quant import (
     dequantize,
     n_blocks,
     q4_k_block_scales,
+    q6_k_half_scales,
+    unpack_q6,
 )
 
 name = "numpy"
@@ -65,7 +67,7 @@ def matmul(x: np.ndarray, w: QTensor, bias: np.ndarray | None = None) -> np.ndar
 
 
 def matmul_int8_activations(x: np.ndarray, w: QTensor) -> np.ndarray:
-    """(T, K) @ W(N, K)^T as the fast kernels compute it for q4_0 / q4_1 / q4_k / q8_0 weights: the
+    """(T, K) @ W(N, K)^T as the fast kernels compute it for q4_0 / q4_1 / q4_k / q6_k / q8_0 weights: the
     exact twin of their arithmetic, not an approximation of the float product. Activation
     blocks of 32 are quantized to int8 with a float32 scale amax / 127 (round half away from
     zero, as ggml's q8_0), block dot products are exact integers, scales apply once per block."""
@@ -83,6 +85,11 @@ def matmul_int8_activations(x: np.ndarray, w: QTensor) -> np.ndarray:
         qw = np.asarray(w.parts["qs"]).transpose(0, 2, 1).astype(np.int64)               # (N, nb, 32)
         dots = np.einsum("nbj,tbj->tnb", qw, qx)
         return np.einsum("tnb,nb,tb->tn", dots, d, dx).astype(np.float32)
+    if w.format == "q6_k":  # an exact integer dot per half-block of 16, its step d * sc once per half
+        step = q6_k_half_scales(w.parts, np.arange(w.shape[0]), K).astype(np.float64)  # (N, nb, 2)
+        k = unpack_q6(np.asarray(w.parts["qs"])).astype(np.int64) - 32                   # (N, nb, 32)
+        dots = np.einsum("nbhj,tbhj->tnbh", k.reshape(k.shape[:2] + (2, 16)), qx.reshape(T, nb, 2, 16))
+        return np.einsum("tnbh,nbh,tb->tn", dots, step, dx).astype(np.float32)
     scale, offset = q4_block_grids(w)                                                   # x = scale q + offset
     qw = _unpack_nibbles(np.asarray(w.parts["qs"])).astype(np.int64)                    # (N, nb, 32), 0..15
     # x = scale (q - 8) + (offset + 8 scale): the kernels' centered integer dot plus one term per block

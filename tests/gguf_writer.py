@@ -12,7 +12,8 @@ T = gguf.GGMLQuantizationType
 # Byte offsets of the float16 scale fields inside one 256-weight K-quant super-block
 # (ggml-common.h block_q*_K), and the block sizes: random bytes with small scales there
 # are valid blocks whose decoded weights have a sane magnitude.
-K_SCALE_FIELDS = {T.Q2_K: (80, 82), T.Q3_K: (108,), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,)}
+K_SCALE_FIELDS = {T.Q2_K: (80, 82), T.Q3_K: (108,), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,),
+                  T.Q5_0: (0,), T.Q5_1: (0, 2), T.IQ4_NL: (0,), T.IQ4_XS: (0,)}
 
 LLAMA_LAYER = {  # HF name -> GGUF name, as in llama.cpp's tensor map
     "input_layernorm.weight": "attn_norm.weight",

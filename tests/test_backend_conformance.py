@@ -57,7 +57,7 @@ def test_a_broken_contract_is_one_error_class_on_every_backend(ops):
         ops.matmul(ops.from_numpy(rand(2, 40)), w)
 
 
-@pytest.mark.parametrize("fmt", ["f32", "f16", "q8_0", "q4_0", "q4_1", "q4_k"])
+@pytest.mark.parametrize("fmt", ["f32", "f16", "q8_0", "q4_0", "q4_1", "q4_k", "q6_k"])
 @pytest.mark.parametrize("T,N,K", [(1, 7, 100), (5, 33, 64)])
 def test_matmul_and_embedding(ops, fmt, T, N, K):
     w = quant.quantize(rand(N, K) + 0.1, fmt)

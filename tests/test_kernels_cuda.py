@@ -22,7 +22,7 @@ from tinyllm.kernels.quant import quantize
 
 from .cuda_support import cuda_backend
 
-FORMATS = ("q4_0", "q4_1", "q4_k", "q8_0", "f16", "f32")
+FORMATS = ("q4_0", "q4_1", "q4_k", "q6_k", "q8_0", "f16", "f32")
 
 
 @pytest.fixture(scope="module")

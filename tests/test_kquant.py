@@ -289,10 +289,11 @@ def test_q4_k_m_file_says_what_it_holds(stories):
 
     m = tinyllm.load(d / "m.q4", backend="numpy")
     formats = {name: t.format for name, t in m.file_tensors.items() if len(t.shape) == 2}
-    # 5 layers: use_more_bits picks layers 2 and 4; the tied embedding keeps q8_0
-    assert {n for n, f in formats.items() if f == "q8_0"} == {
+    # 5 layers: use_more_bits picks layers 2 and 4; the tied embedding is the head: q6_k, as llama.cpp's
+    assert {n for n, f in formats.items() if f == "q6_k"} == {
         "tok_embeddings", "layers.2.attention.wv", "layers.4.attention.wv",
         "layers.2.feed_forward.w2", "layers.4.feed_forward.w2"}
+    assert set(formats.values()) == {"q4_k", "q6_k"}
     assert m.metadata["quant"] == "q4_k_m"
     info = CliRunner().invoke(main, ["info", str(d / "m.q4")])
     assert "q4_k_m" in info.output and "bits/weight" in info.output and "bits per weight" in info.output
