@@ -150,6 +150,7 @@ def matmul(x: np.ndarray, w, bias: np.ndarray | None = None, simd_width: int | N
 
 
 Q4_FORMATS = ("q4_0", "q4_1", "q4_k")  # one family of kernels: 4-bit planes, per-block grids
+SIMD_FORMATS = Q4_FORMATS + ("q8_0",)  # with SIMD kernels for every token count (q6_k: portable, then BLAS)
 
 
 def _chunk_width(w, simd: int) -> int:

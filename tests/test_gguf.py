@@ -484,7 +484,7 @@ def test_not_a_gguf_file(tmp_path):
 
 def test_unsupported_tensor_type_named(small_gguf, vocab_dir, tmp_path):
     model, _ = small_gguf
-    q8_1 = np.random.default_rng(0).integers(0, 255, size=(64, 2 * 36), dtype=np.uint8)  # Q8_1: 36-byte blocks
+    q8_1 = np.random.default_rng(0).integers(0, 255, size=(64, 2 * 40), dtype=np.uint8)  # Q8_1: 40-byte blocks
     path = write_llama_gguf(tmp_path / "iq.gguf", model, vocab_dir, T.Q4_0,
                             raw={"blk.1.attn_v.weight": (q8_1, T.Q8_1)})
     with pytest.raises(UnsupportedError, match=r"blk\.1\.attn_v\.weight has GGUF type Q8_1"):

@@ -177,12 +177,14 @@ def test_q4_matmul_exact_and_close(rng, path, fmt, T, N, K):
     assert rel_err(got, ref.matmul(x, w)) < QUANT_TOL
 
 
+@pytest.mark.parametrize("fmt", ["q6_k", "q8_0"])
 @pytest.mark.parametrize("T,N,K", MATMUL_SHAPES)
-def test_q8_0_matmul(rng, path, T, N, K):
-    w = quant.quantize(rng.standard_normal((N, K)).astype(np.float32), "q8_0")
+def test_q6_k_and_q8_0_matmul(rng, path, fmt, T, N, K):
+    w = quant.quantize(rng.standard_normal((N, K)).astype(np.float32), fmt)
     x = rng.standard_normal((T, K)).astype(np.float32)
     got = path.matmul(x, nb.prepare(w))
-    want = emulate_int8_matmul(x, w) if path.simd_width or T < nb.PORTABLE_BLAS_MIN_TOKENS else ref.matmul(x, w)
+    integer = (path.simd_width and fmt in nb.SIMD_FORMATS) or T < nb.PORTABLE_BLAS_MIN_TOKENS
+    want = emulate_int8_matmul(x, w) if integer else ref.matmul(x, w)
     assert rel_err(got, want) < EXACT_TOL
     assert rel_err(got, ref.matmul(x, w)) < QUANT_TOL
 
@@ -205,7 +207,7 @@ def test_quantized_matmul_bias_and_unprepared_weight(rng):
 
 def test_blas_tile_path_matches_reference(rng, monkeypatch):
     monkeypatch.setattr(nb, "BLAS_TILE_ROWS", 4)      # several tiles and a ragged last one
-    for fmt in ("q4_0", "q4_1", "q4_k", "q8_0", "f16"):
+    for fmt in ("q4_0", "q4_1", "q4_k", "q6_k", "q8_0", "f16"):
         w = nb.prepare(quant.quantize(rng.standard_normal((10, 50)).astype(np.float32), fmt))
         x = rng.standard_normal((3, 50)).astype(np.float32)
         assert rel_err(nb._matmul_blas_tiles(x, w), ref.matmul(x, w)) < FLOAT_TOL

@@ -1,4 +1,4 @@
-"""q4_k (ggml's Q4_K values, bit-exact against the gguf package), the error-minimizing
+"""q4_k and q6_k (ggml's Q4_K / Q6_K values, bit-exact against the gguf package), the error-minimizing
 quantizer (never worse than round to nearest), importance matrices and KL divergence."""
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from .conftest import SHARED_MODELS
 
 gguf = pytest.importorskip("gguf")
 Q4_K = gguf.GGMLQuantizationType.Q4_K
+GGML_TYPE = {"q4_k": Q4_K, "q6_k": gguf.GGMLQuantizationType.Q6_K}
 STORIES = SHARED_MODELS / "stories260K-hf"
 
 
@@ -28,9 +29,9 @@ def rand(*shape, seed=0):
 
 def _bit_exact_with_ggml(t: quant.QTensor):
     blocks = quant.to_ggml_blocks(t)
-    theirs = gguf.quants.dequantize(blocks, Q4_K).reshape(t.shape)
+    theirs = gguf.quants.dequantize(blocks, GGML_TYPE[t.format]).reshape(t.shape)
     np.testing.assert_array_equal(t.dequantize().view(np.uint32), theirs.view(np.uint32))
-    back = quant.from_ggml_blocks(blocks, "q4_k", t.shape)
+    back = quant.from_ggml_blocks(blocks, t.format, t.shape)
     for name, part in t.parts.items():
         np.testing.assert_array_equal(back.parts[name], part)
 
@@ -45,35 +46,44 @@ EDGE = {
 }
 
 
+@pytest.mark.parametrize("fmt", ["q4_k", "q6_k"])
 @pytest.mark.parametrize("case", list(EDGE))
 @pytest.mark.parametrize("encoder", ["nearest", "searched"])
-def test_q4_k_decodes_bit_exactly_as_ggml(case, encoder):
+def test_k_quants_decode_bit_exactly_as_ggml(fmt, case, encoder):
     w = EDGE[case]
-    t = quant.quantize(w, "q4_k") if encoder == "nearest" else quantize_searched(w, "q4_k")
-    assert {k: (v.dtype, v.shape) for k, v in t.parts.items()} == quant.part_layout("q4_k", w.shape)
+    t = quant.quantize(w, fmt) if encoder == "nearest" else quantize_searched(w, fmt)
+    assert {k: (v.dtype, v.shape) for k, v in t.parts.items()} == quant.part_layout(fmt, w.shape)
     _bit_exact_with_ggml(t)
     if case != "tiny":  # 1e-8 / 63 is below float16's range: it decodes to 0, in ggml too
-        assert np.abs(t.dequantize() - w).max() <= 0.2 * np.abs(w).max()
+        assert np.abs(t.dequantize() - w).max() <= (0.2 if fmt == "q4_k" else 0.05) * np.abs(w).max()
 
 
-def test_random_ggml_q4_k_blocks_convert_both_ways():
-    """Any Q4_K bytes (every scale code, every nibble) survive ggml -> tinyllm -> ggml unchanged."""
+# ggml block bytes and where each format's float16 scales sit in them
+GGML_BLOCK = {"q4_k": (144, slice(0, 4)), "q6_k": (210, slice(208, 210))}
+
+
+@pytest.mark.parametrize("fmt", ["q4_k", "q6_k"])
+def test_random_ggml_k_blocks_convert_both_ways(fmt):
+    """Any Q4_K / Q6_K bytes (every scale code, every quant) survive ggml -> tinyllm -> ggml unchanged."""
     rng = np.random.default_rng(3)
     rows, cols = 5, 512
-    blocks = rng.integers(0, 256, (rows * cols // 256, 144), dtype=np.uint8)
-    blocks[:, 0:4] = np.abs(rng.standard_normal((len(blocks), 2))).astype(np.float16).view(np.uint8)
-    t = quant.from_ggml_blocks(blocks, "q4_k", (rows, cols))
+    size, scales = GGML_BLOCK[fmt]
+    blocks = rng.integers(0, 256, (rows * cols // 256, size), dtype=np.uint8)
+    n = (scales.stop - scales.start) // 2
+    blocks[:, scales] = np.abs(rng.standard_normal((len(blocks), n))).astype(np.float16).view(np.uint8)
+    t = quant.from_ggml_blocks(blocks, fmt, (rows, cols))
     assert np.array_equal(quant.to_ggml_blocks(t), blocks)
     _bit_exact_with_ggml(t)
 
 
+@pytest.mark.parametrize("fmt", ["q4_k", "q6_k"])
 @pytest.mark.parametrize("cols", [64, 172, 96])
-def test_super_blocks_run_across_rows(cols):
+def test_super_blocks_run_across_rows(fmt, cols):
     """Rows shorter than 256 weights share super-blocks; every row still decodes on its own."""
     w = rand(11, cols, seed=cols)
-    t = quantize_searched(w, "q4_k")
+    t = quantize_searched(w, fmt)
     nb = quant.n_blocks(cols)
-    assert t.parts["d"].shape == ((11 * nb + 7) // 8, 2)
+    assert t.parts["d"].shape == ((11 * nb + 7) // 8, 2 if fmt == "q4_k" else 1)
     full = t.dequantize()
     rows = np.array([10, 0, 5])
     np.testing.assert_array_equal(t.dequantize_rows(rows), full[rows])
@@ -84,8 +94,9 @@ def test_super_blocks_run_across_rows(cols):
         quant.to_ggml_blocks(t)
 
 
-def test_q4_k_rows_of_whole_super_blocks_can_be_taken():
-    t = quantize_searched(rand(9, 512), "q4_k")
+@pytest.mark.parametrize("fmt", ["q4_k", "q6_k"])
+def test_k_rows_of_whole_super_blocks_can_be_taken(fmt):
+    t = quantize_searched(rand(9, 512), fmt)
     rows = np.array([8, 2, 3])
     np.testing.assert_array_equal(t.take_rows(rows).dequantize(), t.dequantize()[rows])
     np.testing.assert_array_equal(t.take_rows(slice(1, 4)).dequantize(), t.dequantize()[1:4])
@@ -98,10 +109,11 @@ def _stories_matrices():
     return {n: ckpt.get(n) for n in ckpt.names() if len(ckpt.shape(n)) == 2 and "embed" not in n}
 
 
-@pytest.mark.parametrize("fmt", ["q4_0", "q4_1", "q4_k"])
+@pytest.mark.parametrize("fmt", ["q4_0", "q4_1", "q4_k", "q6_k"])
 def test_search_never_worse_than_round_to_nearest(fmt):
-    """In the quantizer's own objective (its cost weights): q4_0/q4_1 block by block, q4_k per
-    tensor; on random matrices, with and without an importance vector, and on real weights."""
+    """In the quantizer's own objective (its cost weights): q4_0/q4_1 block by block, q6_k per
+    super-block, q4_k per tensor; on random matrices, with and without an importance vector, and
+    on real weights."""
     cases = [(rand(16, 320, seed=s), None) for s in range(3)]
     cases.append((rand(16, 320, seed=9), np.random.default_rng(9).gamma(1, 1, 320).astype(np.float32)))
     if STORIES.is_dir():
