@@ -150,7 +150,7 @@ def matmul(x: np.ndarray, w, bias: np.ndarray | None = None, simd_width: int | N
 
 
 Q4_FORMATS = ("q4_0", "q4_1", "q4_k")  # one family of kernels: 4-bit planes, per-block grids
-SIMD_FORMATS = Q4_FORMATS + ("q8_0",)  # with SIMD kernels for every token count (q6_k: portable, then BLAS)
+SIMD_FORMATS = Q4_FORMATS + ("q6_k", "q8_0")  # with SIMD kernels for every token count
 
 
 def _chunk_width(w, simd: int) -> int:
@@ -171,7 +171,9 @@ def _matmul_nobias(x, w, simd: int):
             numba_quant.q4_rows_portable(*q4, v.get("scales"), *numba_quant.quantize_planes(x), out)
             return out
         return _matmul_blas_tiles(x, w)
-    if w.format == "q6_k":  # no SIMD kernel yet: the portable integer loop, BLAS for prefill
+    if w.format == "q6_k":  # the AVX2-width SIMD kernel on any x86 SIMD path; else portable, BLAS for prefill
+        if simd:
+            return numba_quant.q6_matmul_simd(x, v["qs"], v["d"], v["scales"])
         if T < PORTABLE_BLAS_MIN_TOKENS:
             xq, _, dx, _ = numba_quant.quantize_planes(x)
             out = np.empty((T, w.shape[0]), np.float32)

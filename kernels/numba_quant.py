@@ -118,9 +118,10 @@ def quantize_for_simd(x, width, tile, lo_blocks, hi_blocks):
 
 
 @njit(cache=True, error_model="numpy")
-def quantize_for_simd_q8(x, width, tile, slots):
-    """x (T, K) -> the q8_0 SIMD kernel's activation: xq (Tp, nch, 16, 2*width) int16 holding,
-    for plane pair j, the (q[j], q[j+16]) pairs of each block at slots[block in chunk];
+def quantize_for_simd_q8(x, width, tile, slots, first, second):
+    """x (T, K) -> the q8_0 / q6_k SIMD kernels' activation: xq (Tp, nch, 16, 2*width) int16
+    holding, for plane pair p, the (q[first[p]], q[second[p]]) pairs of each block at
+    slots[block in chunk] (q8_0: pairs (j, j+16); q6_k: numba_simd.Q6_FIRST/Q6_SECOND);
     dx (Tp, nch*width) float32 scales."""
     T, K = x.shape
     nb = (K + QK - 1) // QK
@@ -133,9 +134,9 @@ def quantize_for_simd_q8(x, width, tile, slots):
         for b in range(nb):
             d, _ = _quantize_block(x, t, b, q)
             c, o = b // width, slots[b % width]
-            for j in range(16):
-                xq[t, c, j, o] = q[j]
-                xq[t, c, j, o + 1] = q[j + 16]
+            for p in range(16):
+                xq[t, c, p, o] = q[first[p]]
+                xq[t, c, p, o + 1] = q[second[p]]
             dx[t, b] = d
     return xq, dx
 
@@ -281,8 +282,8 @@ def _q8_rows_simd(qs, d, xq, dx, out, width, tt):
 
 
 @njit(cache=True, error_model="numpy")
-def q8_simd64(qs, d, x, tile, slots):
-    xq, dx = quantize_for_simd_q8(x, 64, tile, slots)
+def q8_simd64(qs, d, x, tile, slots, first, second):
+    xq, dx = quantize_for_simd_q8(x, 64, tile, slots, first, second)
     out = np.zeros((xq.shape[0], qs.shape[0]), np.float32)
     if tile == 1:
         _q8_rows_simd(qs, d, xq, dx, out, 64, 1)
@@ -292,8 +293,8 @@ def q8_simd64(qs, d, x, tile, slots):
 
 
 @njit(cache=True, error_model="numpy")
-def q8_simd32(qs, d, x, tile, slots):
-    xq, dx = quantize_for_simd_q8(x, 32, tile, slots)
+def q8_simd32(qs, d, x, tile, slots, first, second):
+    xq, dx = quantize_for_simd_q8(x, 32, tile, slots, first, second)
     out = np.zeros((xq.shape[0], qs.shape[0]), np.float32)
     if tile == 1:
         _q8_rows_simd(qs, d, xq, dx, out, 32, 1)
@@ -304,18 +305,89 @@ def q8_simd32(qs, d, x, tile, slots):
 
 Q8_SIMD_KERNELS = {64: q8_simd64, 32: q8_simd32}
 _Q8_SLOTS: dict = {}
+Q8_PAIRS = (np.arange(16, dtype=np.int64), np.arange(16, 32, dtype=np.int64))   # plane pairs (j, j + 16)
+Q6_PAIRS = (np.array(numba_simd.Q6_FIRST, np.int64), np.array(numba_simd.Q6_SECOND, np.int64))
 
 
-def q8_matmul_simd(x, qs, d, width):
-    """(T, K) float32 @ q8_0 weight^T -> (T, N) through the SIMD kernels."""
-    T = x.shape[0]
+def _q8_slots(width):
     if width not in _Q8_SLOTS:
         slots = np.empty(width, np.int64)
         for r, blocks in enumerate(numba_simd.q8_pair_blocks(width)):
             for k, b in enumerate(blocks):
                 slots[b] = r * (width // 2) + 2 * k
         _Q8_SLOTS[width] = slots
-    return Q8_SIMD_KERNELS[width](qs, d, x, 1 if T == 1 else Q8_PREFILL_TILE, _Q8_SLOTS[width])[:T]
+    return _Q8_SLOTS[width]
+
+
+def q8_matmul_simd(x, qs, d, width):
+    """(T, K) float32 @ q8_0 weight^T -> (T, N) through the SIMD kernels."""
+    T = x.shape[0]
+    return Q8_SIMD_KERNELS[width](qs, d, x, 1 if T == 1 else Q8_PREFILL_TILE, _q8_slots(width), *Q8_PAIRS)[:T]
+
+
+# -- q6_k products: SIMD ----------------------------------------------------------------------
+# AVX2 width only: the kernel is the q8_0 one with q6_k's decoding, and it runs unchanged on
+# AVX-512 machines (the 64-block variant is not built: no machine here could test it).
+
+Q6_SIMD_WIDTH = 32
+Q6_PREFILL_TILE = 2   # two tokens' 8 int32 accumulators each fill the 16 AVX2 registers
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def _q6_rows_simd(qs, d, scales, xq, dx, out, width, tt):
+    """out (Tp, N) += q6_k weight (N, 24, nb) . activations; width, tt: compile-time constants.
+    Rows of whole super-blocks (nb % 8 == 0: every real model's big matrices) have their scales
+    decoded in the chunk kernel; otherwise each row block's half-block steps are decoded once into
+    scratch, for all token tiles."""
+    numba.literally(width)
+    numba.literally(tt)
+    N, _, nb = qs.shape
+    Tp, nch = xq.shape[0], xq.shape[1]
+    x_tstride = nch * 16 * 2 * width
+    c_tstride = nch * width
+    in_chunk = nb % 8 == 0   # rows of whole super-blocks: the chunk kernel decodes the scales
+    for rb in prange((N + ROW_BLOCK - 1) // ROW_BLOCK):
+        r0, r1 = rb * ROW_BLOCK, min(N, rb * ROW_BLOCK + ROW_BLOCK)
+        steps = np.empty((ROW_BLOCK, 2, nch * width), np.float32)
+        if not in_chunk:
+            for r in range(r0, r1):
+                for b in range(nb):
+                    g = r * nb + b
+                    sb, h = g >> 3, 2 * (g & 7)
+                    dd = f16_bits_to_f32(d[sb, 0])
+                    steps[r - r0, 0, b] = dd * np.float32(scales[sb, h])
+                    steps[r - r0, 1, b] = dd * np.float32(scales[sb, h + 1])
+        for t0 in range(0, Tp, tt):
+            for r in range(r0, r1):
+                for c in range(nch):
+                    b0 = c * width
+                    act = ActivationChunk(xq, t0 * x_tstride + c * 16 * 2 * width, x_tstride,
+                                          None, dx, None, t0 * c_tstride + b0, c_tstride)
+                    dest, n_valid, q_off = OutputSlot(out, t0 * N + r, N), min(width, nb - b0), r * 24 * nb + b0
+                    if in_chunk:
+                        weight = WeightChunk(qs, q_off, nb, d, scales, (r * nb + b0) >> 3)
+                        numba_simd.q6_chunk_dot(weight, act, dest, n_valid, width, tt)
+                    else:
+                        weight = WeightChunk(qs, q_off, nb, steps[r - r0, 0], steps[r - r0, 1], b0)
+                        numba_simd.q6_chunk_dot(weight, act, dest, n_valid, width, tt)
+
+
+@njit(cache=True, error_model="numpy")
+def q6_simd32(qs, d, scales, x, tile, slots, first, second):
+    xq, dx = quantize_for_simd_q8(x, 32, tile, slots, first, second)
+    out = np.zeros((xq.shape[0], qs.shape[0]), np.float32)
+    if tile == 1:
+        _q6_rows_simd(qs, d, scales, xq, dx, out, 32, 1)
+    else:
+        _q6_rows_simd(qs, d, scales, xq, dx, out, 32, Q6_PREFILL_TILE)
+    return out
+
+
+def q6_matmul_simd(x, qs, d, scales):
+    """(T, K) float32 @ q6_k weight^T -> (T, N) through the SIMD kernel (AVX2 width)."""
+    T = x.shape[0]
+    tile = 1 if T == 1 else Q6_PREFILL_TILE
+    return q6_simd32(qs, d, scales, x, tile, _q8_slots(Q6_SIMD_WIDTH), *Q6_PAIRS)[:T]
 
 
 # -- q4 products: portable ----------------------------------------------------------------

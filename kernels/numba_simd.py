@@ -288,60 +288,129 @@ def _q4_k_chunk_scales(context, builder, d_type, d, scales_type, scales, sb0, nv
     return dw, mw
 
 
-def _emit_q8_chunk(context, builder, v, at, W, tt, masked):
-    """IR for one q8_0 chunk; see q8_chunk_dot (v, at: as for _emit_q4_chunk)."""
-    qs, q_off, plane_stride, d, d_off = (v[k] for k in ("qs", "q_off", "plane_stride", "d", "d_off"))
-    xq, x_off, x_tstride, dx, c_off, c_tstride = (v[k] for k in ("xq", "x_off", "x_tstride", "dx", "c_off",
-                                                                  "c_tstride"))
-    (out, o_off, o_tstride), nvalid = (v[k] for k in OutputSlot._fields), v["nvalid"]
-    i64 = q_off.type
+def _word_pairs(builder, a, b, W):
+    """Two vectors of W int8 (planes a and b of W blocks) -> 4 vectors of W/4 (a, b) int16 pairs,
+    the pmaddwd operands: sign-extended, split in halves, unpacklo/unpackhi within 128-bit lanes
+    (the blocks of each pair lane: q8_pair_blocks)."""
     half = W // 2
-    vb, vw, vd = ir.VectorType(I8, W), ir.VectorType(I16, half), ir.VectorType(I32, W // 4)
-    pmaddwd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vd, [vw, vw]), _PMADDWD[W])
-    mask = None
-    if masked:
-        mask = builder.icmp_signed("<", _const(I32, list(range(W))), _splat(builder, builder.trunc(nvalid, I32), W))
-
-    def load(aryty, ary, offset, vt, align):
-        ptr = _vec_ptr(context, builder, aryty, ary, offset, vt)
-        return _masked_load(builder, ptr, mask, align) if masked else builder.load(ptr, align=align)
-
-    # unpack(lo|hi)_epi16 of registers a, b as one shufflevector over a ++ b
     unpack = [_const(I32, [i for lane in range(half // 8) for k in range(4) for i in
                            (8 * lane + 4 * part + k, half + 8 * lane + 4 * part + k)]) for part in (0, 1)]
     first, second = _const(I32, list(range(half))), _const(I32, list(range(half, W)))
+    wide = []
+    for v in (a, b):
+        w16 = builder.sext(v, ir.VectorType(I16, W))
+        wide.append([builder.shuffle_vector(w16, w16, first), builder.shuffle_vector(w16, w16, second)])
+    return [builder.shuffle_vector(wide[0][hf], wide[1][hf], unpack[part]) for hf in (0, 1) for part in (0, 1)]
+
+
+def _pair_sums(context, builder, v, at, W, tt, acc, pair, regs):
+    """acc[t][r] += pmaddwd(regs[r], the activation's int16 pairs of plane pair ``pair``), t < tt."""
+    half = W // 2
+    vw, vd = ir.VectorType(I16, half), ir.VectorType(I32, W // 4)
+    pmaddwd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vd, [vw, vw]), _PMADDWD[W])
+    i64 = v["x_off"].type
+    for t in range(tt):
+        xo = builder.add(v["x_off"], builder.add(builder.mul(v["x_tstride"], ir.Constant(i64, t)),
+                                                 ir.Constant(i64, 2 * W * pair)))
+        for r in range(4):
+            xp = _vec_ptr(context, builder, at["xq"], v["xq"], builder.add(xo, ir.Constant(i64, r * half)), vw)
+            acc[t][r] = builder.add(acc[t][r], builder.call(pmaddwd, [regs[r], builder.load(xp, align=2)]))
+
+
+def _block_totals(builder, acc, W):
+    """4 int32 pmaddwd accumulators (q8_pair_blocks order) -> W int32 per-block sums, blocks in order."""
     order = [b for reg in q8_pair_blocks(W) for b in reg]
-    natural = [order.index(b) for b in range(W)]
-    zero = ir.Constant(vd, [0] * (W // 4))
+    lo = builder.shuffle_vector(acc[0], acc[1], _const(I32, list(range(W // 2))))
+    hi = builder.shuffle_vector(acc[2], acc[3], _const(I32, list(range(W // 2))))
+    return builder.shuffle_vector(lo, hi, _const(I32, [order.index(b) for b in range(W)]))
+
+
+def _add_to_output(context, builder, v, at, t, value):
+    """out.flat[o_off + t * o_tstride] += the horizontal sum of float vector ``value``."""
+    i64 = v["o_off"].type
+    optr = builder.gep(context.make_array(at["out"])(context, builder, v["out"]).data,
+                       [builder.add(v["o_off"], builder.mul(v["o_tstride"], ir.Constant(i64, t)))], inbounds=True)
+    builder.store(builder.fadd(builder.load(optr), _hsum(builder, value)), optr)
+
+
+def _chunk_loader(context, builder, v, at, W, masked):
+    """load(field, offset, vector type, align): a vector of a chunk operand, masked to the row's blocks."""
+    mask = None
+    if masked:
+        mask = builder.icmp_signed("<", _const(I32, list(range(W))), _splat(builder, builder.trunc(v["nvalid"], I32), W))
+
+    def load(name, offset, vt, align):
+        ptr = _vec_ptr(context, builder, at[name], v[name], offset, vt)
+        return _masked_load(builder, ptr, mask, align) if masked else builder.load(ptr, align=align)
+
+    return load
+
+
+def _activation_scales(context, builder, v, at, t, W):
+    i64 = v["c_off"].type
+    co = builder.add(v["c_off"], builder.mul(v["c_tstride"], ir.Constant(i64, t)))
+    return builder.load(_vec_ptr(context, builder, at["dx"], v["dx"], co, ir.VectorType(F32, W)), align=4)
+
+
+def _plane(context, builder, v, at, load, W, j):
+    """Plane j of the weight chunk (W bytes, one per block), its next bytes prefetched."""
+    vb = ir.VectorType(I8, W)
+    offset = builder.add(v["q_off"], builder.mul(v["plane_stride"], ir.Constant(v["q_off"].type, j)))
+    _prefetch(builder, _vec_ptr(context, builder, at["qs"], v["qs"], offset, vb))
+    return load("qs", offset, vb, 1)
+
+
+def _emit_q8_chunk(context, builder, v, at, W, tt, masked):
+    """IR for one q8_0 chunk; see q8_chunk_dot (v, at: as for _emit_q4_chunk)."""
+    load = _chunk_loader(context, builder, v, at, W, masked)
+    zero = ir.Constant(ir.VectorType(I32, W // 4), [0] * (W // 4))
     acc = [[zero] * 4 for _ in range(tt)]
     for j in range(16):
-        wide = []
-        for plane in (j, j + 16):
-            offset = builder.add(q_off, builder.mul(plane_stride, ir.Constant(i64, plane)))
-            _prefetch(builder, _vec_ptr(context, builder, at["qs"], qs, offset, vb))
-            w = load(at["qs"], qs, offset, vb, 1)
-            w16 = builder.sext(w, ir.VectorType(I16, W))
-            wide.append([builder.shuffle_vector(w16, w16, first), builder.shuffle_vector(w16, w16, second)])
-        regs = [builder.shuffle_vector(wide[0][hf], wide[1][hf], unpack[part]) for hf in (0, 1) for part in (0, 1)]
-        for t in range(tt):
-            xo = builder.add(x_off, builder.add(builder.mul(x_tstride, ir.Constant(i64, t)),
-                                                ir.Constant(i64, 2 * W * j)))
-            for r in range(4):
-                xp = _vec_ptr(context, builder, at["xq"], xq, builder.add(xo, ir.Constant(i64, r * half)), vw)
-                xv = builder.load(xp, align=2)
-                acc[t][r] = builder.add(acc[t][r], builder.call(pmaddwd, [regs[r], xv]))
+        regs = _word_pairs(builder, _plane(context, builder, v, at, load, W, j),
+                           _plane(context, builder, v, at, load, W, j + 16), W)
+        _pair_sums(context, builder, v, at, W, tt, acc, j, regs)
     vf = ir.VectorType(F32, W)
-    dw = builder.fpext(builder.bitcast(load(at["d"], d, d_off, ir.VectorType(I16, W), 2), ir.VectorType(F16, W)), vf)
+    dw = builder.fpext(builder.bitcast(load("d", v["d_off"], ir.VectorType(I16, W), 2), ir.VectorType(F16, W)), vf)
     for t in range(tt):
-        lo = builder.shuffle_vector(acc[t][0], acc[t][1], _const(I32, list(range(W // 2))))
-        hi = builder.shuffle_vector(acc[t][2], acc[t][3], _const(I32, list(range(W // 2))))
-        total = builder.shuffle_vector(lo, hi, _const(I32, natural))
-        co = builder.add(c_off, builder.mul(c_tstride, ir.Constant(i64, t)))
-        v = builder.fmul(builder.fmul(builder.sitofp(total, vf), dw),
-                         builder.load(_vec_ptr(context, builder, at["dx"], dx, co, vf), align=4))
-        optr = builder.gep(context.make_array(at["out"])(context, builder, out).data,
-                           [builder.add(o_off, builder.mul(o_tstride, ir.Constant(i64, t)))], inbounds=True)
-        builder.store(builder.fadd(builder.load(optr), _hsum(builder, v)), optr)
+        total = builder.sitofp(_block_totals(builder, acc[t], W), vf)
+        _add_to_output(context, builder, v, at, t, builder.fmul(builder.fmul(total, dw),
+                                                                _activation_scales(context, builder, v, at, t, W)))
+
+
+# q6_k's plane pairs, one half-block each: pair p multiplies weights (Q6_FIRST[p], Q6_SECOND[p]),
+# p < 8 the first half of every block (j, j + 8), p >= 8 the second (j + 16, j + 24).
+Q6_FIRST = list(range(8)) + list(range(16, 24))
+Q6_SECOND = list(range(8, 16)) + list(range(24, 32))
+
+
+def _emit_q6_chunk(context, builder, v, at, W, tt, masked):
+    """IR for one q6_k chunk; see q6_chunk_dot. Per j < 8, three planes give weights j, j+8,
+    j+16, j+24 of W blocks: low nibbles from planes j and j+8, top bit pairs from plane 16+j."""
+    load = _chunk_loader(context, builder, v, at, W, masked)
+    c = {k: _const(I8, [k] * W) for k in (2, 3, 4, 12, 15, 32, 48)}
+    zero = ir.Constant(ir.VectorType(I32, W // 4), [0] * (W // 4))
+    acc = [[[zero] * 4 for _ in range(tt)] for _half in (0, 1)]
+    for j in range(8):
+        la, lb, top = (_plane(context, builder, v, at, load, W, p) for p in (j, j + 8, 16 + j))
+        low_a, low_b = builder.and_(la, c[15]), builder.and_(lb, c[15])
+        high_a, high_b = builder.lshr(la, c[4]), builder.lshr(lb, c[4])
+        q = [builder.or_(low_a, builder.shl(builder.and_(top, c[3]), c[4])),          # weight j
+             builder.or_(low_b, builder.shl(builder.and_(top, c[12]), c[2])),         # j + 8
+             builder.or_(high_a, builder.and_(top, c[48])),                           # j + 16
+             builder.or_(high_b, builder.and_(builder.lshr(top, c[2]), c[48]))]       # j + 24
+        k = [builder.sub(x, c[32]) for x in q]                                        # -32..31
+        _pair_sums(context, builder, v, at, W, tt, acc[0], j, _word_pairs(builder, k[0], k[1], W))
+        _pair_sums(context, builder, v, at, W, tt, acc[1], 8 + j, _word_pairs(builder, k[2], k[3], W))
+    vf = ir.VectorType(F32, W)
+    if at["m"].dtype == types.int8:  # whole super-blocks: decode their scales here
+        step0, step1 = _q6_k_chunk_steps(context, builder, v, at, W, masked)
+    else:
+        step0, step1 = (load(name, v["d_off"], vf, 4) for name in ("d", "m"))
+    for t in range(tt):
+        first = builder.fmul(builder.sitofp(_block_totals(builder, acc[0][t], W), vf), step0)
+        second = builder.fmul(builder.sitofp(_block_totals(builder, acc[1][t], W), vf), step1)
+        _add_to_output(context, builder, v, at, t, builder.fmul(builder.fadd(first, second),
+                                                                _activation_scales(context, builder, v, at, t, W)))
 
 
 def _chunk_codegen(emit):
@@ -379,6 +448,49 @@ def q8_chunk_dot(typingctx, weight, act, dest, nvalid, width, tt):
     sig = types.void(weight, act, dest, nvalid, width, tt)
 
     return sig, _chunk_codegen(lambda *a, masked: _emit_q8_chunk(*a, W, TT, masked=masked))
+
+
+def _q6_k_chunk_steps(context, builder, v, at, W, masked):
+    """The chunk's half-block steps (d * sc of each block's first and second 16 weights, W
+    lanes each) from its W/8 whole q6_k super-blocks from d_off: d (nsb, 1) float16 bits, scales
+    (nsb, 16) int8. Products in float32, as the reference computes them."""
+    n, sb0 = W // 8, v["d_off"]
+    i64 = sb0.type
+    nsb_valid = builder.trunc(builder.lshr(v["nvalid"], ir.Constant(i64, 3)), I32) if masked else None
+
+    def lanes_below(count, per):
+        return builder.icmp_signed("<", _const(I32, list(range(count))),
+                                   _splat(builder, builder.mul(nsb_valid, ir.Constant(I32, per)), count))
+
+    def load(name, offset, vt, align, per):
+        ptr = _vec_ptr(context, builder, at[name], v[name], offset, vt)
+        return _masked_load(builder, ptr, lanes_below(vt.count, per), align) if masked else builder.load(ptr, align=align)
+
+    d = load("d", sb0, ir.VectorType(I16, n), 2, 1)
+    d = builder.fpext(builder.bitcast(d, ir.VectorType(F16, n)), ir.VectorType(F32, n))
+    d = builder.shuffle_vector(d, d, _const(I32, [i // 8 for i in range(W)]))
+    raw = load("m", builder.mul(sb0, ir.Constant(i64, 16)), ir.VectorType(I8, 2 * W), 1, 16)
+    vf = ir.VectorType(F32, W)
+    return [builder.fmul(d, builder.sitofp(builder.shuffle_vector(raw, raw, _const(I32, [2 * i + h for i in range(W)])),
+                                           vf)) for h in (0, 1)]
+
+
+@intrinsic
+def q6_chunk_dot(typingctx, weight, act, dest, nvalid, width, tt):
+    """As q8_chunk_dot, for q6_k weights (24 planes, quant.py): weight.d and weight.m are either
+    the row's float32 half-block steps (d * sc of each block's first and second 16 weights), d_off
+    the chunk's first block, or, for a chunk of whole super-blocks, the (nsb, 1) float16 bits and
+    (nsb, 16) int8 scales, d_off its first super-block (decoded in registers); act.xq: int16 from quantize_for_simd_q8 with the pairs Q6_FIRST /
+    Q6_SECOND. Levels q - 32 times int16 activations summed by pmaddwd into int32 per half-block
+    (exact), then one float pass."""
+    if not all(isinstance(a, types.IntegerLiteral) for a in (width, tt)):
+        return None
+    W, TT = width.literal_value, tt.literal_value
+    if W not in _PMADDWD:
+        raise ValueError(f"unsupported SIMD width {W}")
+    sig = types.void(weight, act, dest, nvalid, width, tt)
+
+    return sig, _chunk_codegen(lambda *a, masked: _emit_q6_chunk(*a, W, TT, masked=masked))
 
 
 @intrinsic

@@ -245,8 +245,10 @@ def test_k_quant_file_loads_without_loss(vocab_dir, tmp_path, backend, qtype):
     np.testing.assert_array_equal(got.dequantize().view(np.uint32), want.view(np.uint32))
     assert all(t.format == fmt for t in m.file_tensors.values() if len(t.shape) == 2)
     expected = hf_logits(model, PROMPT)
-    # measured: numpy 7e-7 (float rounding); numba 8e-4 (Q4_K) to 7.5e-3 (IQ4_NL), from its int8 activations
-    tol = 1e-5 if backend == "numpy" else 0.015
+    # measured: numpy 7e-7 (float rounding). numba quantizes activations to int8 blocks (its
+    # kernels match that arithmetic exactly: test_kernels_numba): 8e-4 (Q4_K) to 7.5e-3 (IQ4_NL),
+    # and 0.036 for Q6_K, whose random 16-weight scales make ffn_down inputs reach 180 x their rms
+    tol = 1e-5 if backend == "numpy" else (0.06 if qtype == T.Q6_K else 0.015)
     assert np.sqrt(np.mean((m.logits(PROMPT) - expected) ** 2)) / expected.std() < tol
 
 
