@@ -38,6 +38,8 @@ RECIPES = [  # label, convert options (the imatrix path is filled in)
     ("q4_k_s + imatrix", ["--quant", "q4_k_s", "--imatrix", None]),
     ("q4_k_m", ["--quant", "q4_k_m"]),
     ("q4_k_m + imatrix", ["--quant", "q4_k_m", "--imatrix", None]),
+    ("q6_k", ["--quant", "q6_k"]),
+    ("q6_k + imatrix", ["--quant", "q6_k", "--imatrix", None]),
 ]
 
 

@@ -14,7 +14,7 @@ One ``Recipe`` serves both converters (Hugging Face, GGUF requantization):
   and uses q6_k (MORE_BITS) there, one bit more on those tensors, never fewer;
 - the encoder: round to nearest (``quant.quantize``: for q4_0/q4_1/q8_0 bit-identical to
   llama.cpp's reference quantizer), or the error-minimizing search (``quantizer.py``),
-  weighted by an importance matrix when one is given. q4_k always searches.
+  weighted by an importance matrix when one is given. q4_k and q6_k always search.
 """
 from __future__ import annotations
 

@@ -38,8 +38,10 @@ super-block holding block b of row r is g // 8, g = r * nb + b, and it is its (g
 q6_k (ggml's Q6_K in values: 6.5625 bits per weight) groups blocks into super-blocks the same
 way, with one float16 scale per super-block and a signed 8-bit scale per half-block of 16.
 
-Encoders are bit-exact with ggml's reference quantizers (as in the `gguf` package);
-``to_ggml_blocks``/``from_ggml_blocks`` convert to and from ggml's interleaved blocks.
+The q4_0/q4_1/q8_0 encoders are bit-exact with ggml's reference quantizers (as in the `gguf`
+package); q4_k's and q6_k's here round to nearest on each block's range, the starting point of
+quantizer.py's search (what converters use). ``to_ggml_blocks``/``from_ggml_blocks`` convert to
+and from ggml's interleaved blocks.
 """
 from __future__ import annotations
 

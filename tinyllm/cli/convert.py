@@ -14,11 +14,12 @@ from tinyllm.converters.recipe import CHOICES, QUANTIZERS
 @click.option("--quant", type=click.Choice(CHOICES, case_sensitive=False), default=None,
               help="Format of the weight matrices (norms and biases stay f32). Default: q4_0 for a "
                    "Hugging Face directory; for a GGUF file, its own formats where tinyllm has them. "
-                   "q4_k: 4.5 bits like q4_0, much closer to the original (FORMAT.md); q4_k_m / q4_k_s: q4_k "
-                   "with 8 bits for the tensors that matter most, after llama.cpp's mixes of those names.")
+                   "q4_k: 4.5 bits like q4_0, much closer to the original (FORMAT.md); q6_k: ggml's Q6_K (6.56 bits); "
+                   "q4_k_m / q4_k_s: q4_k with q6_k for the tensors that matter most, after llama.cpp's mixes "
+                   "of those names.")
 @click.option("--quantizer", type=click.Choice(QUANTIZERS), default="nearest", show_default=True,
               help="How q4_0/q4_1 blocks are encoded: round to nearest (bit-identical to llama.cpp) or an "
-                   "error-minimizing search (same format, closer values). q4_k always searches.")
+                   "error-minimizing search (same format, closer values). q4_k and q6_k always search.")
 @click.option("--imatrix", type=click.Path(dir_okay=False), default=None,
               help="An importance matrix (tinyllm imatrix, or llama-imatrix's GGUF file) weighting the search "
                    "by how much each input channel matters.")
