@@ -47,7 +47,7 @@ def tensor_shapes(cfg: Config) -> dict:
 
 
 def random_tensor(shape, fmt: str, rng, std: float = 0.02) -> QTensor:
-    """Random weights already in ``fmt`` (q4_0, q4_k, q8_0, or f32 around 1 for norms)."""
+    """Random weights already in ``fmt`` (q4_0, q4_k, q6_k, q8_0, or f32 around 1 for norms)."""
     if len(shape) == 1:
         return QTensor("f32", shape, {"w": rng.uniform(0.8, 1.2, shape).astype(np.float32)})
     rows, cols = shape
@@ -61,6 +61,11 @@ def random_tensor(shape, fmt: str, rng, std: float = 0.02) -> QTensor:
         codes = rng.integers(16, 48, (nsb, 8)), rng.integers(0, 16, (nsb, 8))
         return QTensor(fmt, tuple(shape), {"d": d.astype(np.float16), "scales": pack_scales(*codes),
                                            "qs": rng.integers(0, 256, (rows, 16, nb), dtype=np.uint8)})
+    elif fmt == "q6_k":  # 8-bit codes around 64, q uniform on 0..63: std ~ d * 64 * 18.5
+        nsb = n_super_blocks(rows, cols)
+        d = (rng.uniform(0.5, 1.5, (nsb, 1)) * (std / 18.5 / 64)).astype(np.float16)
+        return QTensor(fmt, tuple(shape), {"d": d, "scales": rng.integers(48, 81, (nsb, 16)).astype(np.int8),
+                                           "qs": rng.integers(0, 256, (rows, 24, nb), dtype=np.uint8)})
     elif fmt == "q8_0":  # q uniform on -127..127: std ~73
         d = rng.uniform(0.5, 1.5, (rows, nb)) * (std / 73)
         qs = rng.integers(-127, 128, (rows, 32, nb), dtype=np.int8)
@@ -69,12 +74,17 @@ def random_tensor(shape, fmt: str, rng, std: float = 0.02) -> QTensor:
     return QTensor(fmt, tuple(shape), {"d": d.astype(np.float16), "qs": qs})
 
 
-def _format(name: str, quant: str = "q4_0") -> str:
+def _format(name: str, quant: str = "q4_0", mix=None) -> str:
+    if mix is not None:  # q4_k_m / q4_k_s: the converter's recipe decides each tensor
+        return mix.format_of(name, 2)
     return "q8_0" if name in ("tok_embeddings", "output") else quant
 
 
 def write_q4(path: Path, cfg: Config, seed: int = SEED, quant: str = "q4_0") -> Path:
+    from tinyllm.converters.recipe import MIXES, Recipe
+
     rng = np.random.default_rng(seed)
+    mix = Recipe(quant).bind("llama", cfg) if quant in MIXES else None
     hf_config = {"architectures": ["LlamaForCausalLM"], "bos_token_id": 1, "eos_token_id": 2, **TINYLLAMA}
     metadata = {"architecture": "llama", "config": config_dict(cfg),
                 "tokenizer": tokenizer_spec_from_hf_dir(TOKENIZER_DIR, hf_config),
@@ -82,7 +92,7 @@ def write_q4(path: Path, cfg: Config, seed: int = SEED, quant: str = "q4_0") -> 
                 "source": {"format": "random", "name": NAME, "seed": seed}}
     with ModelWriter(path, metadata) as out:
         for name, shape in tensor_shapes(cfg).items():
-            out.add(name, random_tensor(shape, _format(name, quant), rng))
+            out.add(name, random_tensor(shape, _format(name, quant, mix) if len(shape) == 2 else "f32", rng))
     return path
 
 
@@ -156,7 +166,8 @@ def write_gguf(q4_path: Path, path: Path) -> Path:
 
 
 def bench_model(gguf_too: bool = False, quant: str = "q4_0") -> tuple[Path, Path | None]:
-    """Paths of the cached benchmark model (.q4 with ``quant`` matrices (q4_0 or q4_k), and for
+    """Paths of the cached benchmark model (.q4 with ``quant`` matrices (q4_0, q4_k, q6_k, or a mix
+    q4_k_m / q4_k_s), and for
     q4_0 the .gguf when asked), created on first use."""
     if not (TOKENIZER_DIR / "tokenizer.model").is_file():
         raise FileNotFoundError(f"the Llama 2 tokenizer is needed to build the benchmark model: {TOKENIZER_DIR}")

@@ -267,10 +267,14 @@ def _q4_k_chunk_scales(context, builder, d_type, d, scales_type, scales, sb0, nv
     pairs = builder.fpext(builder.bitcast(pairs, ir.VectorType(F16, 2 * n)), ir.VectorType(F32, 2 * n))
     d0 = builder.shuffle_vector(pairs, pairs, _const(I32, [2 * (i // 8) for i in range(W)]))
     d1 = builder.shuffle_vector(pairs, pairs, _const(I32, [2 * (i // 8) + 1 for i in range(W)]))
-    nraw = 2 * W                                          # >= 12 * n bytes, a power of two
-    rptr = _vec_ptr(context, builder, scales_type, scales, builder.mul(sb0, ir.Constant(i64, 12)),
-                    ir.VectorType(I8, nraw))
-    raw = _masked_load(builder, rptr, lanes_below(nraw, 12, 12 * n), 1)
+    # the chunk's 12 * n scale bytes: a plain load of exactly those for a full chunk (AVX2 has no
+    # byte-masked load: LLVM would emit one branch per byte), a masked one for the row's last chunk
+    start = builder.mul(sb0, ir.Constant(i64, 12))
+    if masked:
+        rptr = _vec_ptr(context, builder, scales_type, scales, start, ir.VectorType(I8, 2 * W))
+        raw = _masked_load(builder, rptr, lanes_below(2 * W, 12, 12 * n), 1)
+    else:
+        raw = builder.load(_vec_ptr(context, builder, scales_type, scales, start, ir.VectorType(I8, 12 * n)), align=1)
 
     def gather(offset):                                   # lane i <- byte 12 * (i // 8) + offset(i % 8)
         return builder.shuffle_vector(raw, raw, _const(I32, [12 * (i // 8) + offset(i % 8) for i in range(W)]))
