@@ -1,6 +1,12 @@
 """Quantization quality table: every tinyllm 4-bit recipe against the unquantized model.
 
     python -m benchmarks.quality [--out DIR] [--ctx 512]
+    python -m benchmarks.quality --source ../shared/models/smollm2-135m-instruct-q4_1-gguf/*.gguf \
+        --prompt The --tokens 9000 --only q4_0 q4_k q4_k_m q6_k     # the SmolLM2 proxy
+
+``--source`` converts another model instead (a GGUF file's weights dequantized are then the
+reference: a proxy, see BENCHMARKS.md); ``--only`` keeps the recipes whose label starts with one
+of the given words (and their "+ imatrix" rows).
 
 On stories260K (../shared/models/stories260K-hf, float32): converts it with each recipe,
 and reports bits per weight (file size x 8 / parameters, as the issue tables do), perplexity
@@ -43,10 +49,10 @@ RECIPES = [  # label, convert options (the imatrix path is filled in)
 ]
 
 
-def sample_text(model, first_seed: int, n_tokens: int) -> str:
+def sample_text(model, first_seed: int, n_tokens: int, prompt: str = "") -> str:
     stories, total, seed = [], 0, first_seed
     while total < n_tokens:
-        story = model.generate("", max_new_tokens=400, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
+        story = prompt + model.generate(prompt, max_new_tokens=400, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
                                repeat_penalty=1.0, seed=seed, stream=False).strip()
         stories.append(story)
         total += len(model.tokenize(story, special=False))
@@ -65,28 +71,34 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=Path.home() / ".cache" / "tinyllm" / "quality")
     ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--source", type=Path, default=STORIES, help="the model to quantize (default stories260K)")
+    ap.add_argument("--prompt", default="", help="what the sampled texts start from (default: BOS only)")
+    ap.add_argument("--tokens", type=int, default=16000, help="evaluation text length (calibration: half)")
+    ap.add_argument("--only", nargs="*", default=None, help="recipes whose label starts with one of these")
     args = ap.parse_args()
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
+    recipes = [r for r in RECIPES if args.only is None or r is RECIPES[0]
+               or any(r[0].split()[0] == w for w in args.only)]
     files = {}
-    for label, options in RECIPES[:1]:
+    for label, options in recipes[:1]:
         files[label] = out / "f32.q4"
-        tinyllm("convert", STORIES, "-o", files[label], *options)
+        tinyllm("convert", args.source, "-o", files[label], *options)
     ref = t.load(files["f32 (reference)"])
     calib, held_out = out / "calibration.txt", out / "evaluation.txt"
-    calib.write_text(sample_text(ref, 5000, 8000))
-    held_out.write_text(sample_text(ref, 1000, 16000))
-    imatrix = out / "stories.imatrix"
+    calib.write_text(sample_text(ref, 5000, args.tokens // 2, args.prompt))
+    held_out.write_text(sample_text(ref, 1000, args.tokens, args.prompt))
+    imatrix = out / "model.imatrix"
     tinyllm("imatrix", files["f32 (reference)"], calib, "-o", imatrix)
     params = sum(math.prod(x.shape) for x in ref.file_tensors.values())
-    print(f"stories260K, {params} parameters; ctx {args.ctx}; evaluation {held_out} "
+    print(f"{args.source.name}, {params} parameters; ctx {args.ctx}; evaluation {held_out} "
           f"({len(ref.tokenize(held_out.read_text(), special=False))} tokens), calibration {calib}")
     print("| recipe | bits/weight | PPL | delta PPL | mean KLD | same top |")
     print("|---|---|---|---|---|---|")
-    for i, (label, options) in enumerate(RECIPES):
+    for i, (label, options) in enumerate(recipes):
         path = files.get(label) or out / f"recipe{i}.q4"
         if label not in files:
-            tinyllm("convert", STORIES, "-o", path, *[imatrix if o is None else o for o in options])
+            tinyllm("convert", args.source, "-o", path, *[imatrix if o is None else o for o in options])
         report = tinyllm("perplexity", path, held_out, "--ctx", args.ctx, "--kl-divergence", files["f32 (reference)"])
         fields = dict(line.split(":", 1) for line in report.splitlines() if ":" in line)
         get = {k.strip(): v.strip() for k, v in fields.items()}

@@ -163,7 +163,8 @@ class GGUFTensor:
         with np.errstate(divide="ignore", invalid="ignore"):
             q = np.where(d[..., None] != 0, np.rint(values / d.astype(np.float32)[..., None]), 0)
         q = np.nan_to_num(q).clip(-127, 127).astype(np.int8)   # non-finite d: refused by the loader's check
-        return QTensor("q8_0", self.shape, {"d": np.ascontiguousarray(d), "qs": np.ascontiguousarray(q.transpose(0, 2, 1))})
+        qs = np.ascontiguousarray(q.transpose(0, 2, 1))
+        return QTensor("q8_0", self.shape, {"d": np.ascontiguousarray(d), "qs": qs})
 
     def decode(self) -> np.ndarray:
         """The tensor's values as float32 in numpy shape, for re-encoding (by row chunks: the

@@ -24,7 +24,8 @@ class Backend(Protocol):
     name: str
     compiles: bool                                                        # kernels compile on first use
 
-    def begin(self) -> None: ...                                          # before a forward, in its thread
+    def begin(self, rows: int = 1) -> None: ...                           # before a forward of `rows` rows
+    def end(self) -> None: ...                                            # after it (results read back)
 
     # weights, buffers, and the host boundary
     def prepare(self, w) -> Any: ...                                      # QTensor / 1-D array -> backend weight
@@ -52,7 +53,7 @@ class Backend(Protocol):
 
 
 BACKEND_OPS = tuple(name for name in Backend.__dict__ if not name.startswith("_") and callable(Backend.__dict__[name]))
-OP_NAMES = tuple(name for name in BACKEND_OPS if name != "begin")  # the compute ops, without the hook
+OP_NAMES = tuple(name for name in BACKEND_OPS if name not in ("begin", "end"))  # the compute ops, without the hooks
 
 
 def module_ops(cls):

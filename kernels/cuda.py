@@ -381,5 +381,8 @@ class CudaBackend:
             raise TinyLLMError("the cuda backend does not take a CPU thread count (its kernels run on the GPU)")
         self.device = _device_name()
 
-    def begin(self) -> None:
+    def begin(self, rows: int = 1) -> None:
+        pass
+
+    def end(self) -> None:
         pass

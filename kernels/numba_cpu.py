@@ -29,6 +29,7 @@ from tinyllm.kernels.backend import module_ops
 from tinyllm.kernels.numba_ops import kv_write, new_kv_cache  # noqa: F401  (keys stored transposed, see numba_ops)
 from tinyllm.kernels.quant import QTensor
 from tinyllm.kernels.reference import add, clip, concat_rows, from_numpy, to_numpy  # noqa: F401
+from tinyllm.kernels.threads import ThreadGovernor
 
 name = "numba"
 
@@ -287,20 +288,33 @@ def attention(q, cache, start_pos: int, n_heads: int, scale: float, alibi_slopes
 
 @module_ops
 class NumbaBackend:
-    """The Numba CPU ops with their settings: ``threads`` (default: every core this process
-    may use) and ``simd_width`` (default: ``default_simd_width()``; 0 forces the portable loops)."""
+    """The Numba CPU ops with their settings: ``threads`` (default: adaptive, up to every core
+    this process may use: kernels/threads.py; a number fixes it) and ``simd_width`` (default:
+    ``default_simd_width()``; 0 forces the portable loops)."""
 
     name = "numba"
     compiles = True  # kernels compile (or load from the on-disk cache) on first use
 
     def __init__(self, threads: int | None = None, simd_width: int | None = None):
-        self.threads = thread_count(threads)
+        self.threads = thread_count(threads)    # the most a forward uses
+        self.governor = ThreadGovernor(self.threads) if threads is None else None
         self.simd_width = default_simd_width() if simd_width is None else check_simd_width(simd_width)
 
-    def begin(self) -> None:
-        """Before a forward pass, in the thread that runs it: Numba counts threads per thread."""
-        if numba.get_num_threads() != self.threads:
-            numba.set_num_threads(self.threads)
+    @property
+    def threads_now(self) -> int:
+        """The count decode runs with now (the governor's choice, or the fixed count)."""
+        return self.governor.current if self.governor else self.threads
+
+    def begin(self, rows: int = 1) -> None:
+        """Before a forward pass of ``rows`` rows, in the thread that runs it (Numba counts
+        threads per calling thread): the governor's count, or the fixed one."""
+        n = self.governor.start(rows) if self.governor else self.threads
+        if numba.get_num_threads() != n:
+            numba.set_num_threads(n)
+
+    def end(self) -> None:
+        if self.governor:
+            self.governor.finish()
 
     def matmul(self, x, w, bias=None):
         return matmul(x, w, bias, self.simd_width)

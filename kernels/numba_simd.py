@@ -341,7 +341,8 @@ def _chunk_loader(context, builder, v, at, W, masked):
     """load(field, offset, vector type, align): a vector of a chunk operand, masked to the row's blocks."""
     mask = None
     if masked:
-        mask = builder.icmp_signed("<", _const(I32, list(range(W))), _splat(builder, builder.trunc(v["nvalid"], I32), W))
+        nvalid = _splat(builder, builder.trunc(v["nvalid"], I32), W)
+        mask = builder.icmp_signed("<", _const(I32, list(range(W))), nvalid)
 
     def load(name, offset, vt, align):
         ptr = _vec_ptr(context, builder, at[name], v[name], offset, vt)
@@ -468,15 +469,17 @@ def _q6_k_chunk_steps(context, builder, v, at, W, masked):
 
     def load(name, offset, vt, align, per):
         ptr = _vec_ptr(context, builder, at[name], v[name], offset, vt)
-        return _masked_load(builder, ptr, lanes_below(vt.count, per), align) if masked else builder.load(ptr, align=align)
+        if masked:
+            return _masked_load(builder, ptr, lanes_below(vt.count, per), align)
+        return builder.load(ptr, align=align)
 
     d = load("d", sb0, ir.VectorType(I16, n), 2, 1)
     d = builder.fpext(builder.bitcast(d, ir.VectorType(F16, n)), ir.VectorType(F32, n))
     d = builder.shuffle_vector(d, d, _const(I32, [i // 8 for i in range(W)]))
     raw = load("m", builder.mul(sb0, ir.Constant(i64, 16)), ir.VectorType(I8, 2 * W), 1, 16)
     vf = ir.VectorType(F32, W)
-    return [builder.fmul(d, builder.sitofp(builder.shuffle_vector(raw, raw, _const(I32, [2 * i + h for i in range(W)])),
-                                           vf)) for h in (0, 1)]
+    halves = [builder.shuffle_vector(raw, raw, _const(I32, [2 * i + h for i in range(W)])) for h in (0, 1)]
+    return [builder.fmul(d, builder.sitofp(codes, vf)) for codes in halves]
 
 
 @intrinsic
@@ -484,9 +487,9 @@ def q6_chunk_dot(typingctx, weight, act, dest, nvalid, width, tt):
     """As q8_chunk_dot, for q6_k weights (24 planes, quant.py): weight.d and weight.m are either
     the row's float32 half-block steps (d * sc of each block's first and second 16 weights), d_off
     the chunk's first block, or, for a chunk of whole super-blocks, the (nsb, 1) float16 bits and
-    (nsb, 16) int8 scales, d_off its first super-block (decoded in registers); act.xq: int16 from quantize_for_simd_q8 with the pairs Q6_FIRST /
-    Q6_SECOND. Levels q - 32 times int16 activations summed by pmaddwd into int32 per half-block
-    (exact), then one float pass."""
+    (nsb, 16) int8 scales, d_off its first super-block (decoded in registers); act.xq: int16
+    from quantize_for_simd_q8 with the pairs Q6_FIRST / Q6_SECOND. Levels q - 32 times int16
+    activations summed by pmaddwd into int32 per half-block (exact), then one float pass."""
     if not all(isinstance(a, types.IntegerLiteral) for a in (width, tt)):
         return None
     W, TT = width.literal_value, tt.literal_value

@@ -84,7 +84,8 @@ class QTensor:
         if self.format not in K_FORMATS:
             parts = {k: take(v) for k, v in self.parts.items()}
         elif n_blocks(self.shape[1]) % SUPER:
-            raise ValueError(f"{self.format} rows of {self.shape[1]} weights share super-blocks; rows cannot be taken apart")
+            raise ValueError(f"{self.format} rows of {self.shape[1]} weights share super-blocks; "
+                             "rows cannot be taken apart")
         else:
             parts = {k: take(v, per_row=n_blocks(self.shape[1]) // SUPER if k != "qs" else 1)
                      for k, v in self.parts.items()}

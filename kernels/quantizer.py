@@ -38,8 +38,6 @@ from tinyllm.kernels.quant import (
     encode_q6_k,
     pack_q6,
     pack_scales,
-    q6_k_half_scales,
-    q6_k_levels,
     quantize,
     super_blocks,
     unpack_q6,
@@ -302,7 +300,8 @@ def refine_q6_k(x: np.ndarray, cost: np.ndarray, t: QTensor, step: np.ndarray, r
         best = np.where(take, err.sum(axis=1), best)
         d, sc, k = np.where(take, nd, d), np.where(take[:, None], nsc, sc), np.where(take[:, None, None], nk, k)
     q = (k + 32).reshape(nsb * SUPER, QK)[:rows * nb].reshape(rows, nb, QK).astype(np.uint8)
-    return QTensor("q6_k", t.shape, {"d": d.astype(np.float16)[:, None], "scales": sc.astype(np.int8), "qs": pack_q6(q)})
+    parts = {"d": d.astype(np.float16)[:, None], "scales": sc.astype(np.int8), "qs": pack_q6(q)}
+    return QTensor("q6_k", t.shape, parts)
 
 
 def better_super_blocks(x: np.ndarray, cost: np.ndarray, a: QTensor, b: QTensor) -> QTensor:

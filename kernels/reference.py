@@ -231,5 +231,8 @@ class NumpyBackend:
         if threads is not None:
             raise TinyLLMError("the numpy backend does not take a thread count (its BLAS library chooses)")
 
-    def begin(self) -> None:
+    def begin(self, rows: int = 1) -> None:
+        pass
+
+    def end(self) -> None:
         pass

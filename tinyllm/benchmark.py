@@ -107,13 +107,13 @@ class BenchReport:
     model: str
     file_bytes: int
     weight_bytes: int
-    threads: int | None           # kernel threads (None: the backend does not say)
+    threads: str | None           # kernel threads, in words (None: the backend has none)
     prefill: dict                 # n_tokens -> Samples
     decode: Samples
     bandwidth: Samples | None
 
     def lines(self) -> list[str]:
-        threads = f", {self.threads} threads" if self.threads else ""
+        threads = f", {self.threads}" if self.threads else ""
         rows = [(f"model      {self.model} ({_megabytes(self.file_bytes)}; {_megabytes(self.weight_bytes)} "
                  f"of weights read per decoded token){threads}")]
         for n, s in self.prefill.items():
@@ -136,9 +136,19 @@ def run_bench(model, prompt_tokens=(128, 512), gen_tokens: int = 128, repeats: i
     prefill = {n: time_prefill(model, n, repeats) for n in prompt_tokens if n + 1 <= model.n_ctx}
     decode = time_decode(model, min(gen_tokens, model.n_ctx - 2), repeats)
     bandwidth = memory_bandwidth(probe_bytes) if probe_bytes else None
-    threads = getattr(model.ops, "threads", None)
-    return BenchReport(model.name, model.path.stat().st_size, weight_bytes_per_token(model), threads,
-                       prefill, decode, bandwidth)
+    return BenchReport(model.name, model.path.stat().st_size, weight_bytes_per_token(model),
+                       threads_in_words(model.ops), prefill, decode, bandwidth)
+
+
+def threads_in_words(ops) -> str | None:
+    """How a backend chooses its threads: "2 threads", or the adaptive governor's state."""
+    if not hasattr(ops, "threads"):
+        return None
+    governor = getattr(ops, "governor", None)
+    if governor is None:
+        return f"{ops.threads} threads"
+    return (f"adaptive threads up to {ops.threads} (decode on {governor.current} at the end, "
+            f"{governor.switches} switches)")
 
 
 def _megabytes(n: int) -> str:

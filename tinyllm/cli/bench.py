@@ -15,7 +15,8 @@ from tinyllm.cli.options import load_model, model_argument, say
 @click.option("--repeats", "-r", type=int, default=3, show_default=True, help="Timed runs of each (median shown).")
 @click.option("--probe-mb", type=int, default=1024, show_default=True,
               help="Buffer size of the memory-bandwidth probe (0: skip the probe).")
-@click.option("--threads", "-t", type=int, default=None, help="CPU threads (default: all cores).")
+@click.option("--threads", "-t", type=int, default=None,
+              help="CPU threads (default: adaptive, up to all cores, fewer while other processes keep cores busy).")
 @click.option("--backend", type=click.Choice(["numba", "numpy"]), default=None,
               help="Kernels: numba (fast, default) or numpy (the reference).")
 def bench(model, prompt_tokens, gen_tokens, repeats, probe_mb, threads, backend):

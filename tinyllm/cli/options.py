@@ -45,7 +45,8 @@ def runtime_options(f=None, ctx_help: str = "Context length (default: the model'
                      help="Run on the CPU (default) or an NVIDIA GPU (needs the cuda extra).")(f)
     f = click.option("--ctx", "-c", "n_ctx", type=click.IntRange(min=1), default=None, help=ctx_help)(f)
     f = click.option("--threads", "-t", type=click.IntRange(min=1), default=None,
-                     help="CPU threads (default: all cores).")(f)
+                     help="CPU threads (default: adaptive, up to all cores, fewer while other "
+                     "processes keep cores busy).")(f)
     f = click.option("--backend", type=click.Choice(CPU_BACKENDS), default=None,
                      help="Kernels: numba (fast, default) or numpy (the reference).")(f)
     return f
