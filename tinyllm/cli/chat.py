@@ -74,7 +74,10 @@ def _answer(session, line: str, max_tokens: int, verbose: bool) -> bool:
         sys.stdout.write("\n")
     sys.stdout.flush()
     if verbose and session.stats is not None:
-        _note(session.stats.summary(), "cyan")
+        from tinyllm.benchmark import threads_in_words
+
+        threads = threads_in_words(session.model.ops)
+        _note(session.stats.summary() + (f" | {threads}" if threads else ""), "cyan")
     return True
 
 
