@@ -1,6 +1,7 @@
 """A loaded model: weights on a backend, a KV cache, a tokenizer, and the ways to run it."""
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 from typing import Iterator
 
@@ -18,7 +19,7 @@ from tinyllm.tokenizer import Tokenizer
 from tinyllm.validate import check_allocation, check_source
 
 DEFAULT_MAX_CTX = 4096  # KV cache positions allocated unless n_ctx asks for more
-SAMPLING_OPTIONS = {"temperature", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n", "seed"}
+SAMPLING_OPTIONS = {f.name for f in fields(SamplingParams)}  # what generate_batch passes on to generate
 
 
 def _runtime_tensor(t):
