@@ -435,6 +435,17 @@ def _chunk_codegen(emit):
     return codegen
 
 
+def _chunk_signature(weight, act, dest, nvalid, width, tt, instructions):
+    """A chunk intrinsic's typing: (signature, W, TT) once width and tt are literals (None, 0, 0
+    until then, which makes Numba retry with literals); a width without an instruction is refused."""
+    if not all(isinstance(a, types.IntegerLiteral) for a in (width, tt)):
+        return None, 0, 0
+    W, TT = width.literal_value, tt.literal_value
+    if W not in instructions:
+        raise ValueError(f"unsupported SIMD width {W}")
+    return types.void(weight, act, dest, nvalid, width, tt), W, TT
+
+
 def _width_of(signature) -> int:
     return signature.args[4].literal_value  # (weight, act, dest, nvalid, width, tt)
 
@@ -445,14 +456,8 @@ def q8_chunk_dot(typingctx, weight, act, dest, nvalid, width, tt):
     in pairs by pmaddwd into int32 per block (exact), then one float pass. act.xq: int16 from
     quantize_for_simd_q8, plane pair j of a chunk at 2*width*j, in q8_pair_blocks order
     (act.corr, act.sxf None)."""
-    if not all(isinstance(a, types.IntegerLiteral) for a in (width, tt)):
-        return None
-    W, TT = width.literal_value, tt.literal_value
-    if W not in _PMADDWD:
-        raise ValueError(f"unsupported SIMD width {W}")
-    sig = types.void(weight, act, dest, nvalid, width, tt)
-
-    return sig, _chunk_codegen(lambda *a, masked: _emit_q8_chunk(*a, W, TT, masked=masked))
+    sig, W, TT = _chunk_signature(weight, act, dest, nvalid, width, tt, _PMADDWD)
+    return sig and (sig, _chunk_codegen(lambda *a, masked: _emit_q8_chunk(*a, W, TT, masked=masked)))
 
 
 def _q6_k_chunk_steps(context, builder, v, at, W, masked):
@@ -490,14 +495,8 @@ def q6_chunk_dot(typingctx, weight, act, dest, nvalid, width, tt):
     (nsb, 16) int8 scales, d_off its first super-block (decoded in registers); act.xq: int16
     from quantize_for_simd_q8 with the pairs Q6_FIRST / Q6_SECOND. Levels q - 32 times int16
     activations summed by pmaddwd into int32 per half-block (exact), then one float pass."""
-    if not all(isinstance(a, types.IntegerLiteral) for a in (width, tt)):
-        return None
-    W, TT = width.literal_value, tt.literal_value
-    if W not in _PMADDWD:
-        raise ValueError(f"unsupported SIMD width {W}")
-    sig = types.void(weight, act, dest, nvalid, width, tt)
-
-    return sig, _chunk_codegen(lambda *a, masked: _emit_q6_chunk(*a, W, TT, masked=masked))
+    sig, W, TT = _chunk_signature(weight, act, dest, nvalid, width, tt, _PMADDWD)
+    return sig and (sig, _chunk_codegen(lambda *a, masked: _emit_q6_chunk(*a, W, TT, masked=masked)))
 
 
 @intrinsic
@@ -515,15 +514,9 @@ def q4_chunk_dot(typingctx, weight, act, dest, nvalid, width, tt):
     nvalid  blocks of this chunk inside the row (< width only for the row's last chunk)
     width, tt: compile-time constants (64 or 32 blocks; tokens per call)
     """
-    if not all(isinstance(a, types.IntegerLiteral) for a in (width, tt)):
-        return None
-    W, TT = width.literal_value, tt.literal_value
+    sig, W, TT = _chunk_signature(weight, act, dest, nvalid, width, tt, _PMADDUBSW)
     HAS_MIN = not isinstance(weight.types[weight.fields.index("m")], types.NoneType)
-    if W not in _PMADDUBSW:
-        raise ValueError(f"unsupported SIMD width {W}")
-    sig = types.void(weight, act, dest, nvalid, width, tt)
-
-    return sig, _chunk_codegen(lambda *a, masked: _emit_q4_chunk(*a, W, TT, HAS_MIN, masked=masked))
+    return sig and (sig, _chunk_codegen(lambda *a, masked: _emit_q4_chunk(*a, W, TT, HAS_MIN, masked=masked)))
 
 
 @intrinsic
