@@ -133,6 +133,27 @@ def _masked_load(builder, ptr, mask, align):
     return builder.call(fn, [ptr, ir.Constant(I32, align), mask, ir.Constant(vt, [0] * vt.count)])
 
 
+def _load_lanes(context, builder, aryty, ary, offset, vt, mask, align):
+    """The lanes of a vector of ``vt`` at flat element ``offset`` of an array where ``mask`` is
+    set, zero elsewhere. A plain load and a select wherever the whole vector lies inside the
+    array (the rows' last, partial chunks nearly always do): AVX2 has no masked load of bytes or
+    words, and LLVM turns one into a branch per lane; a masked load only at the array's end."""
+    arr = context.make_array(aryty)(context, builder, ary)
+    ptr = _vec_ptr(context, builder, aryty, ary, offset, vt)
+    inside = builder.icmp_signed("<=", builder.add(offset, ir.Constant(offset.type, vt.count)), arr.nitems)
+    with builder.if_else(inside) as (whole, edge):
+        with whole:
+            plain = builder.select(mask, builder.load(ptr, align=align), ir.Constant(vt, [0] * vt.count))
+            plain_block = builder.basic_block
+        with edge:
+            masked = _masked_load(builder, ptr, mask, align)
+            masked_block = builder.basic_block
+    value = builder.phi(vt)
+    value.add_incoming(plain, plain_block)
+    value.add_incoming(masked, masked_block)
+    return value
+
+
 def _masked_store(builder, value, ptr, mask, align):
     vt = value.type
     element = "f32" if isinstance(vt.element, ir.FloatType) else f"i{vt.element.width}"
@@ -186,8 +207,9 @@ def _emit_q4_chunk(context, builder, v, at, W, tt, has_min, masked):
         mask = builder.icmp_signed("<", lanes, _splat(builder, builder.trunc(nvalid, I32), W))
 
     def load(aryty, ary, offset, vt, align):
-        ptr = _vec_ptr(context, builder, aryty, ary, offset, vt)
-        return _masked_load(builder, ptr, mask, align) if masked else builder.load(ptr, align=align)
+        if masked:
+            return _load_lanes(context, builder, aryty, ary, offset, vt, mask, align)
+        return builder.load(_vec_ptr(context, builder, aryty, ary, offset, vt), align=align)
 
     lo_mask, hi_mask = pair_blocks(W)
     unpack_lo = _const(I32, [i for b in lo_mask for i in (b, W + b)])
@@ -262,17 +284,21 @@ def _q4_k_chunk_scales(context, builder, d_type, d, scales_type, scales, sb0, nv
             if masked else _const(I1, [int(i < limit) for i in range(count)])
 
     vpair = ir.VectorType(I16, 2 * n)
-    pptr = _vec_ptr(context, builder, d_type, d, builder.mul(sb0, ir.Constant(i64, 2)), vpair)
-    pairs = _masked_load(builder, pptr, lanes_below(2 * n, 2, 2 * n), 2) if masked else builder.load(pptr, align=2)
+    if masked:
+        pairs = _load_lanes(context, builder, d_type, d, builder.mul(sb0, ir.Constant(i64, 2)), vpair,
+                            lanes_below(2 * n, 2, 2 * n), 2)
+    else:
+        pairs = builder.load(_vec_ptr(context, builder, d_type, d, builder.mul(sb0, ir.Constant(i64, 2)), vpair),
+                             align=2)
     pairs = builder.fpext(builder.bitcast(pairs, ir.VectorType(F16, 2 * n)), ir.VectorType(F32, 2 * n))
     d0 = builder.shuffle_vector(pairs, pairs, _const(I32, [2 * (i // 8) for i in range(W)]))
     d1 = builder.shuffle_vector(pairs, pairs, _const(I32, [2 * (i // 8) + 1 for i in range(W)]))
     # the chunk's 12 * n scale bytes: a plain load of exactly those for a full chunk (AVX2 has no
-    # byte-masked load: LLVM would emit one branch per byte), a masked one for the row's last chunk
+    # byte-masked load: LLVM would emit one branch per byte), the valid lanes for the row's last chunk
     start = builder.mul(sb0, ir.Constant(i64, 12))
     if masked:
-        rptr = _vec_ptr(context, builder, scales_type, scales, start, ir.VectorType(I8, 2 * W))
-        raw = _masked_load(builder, rptr, lanes_below(2 * W, 12, 12 * n), 1)
+        raw = _load_lanes(context, builder, scales_type, scales, start, ir.VectorType(I8, 2 * W),
+                          lanes_below(2 * W, 12, 12 * n), 1)
     else:
         raw = builder.load(_vec_ptr(context, builder, scales_type, scales, start, ir.VectorType(I8, 12 * n)), align=1)
 
@@ -345,8 +371,9 @@ def _chunk_loader(context, builder, v, at, W, masked):
         mask = builder.icmp_signed("<", _const(I32, list(range(W))), nvalid)
 
     def load(name, offset, vt, align):
-        ptr = _vec_ptr(context, builder, at[name], v[name], offset, vt)
-        return _masked_load(builder, ptr, mask, align) if masked else builder.load(ptr, align=align)
+        if masked:
+            return _load_lanes(context, builder, at[name], v[name], offset, vt, mask, align)
+        return builder.load(_vec_ptr(context, builder, at[name], v[name], offset, vt), align=align)
 
     return load
 
@@ -473,10 +500,9 @@ def _q6_k_chunk_steps(context, builder, v, at, W, masked):
                                    _splat(builder, builder.mul(nsb_valid, ir.Constant(I32, per)), count))
 
     def load(name, offset, vt, align, per):
-        ptr = _vec_ptr(context, builder, at[name], v[name], offset, vt)
         if masked:
-            return _masked_load(builder, ptr, lanes_below(vt.count, per), align)
-        return builder.load(ptr, align=align)
+            return _load_lanes(context, builder, at[name], v[name], offset, vt, lanes_below(vt.count, per), align)
+        return builder.load(_vec_ptr(context, builder, at[name], v[name], offset, vt), align=align)
 
     d = load("d", sb0, ir.VectorType(I16, n), 2, 1)
     d = builder.fpext(builder.bitcast(d, ir.VectorType(F16, n)), ir.VectorType(F32, n))
