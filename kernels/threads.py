@@ -12,12 +12,12 @@ the times it observes:
   average of its step time per batch size (1..8 rows: decode and batched decode; larger
   forwards, prefill, use the count decode found best);
 - once the first steps are timed it tries each other candidate once (all cores, all but one,
-  half, one), then again every ``EXPLORE_EVERY`` steps, and at once when a step is much slower
-  than the incumbent's average (load arrived);
+  half, one), then again every ``EXPLORE_EVERY`` steps, and at once when two steps in a row are
+  much slower than the incumbent's average (load arrived; one slow step is often just jitter);
 - a candidate whose step beats the incumbent's average by ``SWITCH_MARGIN`` becomes the incumbent.
 
-On a quiet machine that costs one slower step in EXPLORE_EVERY (about 1.5 %); under load it
-switches within a step or two. ``NumbaBackend(threads=N)`` fixes the count instead.
+On a quiet machine that costs one slower step in EXPLORE_EVERY (1-3 %); under load it
+switches within three steps. ``NumbaBackend(threads=N)`` fixes the count instead.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 
 EXPLORE_EVERY = 32     # steps between trials of another thread count
-SLOW_STEP = 1.5        # a step this many times the incumbent's average triggers a trial now
+SLOW_STEP = 2.0        # two steps in a row this many times the incumbent's average trigger a trial
 SWITCH_MARGIN = 0.95   # a trial must beat the incumbent's average by 5 %
 AVERAGE_WEIGHT = 0.25  # weight of the newest step in the incumbent's moving average
 WARMUP_STEPS = 2       # first steps of a batch size (compiling, paging in) are not timed
@@ -44,7 +44,7 @@ class _RowStats:
     steps: int = 0
     tried: dict = field(default_factory=dict)   # candidate -> its last trial's seconds
     next_trial: int = 0                         # index into the other candidates, round robin
-    trial_now: bool = False                     # the incumbent's last step was slow: try another
+    slow_steps: int = 0                         # the incumbent's consecutive slow steps
 
 
 class ThreadGovernor:
@@ -75,11 +75,11 @@ class ThreadGovernor:
         n = s.incumbent
         untried = [c for c in self.options if c != s.incumbent and c not in s.tried]
         if s.steps > WARMUP_STEPS and s.average is not None and (
-                untried or s.steps % EXPLORE_EVERY == 0 or s.trial_now):
+                untried or s.steps % EXPLORE_EVERY == 0 or s.slow_steps >= 2):
             others = [c for c in self.options if c != s.incumbent]
             n = untried[0] if untried else others[s.next_trial % len(others)]
             s.next_trial += not untried
-            s.trial_now = False
+            s.slow_steps = 0
         self._pending = (rows, n, time.perf_counter())
         return n
 
@@ -94,8 +94,8 @@ class ThreadGovernor:
         if s.steps <= WARMUP_STEPS:
             return
         if n == s.incumbent:
-            if s.average is not None and seconds > SLOW_STEP * s.average:
-                s.trial_now = True
+            slow = s.average is not None and seconds > SLOW_STEP * s.average
+            s.slow_steps = s.slow_steps + 1 if slow else 0
             s.average = seconds if s.average is None else \
                 (1 - AVERAGE_WEIGHT) * s.average + AVERAGE_WEIGHT * seconds
             return

@@ -45,8 +45,8 @@ def test_load_arriving_and_leaving(monkeypatch):
         m.step(g)
     m.busy = True
     used = [m.step(g) for _ in range(40)]
-    assert used[:3].count(2) <= 2 and set(used[3:]) == {1} | ({2} & set(used[3:]))
-    assert used[3:].count(2) <= 40 // EXPLORE_EVERY + 1
+    assert used[:4].count(2) <= 3                        # two slow steps, then a trial of 1 thread
+    assert used[4:].count(2) <= 40 // EXPLORE_EVERY + 1
     assert g.current == 1
     m.busy = False
     used = [m.step(g) for _ in range(EXPLORE_EVERY + 2)]
