@@ -170,7 +170,9 @@ K_TOLERANCE = {T.Q2_K: 0.015, T.Q3_K: 0.12, T.Q5_K: 0.005, T.Q5_1: 0.02, T.IQ4_X
 
 def _k_quant_model(qtype, vocab_dir, tmp_path):
     """A tiny LLaMA whose matrices (and tied embedding) are random K-quant blocks: the GGUF
-    file holds the blocks, the transformers model the weights they decode to (gguf.quants)."""
+    file holds the blocks, the transformers model the weights they decode to (gguf.quants).
+    ``qtype``: one type for every matrix, or a function of the GGUF tensor name."""
+    type_of = qtype if callable(qtype) else (lambda _name: qtype)
     model = _hf_model(K_CONFIG)
     rng = np.random.default_rng(1)
     raw, sd = {}, model.state_dict()
@@ -180,6 +182,7 @@ def _k_quant_model(qtype, vocab_dir, tmp_path):
     with torch.no_grad():
         for gname, hfname in names.items():
             rows, cols = sd[hfname].shape
+            qtype = type_of(gname)
             blocks = random_k_blocks(qtype, rows, cols, rng)
             w = gguf.quants.dequantize(blocks, qtype).reshape(rows, cols)
             kind = gname.split(".")[-2]
@@ -250,6 +253,25 @@ def test_k_quant_file_loads_without_loss(vocab_dir, tmp_path, backend, qtype):
     # and 0.036 for Q6_K, whose random 16-weight scales make ffn_down inputs reach 180 x their rms
     tol = 1e-5 if backend == "numpy" else (0.06 if qtype == T.Q6_K else 0.015)
     assert np.sqrt(np.mean((m.logits(PROMPT) - expected) ** 2)) / expected.std() < tol
+
+
+def q4_k_m_types(gname: str):
+    """llama.cpp's Q4_K_M choice on a one-layer model: Q6_K for the (tied) head, attn_v, ffn_down."""
+    return T.Q6_K if gname.split(".")[-2] in ("token_embd", "attn_v", "ffn_down") else T.Q4_K
+
+
+def test_q4_k_m_file_loads_without_loss(vocab_dir, tmp_path):
+    """A file mixing Q4_K and Q6_K as llama.cpp's Q4_K_M does: no notice, every tensor in its own
+    format, and transformers' logits on the weights its blocks decode to."""
+    model, path = _k_quant_model(q4_k_m_types, vocab_dir, tmp_path)
+    lines = []
+    m = Model(open_gguf(path, notice=lines.append), backend="numpy")
+    assert lines == []
+    formats = {name: t.format for name, t in m.file_tensors.items() if len(t.shape) == 2}
+    assert {formats[n] for n in ("tok_embeddings", "layers.0.attention.wv", "layers.0.feed_forward.w2")} == {"q6_k"}
+    assert formats["layers.0.attention.wq"] == formats["layers.0.feed_forward.w1"] == "q4_k"
+    expected = hf_logits(model, PROMPT)
+    assert np.sqrt(np.mean((m.logits(PROMPT) - expected) ** 2)) / expected.std() < 1e-5
 
 
 def hf_weight(model, tinyllm_name: str) -> np.ndarray:
