@@ -7,7 +7,7 @@ a clip) the reference function is used as is.
 
 Quantized matmuls quantize the activation to int8 blocks and run integer block dot
 products (numba_quant.py); on x86 with AVX2/AVX-512BW they go through hand-placed
-pmaddubsw (q4_0, q4_1, q4_k) and pmaddwd (q8_0) kernels (numba_simd.py). Set TINYLLM_SIMD=0 to force the portable
+pmaddubsw (q4_0, q4_1, q4_k) and pmaddwd (q8_0, q6_k) kernels (numba_simd.py). Set TINYLLM_SIMD=0 to force the portable
 loops (or =32 to use the AVX2 width on an AVX-512 machine).
 
 The module's functions are the ops, with the SIMD width an argument; ``NumbaBackend`` is the

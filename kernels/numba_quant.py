@@ -12,7 +12,8 @@ Two implementations of the q4 product share that activation format:
 - portable: plain loops over the planes that LLVM vectorizes on any CPU (16-bit lanes,
   per-block int16 accumulators in a small array, the same wrapping trick as the SIMD path).
 
-q8_0 uses a portable loop with int32 per-block accumulators (LLVM emits pmaddwd for it).
+q8_0 and q6_k have SIMD kernels too (numba_simd: pmaddwd on int16 pairs, q6_k's paired within
+each 16-weight half-block) and portable loops with int32 per-block accumulators.
 Float weights (f16/f32) and the dequantize-a-tile path feed BLAS.
 
 Shapes: weights are (N, K) as in PyTorch, activations (T, K), results (T, N); nb = ceil(K/32).
