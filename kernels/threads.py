@@ -4,7 +4,9 @@ Using every core is fastest on a quiet machine and a disaster on a busy one: a d
 a 1.1B model runs ~170 parallel regions, each ending at a barrier, and a region is as slow as
 its slowest thread. When another process holds one of two cores, the thread sharing that core
 gets half of it (or waits a scheduler tick to run at all), and every region waits for it:
-measured 10x slower than one thread (issue 13). No fixed count is right for both cases, and
+on 2 cores beside one busy process, 2 threads decoded at half of one thread's speed (the 1.1B
+model, BENCHMARKS.md; issue 13 saw 10x on a busier machine). No fixed count is right for both
+cases, and
 the load changes while a chat runs, so the ``ThreadGovernor`` decides per forward pass from
 the times it observes:
 
