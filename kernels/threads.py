@@ -6,9 +6,8 @@ its slowest thread. When another process holds one of two cores, the thread shar
 gets half of it (or waits a scheduler tick to run at all), and every region waits for it:
 on 2 cores beside one busy process, 2 threads decoded at half of one thread's speed (the 1.1B
 model, BENCHMARKS.md; issue 13 saw 10x on a busier machine). No fixed count is right for both
-cases, and
-the load changes while a chat runs, so the ``ThreadGovernor`` decides per forward pass from
-the times it observes:
+cases, and the load changes while a chat runs, so the ``ThreadGovernor`` decides per forward
+pass from the times it observes:
 
 - it runs the best count it knows (the *incumbent*, at first every core), keeping a moving
   average of its step time per batch size (1..8 rows: decode and batched decode; larger
