@@ -1,8 +1,8 @@
 """How many threads a forward pass gets: measured, not assumed.
 
 Using every core is fastest on a quiet machine and a disaster on a busy one: a decode step of
-a 1.1B model runs 200 parallel regions (155 matmuls, 45 norms), each ending at a barrier, and a region is as slow as
-its slowest thread. When another process holds one of two cores, the thread sharing that core
+a 1.1B model runs 200 parallel regions (155 matmuls, 45 norms), each ending at a barrier, and
+a region is as slow as its slowest thread. When another process holds one of two cores, the thread sharing that core
 gets half of it (or waits a scheduler tick to run at all), and every region waits for it:
 on 2 cores beside one busy process, 2 threads decoded at half of one thread's speed (the 1.1B
 model, BENCHMARKS.md; issue 13 saw 10x on a busier machine). No fixed count is right for both
