@@ -515,6 +515,18 @@ def test_unsupported_tensor_type_named(small_gguf, vocab_dir, tmp_path):
         open_gguf(path)
 
 
+def test_widened_tensor_with_a_non_finite_scale_is_refused(small_gguf, vocab_dir, tmp_path):
+    """A Q5_0 block whose float16 d is NaN: widening to q8_0 keeps the NaN scale, and the loader's
+    finite check refuses the file (no NaN reaches a kernel)."""
+    model, _ = small_gguf
+    q5 = np.random.default_rng(0).integers(0, 255, size=(32, 2 * 22), dtype=np.uint8)   # Q5_0: 22-byte blocks
+    q5.reshape(32, 2, 22)[..., :2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
+    q5[3, :2] = np.frombuffer(np.float16(np.nan).tobytes(), np.uint8)
+    path = write_llama_gguf(tmp_path / "nan.gguf", model, vocab_dir, T.Q4_0, raw={"blk.1.attn_v.weight": (q5, T.Q5_0)})
+    with pytest.raises(FormatError, match="NaN or infinite"):
+        Model(open_gguf(path, notice=lambda line: None), backend="numpy")
+
+
 @pytest.mark.parametrize("case,error,match", [
     ("arch", UnsupportedError, "GGUF architecture 'gemma' is not supported"),
     ("option", UnsupportedError, r"llama\.attention\.sliding_window"),
