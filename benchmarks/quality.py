@@ -40,10 +40,12 @@ RECIPES = [  # label, convert options (the imatrix path is filled in)
     ("q4_1 search + imatrix", ["--quant", "q4_1", "--quantizer", "search", "--imatrix", None]),
     ("q4_k", ["--quant", "q4_k"]),
     ("q4_k + imatrix", ["--quant", "q4_k", "--imatrix", None]),
+    ("q4_k gptq + imatrix", ["--quant", "q4_k", "--quantizer", "gptq", "--imatrix", None]),
     ("q4_k_s", ["--quant", "q4_k_s"]),
     ("q4_k_s + imatrix", ["--quant", "q4_k_s", "--imatrix", None]),
     ("q4_k_m", ["--quant", "q4_k_m"]),
     ("q4_k_m + imatrix", ["--quant", "q4_k_m", "--imatrix", None]),
+    ("q4_k_m gptq + imatrix", ["--quant", "q4_k_m", "--quantizer", "gptq", "--imatrix", None]),
     ("q6_k", ["--quant", "q6_k"]),
     ("q6_k + imatrix", ["--quant", "q6_k", "--imatrix", None]),
 ]
@@ -89,7 +91,7 @@ def main() -> None:
     calib.write_text(sample_text(ref, 5000, args.tokens // 2, args.prompt))
     held_out.write_text(sample_text(ref, 1000, args.tokens, args.prompt))
     imatrix = out / "model.imatrix"
-    tinyllm("imatrix", files["f32 (reference)"], calib, "-o", imatrix)
+    tinyllm("imatrix", files["f32 (reference)"], calib, "-o", imatrix, "--covariance")  # covariances: for gptq
     params = sum(math.prod(x.shape) for x in ref.file_tensors.values())
     print(f"{args.source.name}, {params} parameters; ctx {args.ctx}; evaluation {held_out} "
           f"({len(ref.tokenize(held_out.read_text(), special=False))} tokens), calibration {calib}")

@@ -60,12 +60,13 @@ def convert(src, out, quant: str | None = None, progress=None, quantizer: str = 
             imatrix=None, tokenizer=None) -> Path:
     """Convert ``src`` (a Hugging Face checkpoint directory, a GGUF file or a llama2.c
     checkpoint, told by their contents) into the .q4 file ``out``; ``progress(done, total)``
-    after each tensor written. ``quantizer`` ("nearest" or "search") and ``imatrix`` (an
-    importance matrix file, or a {tensor name: values} dict) choose how 4-bit matrices are
-    encoded (converters/recipe.py); ``tokenizer``: a llama2.c checkpoint's tokenizer.bin."""
+    after each tensor written. ``quantizer`` ("nearest", "search" or "gptq") and ``imatrix``
+    (an importance matrix file, or a {tensor name: values} dict) choose how 4-bit matrices are
+    encoded (converters/recipe.py; gptq: a file with covariances); ``tokenizer``: a llama2.c
+    checkpoint's tokenizer.bin."""
     from tinyllm.converters.gguf import convert_gguf
     from tinyllm.converters.llama2c import is_llama2c
-    from tinyllm.imatrix import read_imatrix
+    from tinyllm.imatrix import read_covariances, read_imatrix
 
     src = Path(src)
     if not src.exists():
@@ -78,10 +79,11 @@ def convert(src, out, quant: str | None = None, progress=None, quantizer: str = 
     if tokenizer is not None and not llama2c:
         raise TinyLLMError("--tokenizer names a llama2.c checkpoint's tokenizer.bin; this source has its own")
     importance = imatrix if isinstance(imatrix, dict) or imatrix is None else read_imatrix(imatrix)
+    covariance = read_covariances(imatrix) if quantizer == "gptq" and isinstance(imatrix, (str, Path)) else {}
     if gguf and quant is None and (quantizer != "nearest" or importance):
         raise TinyLLMError("--quantizer and --imatrix choose how to requantize: give --quant too "
                            "(without it a GGUF file keeps its own formats)")
-    recipe = Recipe(quant or DEFAULT_QUANT, quantizer, importance or {})  # imatrix: GGUF tensor names
+    recipe = Recipe(quant or DEFAULT_QUANT, quantizer, importance or {}, covariance)  # imatrix: GGUF tensor names
     if gguf:
         return convert_gguf(src, out, quant=quant, progress=progress, recipe=recipe)
     if llama2c:

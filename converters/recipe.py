@@ -14,16 +14,20 @@ One ``Recipe`` serves both converters (Hugging Face, GGUF requantization):
   and uses q6_k (MORE_BITS) there, one bit more on those tensors, never fewer;
 - the encoder: round to nearest (``quant.quantize``: for q4_0/q4_1/q8_0 bit-identical to
   llama.cpp's reference quantizer), or the error-minimizing search (``quantizer.py``),
-  weighted by an importance matrix when one is given. q4_k and q6_k always search.
+  weighted by an importance matrix when one is given. q4_k and q6_k always search. ``gptq``:
+  the searched grid, its codes chosen by GPTQ against each matrix's input covariance
+  (``gptq.py``; the imatrix file's in_cov tensors); q8_0 tensors stay round-to-nearest.
 """
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from tinyllm.errors import TinyLLMError
+from tinyllm.kernels.gptq import GPTQ_FORMATS, gptq
 from tinyllm.kernels.quant import FORMATS, K_FORMATS, SUPER, QTensor, quantize
 from tinyllm.kernels.quantizer import SEARCHED, quantize_searched
 
@@ -33,7 +37,7 @@ EDGE_TENSORS = ("tok_embeddings", "output")
 # so each chunk's super-blocks are whole and the chunks' parts simply concatenate
 ROW_CHUNK = 4096
 assert ROW_CHUNK % SUPER == 0
-QUANTIZERS = ("nearest", "search")
+QUANTIZERS = ("nearest", "search", "gptq")
 MIXES = ("q4_k_s", "q4_k_m")
 CHOICES = FORMATS + MIXES   # what --quant accepts
 MORE_BITS = "q6_k"          # the mixes' format for the tensors that matter most (ggml: Q5_K / Q6_K)
@@ -44,6 +48,7 @@ class Recipe:
     quant: str                           # the requested format of the weight matrices
     quantizer: str = "nearest"           # for q4_0 / q4_1 (q4_k and q6_k always search)
     imatrix: dict = field(default_factory=dict)   # GGUF tensor name -> (in_features,) mean squared activation
+    covariance: Mapping = field(default_factory=dict)  # GGUF tensor name -> (in, in) E[x x^T], for gptq
     names: dict = field(default_factory=dict)     # tinyllm tensor name -> GGUF name (see bind)
     n_layers: int = 0                             # (see bind)
 
@@ -54,6 +59,11 @@ class Recipe:
             raise TinyLLMError(f"unknown quantizer {self.quantizer!r}; choose one of {', '.join(QUANTIZERS)}")
         if self.quantizer == "nearest" and self.imatrix and self.quant not in K_FORMATS + MIXES:
             raise TinyLLMError("an importance matrix weights the search quantizer: use --quantizer search")
+        if self.quantizer == "gptq" and not self.covariance:
+            raise TinyLLMError("--quantizer gptq needs input covariances: an --imatrix file made with "
+                               "`tinyllm imatrix --covariance`")
+        if self.quantizer == "gptq" and self.quant not in GPTQ_FORMATS + MIXES:
+            raise TinyLLMError(f"--quantizer gptq rounds {', '.join(GPTQ_FORMATS)} codes, not {self.quant}")
         if self.imatrix and self.quant not in SEARCHED + MIXES:
             raise TinyLLMError(f"an importance matrix only changes the {', '.join(SEARCHED)} quantizers, "
                                f"not {self.quant}")
@@ -94,14 +104,20 @@ class Recipe:
                                f"which has {w.shape[-1]} input features (made for another model?)")
         if fmt in ("f32", "f16") or w.ndim != 2:
             return quantize(w, fmt)
-        chunks = [self._encode(w[r:r + ROW_CHUNK], fmt, imp) for r in range(0, w.shape[0], ROW_CHUNK)]
+        cov = self.covariance.get(self.names.get(name, name)) if self.quantizer == "gptq" else None
+        if cov is not None and np.shape(cov) != (w.shape[-1],) * 2:
+            raise TinyLLMError(f"the importance matrix's covariance for {name} is {np.shape(cov)}, but it has "
+                               f"{w.shape[-1]} input features (made for another model?)")
+        chunks = [self._encode(w[r:r + ROW_CHUNK], fmt, imp, cov) for r in range(0, w.shape[0], ROW_CHUNK)]
         if len(chunks) == 1:
             return chunks[0]
         parts = {k: np.concatenate([c.parts[k] for c in chunks]) for k in chunks[0].parts}
         return QTensor(fmt, tuple(w.shape), parts)
 
-    def _encode(self, w, fmt, imp) -> QTensor:
-        if fmt in K_FORMATS or (fmt in SEARCHED and self.quantizer == "search"):
+    def _encode(self, w, fmt, imp, cov) -> QTensor:
+        if cov is not None and fmt in GPTQ_FORMATS:
+            return gptq(w, cov, quantize_searched(w, fmt, np.diag(cov).astype(np.float32) if imp is None else imp))
+        if fmt in K_FORMATS or (fmt in SEARCHED and self.quantizer != "nearest"):
             return quantize_searched(w, fmt, imp)
         return quantize(w, fmt)
 

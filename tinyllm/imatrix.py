@@ -10,10 +10,17 @@ The file is llama.cpp's GGUF imatrix format, so the two tools exchange them: gen
 named after the GGUF tensor: "<name>.in_sum2" (n_in,) sums of x^2 and "<name>.counts" (1,)
 tokens. tinyllm's tensor names map to GGUF's through each architecture's GGUF table
 (converters/<arch>.py), the same one the GGUF importer uses (converters/recipe.py looks them up).
+
+With ``covariance`` the file also holds, per matrix, "<name>.in_cov" (n_in, n_in): the sums of
+x x^T, whose mean is the input covariance H = E[x x^T] that GPTQ rounding needs
+(kernels/gptq.py, ``tinyllm convert --quantizer gptq``). llama.cpp's reader skips tensors of
+other names, so such a file still serves llama-quantize. It grows as n_in^2 per distinct
+input: 1.3 MB for stories260K, about 0.4 GB for SmolLM2-135M, about 22 GB for a 7B model.
 """
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -32,12 +39,15 @@ def gguf_names(arch: str, cfg) -> dict[str, str]:
 
 
 class _Recorder:
-    """A backend that is another backend, except that matmul also records its input's x^2 sums."""
+    """A backend that is another backend, except that matmul also records its input's x^2 sums
+    (and with ``covariance`` its x x^T sums)."""
 
-    def __init__(self, ops, names: dict):
+    def __init__(self, ops, names: dict, covariance: bool = False):
         self._ops, self._names = ops, names          # names: id(prepared weight) -> tensor name
         self.sums: dict[str, np.ndarray] = {}
         self.counts: dict[str, int] = {}
+        self.covariances: dict[str, np.ndarray] | None = {} if covariance else None
+        self._last = (None, None)                    # q, k, v (gate, up) share one input: one x^T x
 
     def __getattr__(self, attr):
         return getattr(self._ops, attr)
@@ -48,13 +58,19 @@ class _Recorder:
             a = np.asarray(self._ops.to_numpy(x), np.float64)
             self.sums[name] = self.sums.get(name, 0) + (a * a).sum(axis=0)
             self.counts[name] = self.counts.get(name, 0) + a.shape[0]
+            if self.covariances is not None:
+                if self._last[0] is None or not np.array_equal(self._last[0], a):
+                    self._last = (a, a.T @ a)
+                self.covariances[name] = self.covariances.get(name, 0) + self._last[1]
         return self._ops.matmul(x, w, bias)
 
 
-def collect(model, text, n_ctx: int | None = None, max_chunks: int | None = None, progress=None):
+def collect(model, text, n_ctx: int | None = None, max_chunks: int | None = None, progress=None,
+            covariance: bool = False):
     """Run ``model`` over ``text`` (a string or token ids) in windows of ``n_ctx`` tokens, as
-    perplexity does; returns (sums, counts): tensor name -> (n_in,) float64 sums of x^2, and
-    name -> tokens seen. ``progress(done, total)`` after each window."""
+    perplexity does; returns (sums, counts, chunks, chunk size, covariances): tensor name ->
+    (n_in,) float64 sums of x^2, name -> tokens seen, and with ``covariance`` name -> (n_in, n_in)
+    sums of x x^T (else None). ``progress(done, total)`` after each window."""
     from tinyllm.perplexity import DEFAULT_CTX, text_tokens, windows
 
     tokens = text_tokens(model, text)
@@ -63,7 +79,7 @@ def collect(model, text, n_ctx: int | None = None, max_chunks: int | None = None
     for name, w in model.weights.items():      # a tied output head is the embedding table: one name
         if getattr(w, "shape", None) is not None and len(w.shape) == 2:
             names.setdefault(id(w), name)
-    recorder, ops = _Recorder(model.ops, names), model.ops
+    recorder, ops = _Recorder(model.ops, names, covariance), model.ops
     chunks = windows(model, tokens, n_ctx, max_chunks) if len(tokens) >= 2 * n_ctx else [tokens[:n_ctx]]
     if len(chunks[0]) < 2:
         raise TinyLLMError(f"the calibration text is too short: {len(tokens)} token{'s' * (len(tokens) != 1)} "
@@ -76,11 +92,12 @@ def collect(model, text, n_ctx: int | None = None, max_chunks: int | None = None
                 progress(done, len(chunks))
     finally:
         model.ops = ops
-    return recorder.sums, recorder.counts, len(chunks), n_ctx
+    return recorder.sums, recorder.counts, len(chunks), n_ctx, recorder.covariances
 
 
-def write_imatrix(path, arch: str, cfg, sums: dict, counts: dict, dataset: str, chunks: int, chunk_size: int) -> None:
-    """Save sums / counts (tinyllm names) as a GGUF imatrix file (GGUF tensor names)."""
+def write_imatrix(path, arch: str, cfg, sums: dict, counts: dict, dataset: str, chunks: int, chunk_size: int,
+                  covariances: dict | None = None) -> None:
+    """Save sums / counts (and covariance sums; tinyllm names) as a GGUF imatrix file (GGUF tensor names)."""
     import gguf
 
     from tinyllm.fileformat import partial_path
@@ -101,6 +118,8 @@ def write_imatrix(path, arch: str, cfg, sums: dict, counts: dict, dataset: str, 
         written.add(gname)
         writer.add_tensor(f"{gname}.in_sum2", np.asarray(sums[name], np.float32))
         writer.add_tensor(f"{gname}.counts", np.array([counts[name]], np.float32))
+        if covariances:
+            writer.add_tensor(f"{gname}.in_cov", np.asarray(covariances[name], np.float32))
     try:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -142,3 +161,46 @@ def read_imatrix(path) -> dict[str, np.ndarray]:
         raise FormatError(f"{path}: no importance data (no <tensor>.in_sum2 entries)")
     return out
 
+
+
+class Covariances(Mapping):
+    """GGUF tensor name -> (n_in, n_in) float64 mean input covariance, read from an imatrix
+    file's "<name>.in_cov" tensors when asked for (they stay memory-mapped until then)."""
+
+    def __init__(self, path, sums: dict, counts: dict):
+        self.path, self._sums, self._counts = path, sums, counts
+
+    def __getitem__(self, name):
+        h = np.asarray(self._sums[name], np.float64) / self._counts[name]
+        if not (np.isfinite(h).all() and (np.diag(h) >= 0).all() and np.allclose(h, h.T, rtol=1e-4, atol=1e-6)):
+            raise FormatError(f"{self.path}: {name}.in_cov is not a covariance (non-finite, negative diagonal "
+                              "or not symmetric)")
+        return h
+
+    def __iter__(self):
+        return iter(self._sums)
+
+    def __len__(self):
+        return len(self._sums)
+
+
+def read_covariances(path) -> Covariances:
+    """The input covariances of an imatrix file written by ``tinyllm imatrix --covariance``
+    (empty when it has none, as llama-imatrix's files)."""
+    import gguf
+
+    path = Path(path)
+    means = read_imatrix(path)                 # validates the file and every sum and count
+    reader = gguf.GGUFReader(path)
+    tensors = {t.name: t for t in reader.tensors}
+    sums, counts = {}, {}
+    for key, t in tensors.items():
+        if not key.endswith(".in_cov"):
+            continue
+        name = key[:-len(".in_cov")]
+        n = means.get(name, np.empty(0)).size
+        if name not in means or t.data.size != n * n:
+            raise FormatError(f"{path}: {key} does not match {name}.in_sum2 ({n} inputs)")
+        sums[name] = np.asarray(t.data, np.float32).reshape(n, n)
+        counts[name] = float(np.asarray(tensors[name + ".counts"].data).reshape(-1)[0])
+    return Covariances(path, sums, counts)

@@ -19,7 +19,9 @@ from tinyllm.converters.recipe import CHOICES, QUANTIZERS
                    "of those names.")
 @click.option("--quantizer", type=click.Choice(QUANTIZERS), default="nearest", show_default=True,
               help="How q4_0/q4_1 blocks are encoded: round to nearest (bit-identical to llama.cpp) or an "
-                   "error-minimizing search (same format, closer values). q4_k and q6_k always search.")
+                   "error-minimizing search (same format, closer values). q4_k and q6_k always search. gptq: "
+                   "the searched grids, their codes rounded so that errors cancel in each layer's output "
+                   "(needs --imatrix from `tinyllm imatrix --covariance`).")
 @click.option("--imatrix", type=click.Path(dir_okay=False), default=None,
               help="An importance matrix (tinyllm imatrix, or llama-imatrix's GGUF file) weighting the search "
                    "by how much each input channel matters.")

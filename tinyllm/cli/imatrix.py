@@ -17,13 +17,17 @@ from tinyllm.cli.options import load_model, plural, read_text, runtime_options
               help="The importance matrix to write (llama.cpp's GGUF imatrix format).")
 @click.option("--chunks", type=click.IntRange(min=1), default=None,
               help="Use at most this many windows of the text (default: all).")
+@click.option("--covariance", is_flag=True,
+              help="Also save each matrix's input covariance, for `tinyllm convert --quantizer gptq` "
+                   "(n_in^2 floats per input: fine for small models, ~22 GB for a 7B one).")
 @runtime_options
-def imatrix(model, file, output, chunks, backend, threads, n_ctx, device):
+def imatrix(model, file, output, chunks, covariance, backend, threads, n_ctx, device):
     """Run MODEL over the calibration text in FILE and save, for every weight matrix, the mean
     squared activation of each input channel. Use a text unlike the one you will evaluate on.
 
     Run it on the best-precision model you have (f32/f16 or q8_0), then:
-    tinyllm convert SOURCE --quant q4_k --imatrix OUTPUT -o model.q4"""
+    tinyllm convert SOURCE --quant q4_k --imatrix OUTPUT -o model.q4
+    (with --covariance: tinyllm convert SOURCE --quant q4_k --quantizer gptq --imatrix OUTPUT -o model.q4)"""
     from tinyllm.imatrix import collect, write_imatrix
 
     if device == "cuda":
@@ -36,9 +40,10 @@ def imatrix(model, file, output, chunks, backend, threads, n_ctx, device):
         bar.length = total
         bar.update(1)
 
-    sums, counts, n_chunks, window = collect(m, text, n_ctx=n_ctx, max_chunks=chunks, progress=progress)
+    sums, counts, n_chunks, window, covariances = collect(m, text, n_ctx=n_ctx, max_chunks=chunks, progress=progress,
+                                                          covariance=covariance)
     bar.render_finish()
     write_imatrix(output, m.metadata["architecture"], m.config, sums, counts, dataset=Path(file).name, chunks=n_chunks,
-                  chunk_size=window)
+                  chunk_size=window, covariances=covariances)
     click.echo(f"wrote {output}: {len(sums)} matri{'x' if len(sums) == 1 else 'ces'}, "
                f"{plural(n_chunks, 'chunk')} of {window} tokens")
