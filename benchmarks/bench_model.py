@@ -16,11 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tinyllm.arch import llama
 from tinyllm.arch.llama import Config
 from tinyllm.converters.convert import config_dict
 from tinyllm.converters.hf_tokenizer import tokenizer_spec_from_hf_dir
-from tinyllm.converters.llama import tensor_plan
 from tinyllm.fileformat import ModelWriter
 from tinyllm.kernels.quant import QTensor, n_blocks, n_super_blocks, pack_scales, to_ggml_blocks
 
@@ -37,13 +35,6 @@ def bench_dir() -> Path:
     d = Path(os.environ.get("TINYLLM_BENCH_DIR", Path.home() / ".cache" / "tinyllm" / "bench"))
     d.mkdir(parents=True, exist_ok=True)
     return d
-
-
-def tensor_shapes(cfg: Config) -> dict:
-    """tinyllm tensor name -> shape (out_features, in_features) or (n,), in file order: the
-    architecture's declared weight set, ordered as the converter writes it."""
-    shapes = llama.weights(cfg)
-    return {name: shapes[name] for name, _, _ in tensor_plan(cfg)}
 
 
 def random_tensor(shape, fmt: str, rng, std: float = 0.02) -> QTensor:
@@ -81,18 +72,32 @@ def _format(name: str, quant: str = "q4_0", mix=None) -> str:
 
 
 def write_q4(path: Path, cfg: Config, seed: int = SEED, quant: str = "q4_0") -> Path:
+    hf_config = {"architectures": ["LlamaForCausalLM"], "bos_token_id": 1, "eos_token_id": 2, **TINYLLAMA}
+    return write_random("llama", path, cfg, hf_config, TOKENIZER_DIR, NAME, seed, quant)
+
+
+def write_random(arch: str, path: Path, cfg, hf_config: dict, tokenizer_dir: Path, name: str, seed: int = SEED,
+                 quant: str = "q4_0") -> Path:
+    """A model of architecture ``arch`` (config ``cfg``, read from ``hf_config``) with random
+    ``quant`` matrices (q8_0 embedding and head, f32 norms and biases), in the converter's
+    tensor order, the tokenizer of ``tokenizer_dir``."""
+    import importlib
+
+    from tinyllm.arch import get_arch
     from tinyllm.converters.recipe import MIXES, Recipe
 
     rng = np.random.default_rng(seed)
-    mix = Recipe(quant).bind("llama", cfg) if quant in MIXES else None
-    hf_config = {"architectures": ["LlamaForCausalLM"], "bos_token_id": 1, "eos_token_id": 2, **TINYLLAMA}
-    metadata = {"architecture": "llama", "config": config_dict(cfg),
-                "tokenizer": tokenizer_spec_from_hf_dir(TOKENIZER_DIR, hf_config),
+    mix = Recipe(quant).bind(arch, cfg) if quant in MIXES else None
+    shapes = get_arch(arch).weights(cfg)
+    plan = importlib.import_module(f"tinyllm.converters.{arch}").tensor_plan(cfg)
+    metadata = {"architecture": arch, "config": config_dict(cfg),
+                "tokenizer": tokenizer_spec_from_hf_dir(tokenizer_dir, hf_config),
                 "chat_template": None, "generation": {}, "quant": quant,
-                "source": {"format": "random", "name": NAME, "seed": seed}}
+                "source": {"format": "random", "name": name, "seed": seed}}
     with ModelWriter(path, metadata) as out:
-        for name, shape in tensor_shapes(cfg).items():
-            out.add(name, random_tensor(shape, _format(name, quant, mix) if len(shape) == 2 else "f32", rng))
+        for tensor in dict.fromkeys(ours for ours, _, _ in plan):
+            shape = shapes[tensor]
+            out.add(tensor, random_tensor(shape, _format(tensor, quant, mix) if len(shape) == 2 else "f32", rng))
     return path
 
 

@@ -1,0 +1,224 @@
+"""Every architecture at real layer shapes, and a whole 7B model: decode and prefill speed.
+
+    python -m benchmarks.arch_shapes --layers 4                 # LLaMA-7B, GPT-J-6B, MPT-7B, Falcon-7B shapes
+    python -m benchmarks.arch_shapes --only llama-7b --layers 32 --rss   # the whole 7B model (3.8 GB)
+    python -m benchmarks.arch_shapes --only llama-1.1b --layers 22 --positions 2048 4096  # attention at long context
+
+Each model has its real config (../shared/models for GPT-J-6B and Falcon-7B; MPT-7B is Replit's
+MPT config with MPT-7B's sizes: d_model 4096, 32 heads, no GQA, vocabulary 50432, ALiBi) with
+``--layers`` layers and random q4_0 weights (q8_0 embedding and head, as `tinyllm convert
+--quant q4_0` writes), its own tokenizer. Decode is reported as tokens/s and as GB/s of weights
+read per token, the figure that compares architectures of different sizes: every step streams
+all matrices once. ``--positions``: decode speed after a prompt of that many tokens (the cache
+full to there), against the speed at position 1: the attention's share of a step. ``--rss``:
+each model in a fresh process, peak resident memory reported. ``--llama-bench PATH``: the same
+model written block for block as GGUF (LLaMA, MPT, Falcon: llama.cpp has no GPT-J graph) and
+timed by llama-bench in the same run (``-p PROMPT -n STEPS -t 2``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.bench_model import REPO, TINYLLAMA, bench_dir, write_random
+
+SHARED = REPO.parent / "shared" / "models"
+LLAMA_7B = dict(TINYLLAMA, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                num_key_value_heads=32, max_position_embeddings=4096)
+# name -> (architecture, config.json folder or a dict, tokenizer folder, changes)
+SHAPES = {
+    "llama-7b": ("llama", {"architectures": ["LlamaForCausalLM"], "bos_token_id": 1, "eos_token_id": 2, **LLAMA_7B},
+                 SHARED / "llama2-tokenizer", {}),
+    "llama-1.1b": ("llama", {"architectures": ["LlamaForCausalLM"], "bos_token_id": 1, "eos_token_id": 2,
+                             **dict(TINYLLAMA, max_position_embeddings=4096)}, SHARED / "llama2-tokenizer", {}),
+    "gptj-6b": ("gptj", SHARED / "gpt-j-6b-tokenizer", SHARED / "gpt-j-6b-tokenizer", {}),
+    "mpt-7b": ("mpt", SHARED / "replit-code-v1_5-3b-mpt-config", SHARED / "gpt-neox-20b-tokenizer-mpt",
+               {"d_model": 4096, "n_heads": 32, "vocab_size": 50432, "kv_n_heads": 32, "max_seq_len": 4096}),
+    "falcon-7b": ("falcon", SHARED / "falcon-7b-instruct-tokenizer", SHARED / "falcon-7b-instruct-tokenizer", {}),
+}
+LAYER_KEYS = ("num_hidden_layers", "n_layer", "n_layers")
+
+
+def hf_config(name: str, layers: int) -> dict:
+    _, source, _, changes = SHAPES[name]
+    config = dict(source) if isinstance(source, dict) else json.loads((source / "config.json").read_text())
+    changes = dict(changes)
+    if "kv_n_heads" in changes:
+        config["attn_config"] = dict(config["attn_config"], kv_n_heads=changes.pop("kv_n_heads"),
+                                     attn_type="multihead_attention")
+    config.update(changes)
+    for key in LAYER_KEYS:
+        if key in config:
+            config[key] = layers
+    return config
+
+
+def model_file(name: str, layers: int) -> Path:
+    from tinyllm.arch import get_arch
+
+    arch, _, tokenizer, _ = SHAPES[name]
+    path = bench_dir() / f"{name}-{layers}l-random-q4_0.q4"
+    if not path.exists():
+        config = hf_config(name, layers)
+        tmp = path.with_suffix(".partial")
+        write_random(arch, tmp, get_arch(arch).Config.from_hf(config), config, tokenizer, f"{name}-random")
+        tmp.replace(path)
+    return path
+
+
+def gguf_file(name: str, layers: int) -> Path:
+    """The .q4 model's very blocks as a GGUF file in llama.cpp's layout for its architecture."""
+    import gguf
+
+    from benchmarks.bench_model import write_gguf
+    from tinyllm.converters.gguf import GGUF_ARCHITECTURES
+    from tinyllm.fileformat import ModelFile
+    from tinyllm.kernels.quant import to_ggml_blocks
+
+    q4 = model_file(name, layers)
+    path = q4.with_suffix(".gguf")
+    if path.exists():
+        return path
+    arch, _, tokenizer, _ = SHAPES[name]
+    tmp = path.with_suffix(".gguf.partial")
+    if arch == "llama":
+        write_gguf(q4, tmp)
+        return tmp.replace(path) or path
+    if arch not in ("mpt", "falcon"):
+        raise SystemExit(f"llama.cpp cannot run {arch}")
+    from tests.gguf_writer import bpe_vocab_arrays
+
+    src = ModelFile(q4, verify=False)
+    from tinyllm.arch import get_arch
+    cfg = get_arch(arch).Config(**src.metadata["config"])
+    w = gguf.GGUFWriter(str(tmp), arch)
+    w.add_name(f"{name}-random")
+    if arch == "falcon":
+        w.add_context_length(2048)
+        w.add_tensor_data_layout("jploski")
+        w.add_embedding_length(cfg.hidden_size)
+        w.add_feed_forward_length(cfg.ffn_hidden_size)
+        w.add_block_count(cfg.num_hidden_layers)
+        w.add_head_count(cfg.num_attention_heads)
+        w.add_head_count_kv(cfg.n_kv_heads)
+        w.add_layer_norm_eps(cfg.layer_norm_epsilon)
+    else:
+        w.add_context_length(cfg.max_seq_len)
+        w.add_embedding_length(cfg.d_model)
+        w.add_block_count(cfg.n_layers)
+        w.add_feed_forward_length(4 * cfg.d_model)
+        w.add_head_count(cfg.n_heads)
+        w.add_layer_norm_eps(cfg.layer_norm_epsilon)
+        w.add_max_alibi_bias(cfg.alibi_bias_max)
+    tokens, types, merges = bpe_vocab_arrays(tokenizer / "tokenizer.json")
+    pad = cfg.vocab_size - len(tokens)                    # embedding rows past the tokenizer's ids
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(arch)
+    w.add_token_list(tokens + [f"[PAD{len(tokens) + i}]" for i in range(pad)])
+    w.add_token_types(types + [int(gguf.TokenType.UNUSED)] * pad)
+    w.add_token_merges(merges)
+    w.add_eos_token_id(11 if arch == "falcon" else 0)
+    qtypes = {"q4_0": gguf.GGMLQuantizationType.Q4_0, "q8_0": gguf.GGMLQuantizationType.Q8_0}
+    parts: dict[str, list] = {}
+    for ours, gname, _ in GGUF_ARCHITECTURES[arch].plan(cfg):
+        parts.setdefault(gname, []).append(src.tensors[ours])   # fused q | k | v: rows stacked in plan order
+    for gname, tensors in parts.items():
+        if tensors[0].format == "f32":
+            w.add_tensor(gname, np.asarray(tensors[0].parts["w"], np.float32))
+            continue
+        blocks = np.concatenate([to_ggml_blocks(t).reshape(t.shape[0], -1) for t in tensors])
+        w.add_tensor(gname, blocks, raw_shape=blocks.shape, raw_dtype=qtypes[tensors[0].format])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    tmp.replace(path)
+    return path
+
+
+def llama_bench(binary: str, name: str, layers: int, prompt: int, steps: int, repeats: int) -> dict:
+    out = subprocess.run([binary, "-m", str(gguf_file(name, layers)), "-p", str(prompt), "-n", str(steps),
+                          "-r", str(repeats), "-t", "2", "-o", "json"], capture_output=True, text=True,
+                         check=True).stdout
+    rows = json.loads(out)
+    speed = {("prefill" if r["n_prompt"] else "decode"): round(r["avg_ts"], 2) for r in rows}
+    return {"model": name, "engine": "llama-bench -t 2", "decode_tok_s": speed["decode"],
+            f"prefill{prompt}_tok_s": speed["prefill"]}
+
+
+def decode_at(model, position: int, steps: int, repeats: int) -> list[float]:
+    """tok/s of ``steps`` decode steps after a prompt of ``position`` tokens, per repeat."""
+    from tinyllm.benchmark import prompt_ids
+
+    ids = prompt_ids(position + steps + 1, model.config.vocab_size, seed=2)
+    speeds = []
+    for _ in range(repeats):
+        model.reset()
+        model.eval(ids[:position])
+        start = time.perf_counter()
+        for i in range(position + 1, position + steps + 1):
+            model.eval(ids[:i])
+        speeds.append(steps / (time.perf_counter() - start))
+    return speeds
+
+
+def measure(name: str, layers: int, prompt: int, steps: int, repeats: int, positions: list[int]) -> dict:
+    import tinyllm
+    from tinyllm.benchmark import time_decode, time_prefill, weight_bytes_per_token
+
+    path = model_file(name, layers)
+    model = tinyllm.load(path, n_ctx=max([prompt + 2, steps + 2, *[p + steps + 1 for p in positions]]))
+    decode, prefill = time_decode(model, steps, repeats), time_prefill(model, prompt, repeats)
+    row = {"model": name, "layers": layers, "file_MB": round(path.stat().st_size / 1e6),
+           "weights_per_token_MB": round(weight_bytes_per_token(model) / 1e6),
+           "decode_tok_s": round(decode.tokens_per_second, 2), "decode_range": [round(v, 2) for v in decode.spread],
+           "decode_GB_s": round(decode.gb_per_second, 2),
+           f"prefill{prompt}_tok_s": round(prefill.tokens_per_second, 2),
+           "prefill_range": [round(v, 2) for v in prefill.spread]}
+    for p in positions:
+        speeds = sorted(decode_at(model, p, steps, repeats))
+        row[f"decode_at_{p}_tok_s"] = round(speeds[len(speeds) // 2], 2)
+    row["peak_rss_MB"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", nargs="*", default=["llama-7b", "gptj-6b", "mpt-7b", "falcon-7b"], choices=list(SHAPES))
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--prompt", type=int, default=128, help="prefill length")
+    ap.add_argument("--steps", type=int, default=16, help="decode steps per repeat")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--positions", type=int, nargs="*", default=[], help="also decode after prompts this long")
+    ap.add_argument("--rss", action="store_true", help="each model in its own process (peak RSS per model)")
+    ap.add_argument("--llama-bench", default=None, help="llama-bench binary: time llama.cpp on the same blocks")
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(measure(args.one, args.layers, args.prompt, args.steps, args.repeats, args.positions)))
+        return
+    for name in args.only:
+        if args.rss:
+            model_file(name, args.layers)        # written before the measuring process starts
+            out = subprocess.run([sys.executable, "-m", "benchmarks.arch_shapes", "--one", name, "--layers",
+                                  str(args.layers), "--prompt", str(args.prompt), "--steps", str(args.steps),
+                                  "--repeats", str(args.repeats), "--positions", *map(str, args.positions)],
+                                 check=True, capture_output=True, text=True, cwd=REPO).stdout
+            print(out.strip().splitlines()[-1], flush=True)
+        else:
+            print(json.dumps(measure(name, args.layers, args.prompt, args.steps, args.repeats, args.positions)),
+                  flush=True)
+        if args.llama_bench and SHAPES[name][0] != "gptj":
+            print(json.dumps(llama_bench(args.llama_bench, name, args.layers, args.prompt, args.steps, args.repeats)),
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
