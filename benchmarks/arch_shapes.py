@@ -75,33 +75,42 @@ def model_file(name: str, layers: int) -> Path:
 
 def gguf_file(name: str, layers: int) -> Path:
     """The .q4 model's very blocks as a GGUF file in llama.cpp's layout for its architecture."""
+    from benchmarks.bench_model import write_gguf
+
+    q4 = model_file(name, layers)
+    path = q4.with_suffix(".gguf")
+    if not path.exists():
+        arch, _, tokenizer, _ = SHAPES[name]
+        tmp = path.with_suffix(".gguf.partial")
+        if arch == "llama":
+            write_gguf(q4, tmp)
+        else:
+            export_bpe_gguf(q4, tokenizer, tmp)
+        tmp.replace(path)
+    return path
+
+
+def export_bpe_gguf(q4: Path, tokenizer: Path, out: Path) -> Path:
+    """An MPT or Falcon .q4 file with q4_0/q8_0/f32 tensors -> GGUF, block for block: llama.cpp's
+    tensor names and fused q | k | v rows (tinyllm's GGUF tables, read backwards), its metadata
+    keys, and the tokenizer.json of ``tokenizer`` as a BPE vocabulary padded to the embedding."""
     import gguf
 
-    from benchmarks.bench_model import write_gguf
+    from tests.gguf_writer import bpe_vocab_arrays
+    from tinyllm.arch import get_arch
     from tinyllm.converters.gguf import GGUF_ARCHITECTURES
     from tinyllm.fileformat import ModelFile
     from tinyllm.kernels.quant import to_ggml_blocks
 
-    q4 = model_file(name, layers)
-    path = q4.with_suffix(".gguf")
-    if path.exists():
-        return path
-    arch, _, tokenizer, _ = SHAPES[name]
-    tmp = path.with_suffix(".gguf.partial")
-    if arch == "llama":
-        write_gguf(q4, tmp)
-        return tmp.replace(path) or path
-    if arch not in ("mpt", "falcon"):
-        raise SystemExit(f"llama.cpp cannot run {arch}")
-    from tests.gguf_writer import bpe_vocab_arrays
-
     src = ModelFile(q4, verify=False)
-    from tinyllm.arch import get_arch
+    arch = src.metadata["architecture"]
+    if arch not in ("mpt", "falcon"):
+        raise SystemExit(f"no GGUF export for {arch} here (llama: bench_model.write_gguf; llama.cpp has no GPT-J)")
     cfg = get_arch(arch).Config(**src.metadata["config"])
-    w = gguf.GGUFWriter(str(tmp), arch)
-    w.add_name(f"{name}-random")
+    w = gguf.GGUFWriter(str(out), arch)
+    w.add_name(src.metadata["source"]["name"])
     if arch == "falcon":
-        w.add_context_length(2048)
+        w.add_context_length(cfg.max_position_embeddings)
         w.add_tensor_data_layout("jploski")
         w.add_embedding_length(cfg.hidden_size)
         w.add_feed_forward_length(cfg.ffn_hidden_size)
@@ -115,6 +124,7 @@ def gguf_file(name: str, layers: int) -> Path:
         w.add_block_count(cfg.n_layers)
         w.add_feed_forward_length(4 * cfg.d_model)
         w.add_head_count(cfg.n_heads)
+        w.add_head_count_kv(cfg.kv_n_heads)
         w.add_layer_norm_eps(cfg.layer_norm_epsilon)
         w.add_max_alibi_bias(cfg.alibi_bias_max)
     tokens, types, merges = bpe_vocab_arrays(tokenizer / "tokenizer.json")
@@ -139,8 +149,7 @@ def gguf_file(name: str, layers: int) -> Path:
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    tmp.replace(path)
-    return path
+    return out
 
 
 def llama_bench(binary: str, name: str, layers: int, prompt: int, steps: int, repeats: int) -> dict:
@@ -169,6 +178,14 @@ def decode_at(model, position: int, steps: int, repeats: int) -> list[float]:
     return speeds
 
 
+def peak_rss_mb() -> int:
+    """This process's peak resident memory (VmHWM: unlike ru_maxrss, not inherited across exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1e3)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3)
+
+
 def measure(name: str, layers: int, prompt: int, steps: int, repeats: int, positions: list[int]) -> dict:
     import tinyllm
     from tinyllm.benchmark import time_decode, time_prefill, weight_bytes_per_token
@@ -185,7 +202,7 @@ def measure(name: str, layers: int, prompt: int, steps: int, repeats: int, posit
     for p in positions:
         speeds = sorted(decode_at(model, p, steps, repeats))
         row[f"decode_at_{p}_tok_s"] = round(speeds[len(speeds) // 2], 2)
-    row["peak_rss_MB"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3)
+    row["peak_rss_MB"] = peak_rss_mb()
     return row
 
 
