@@ -2,7 +2,7 @@
 
     python -m benchmarks.arch_shapes --layers 4                 # LLaMA-7B, GPT-J-6B, MPT-7B, Falcon-7B shapes
     python -m benchmarks.arch_shapes --only llama-7b --layers 32 --rss   # the whole 7B model (3.8 GB)
-    python -m benchmarks.arch_shapes --only llama-1.1b --layers 22 --positions 2048 4096  # attention at long context
+    python -m benchmarks.arch_shapes --only llama-1.1b --layers 22 --positions 2048 4064  # attention at long context
 
 Each model has its real config (../shared/models for GPT-J-6B and Falcon-7B; MPT-7B is Replit's
 MPT config with MPT-7B's sizes: d_model 4096, 32 heads, no GQA, vocabulary 50432, ALiBi) with
@@ -152,14 +152,21 @@ def export_bpe_gguf(q4: Path, tokenizer: Path, out: Path) -> Path:
     return out
 
 
-def llama_bench(binary: str, name: str, layers: int, prompt: int, steps: int, repeats: int) -> dict:
-    out = subprocess.run([binary, "-m", str(gguf_file(name, layers)), "-p", str(prompt), "-n", str(steps),
-                          "-r", str(repeats), "-t", "2", "-o", "json"], capture_output=True, text=True,
-                         check=True).stdout
-    rows = json.loads(out)
-    speed = {("prefill" if r["n_prompt"] else "decode"): round(r["avg_ts"], 2) for r in rows}
-    return {"model": name, "engine": "llama-bench -t 2", "decode_tok_s": speed["decode"],
-            f"prefill{prompt}_tok_s": speed["prefill"]}
+def llama_bench(binary: str, name: str, layers: int, prompt: int, steps: int, repeats: int,
+                positions: list[int]) -> dict:
+    """llama-bench's prefill and decode (and, for ``positions``, decode at that depth, its ``-d``)."""
+    def run(*options):
+        out = subprocess.run([binary, "-m", str(gguf_file(name, layers)), "-r", str(repeats), "-t", "2", "-o", "json",
+                              *map(str, options)], capture_output=True, text=True, check=True).stdout
+        return json.loads(out)
+
+    speed = {("prefill" if r["n_prompt"] else "decode"): round(r["avg_ts"], 2)
+             for r in run("-p", prompt, "-n", steps)}
+    row = {"model": name, "engine": "llama-bench -t 2", "decode_tok_s": speed["decode"],
+           f"prefill{prompt}_tok_s": speed["prefill"]}
+    for p in positions:
+        row[f"decode_at_{p}_tok_s"] = round(run("-p", 0, "-n", steps, "-d", p)[0]["avg_ts"], 2)
+    return row
 
 
 def decode_at(model, position: int, steps: int, repeats: int) -> list[float]:
@@ -233,8 +240,8 @@ def main() -> None:
             print(json.dumps(measure(name, args.layers, args.prompt, args.steps, args.repeats, args.positions)),
                   flush=True)
         if args.llama_bench and SHAPES[name][0] != "gptj":
-            print(json.dumps(llama_bench(args.llama_bench, name, args.layers, args.prompt, args.steps, args.repeats)),
-                  flush=True)
+            print(json.dumps(llama_bench(args.llama_bench, name, args.layers, args.prompt, args.steps, args.repeats,
+                                         args.positions)), flush=True)
 
 
 if __name__ == "__main__":

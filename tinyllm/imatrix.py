@@ -14,8 +14,8 @@ tokens. tinyllm's tensor names map to GGUF's through each architecture's GGUF ta
 With ``covariance`` the file also holds, per matrix, "<name>.in_cov" (n_in, n_in): the sums of
 x x^T, whose mean is the input covariance H = E[x x^T] that GPTQ rounding needs
 (kernels/gptq.py, ``tinyllm convert --quantizer gptq``). llama.cpp's reader skips tensors of
-other names, so such a file still serves llama-quantize. It grows as n_in^2 per distinct
-input: 1.3 MB for stories260K, about 0.4 GB for SmolLM2-135M, about 22 GB for a 7B model.
+other names, so such a file still serves llama-quantize. It grows as n_in^2 float32 per
+matrix: 1.1 MB for stories260K, about 0.5 GB for SmolLM2-135M, about 28 GB for a 7B model.
 """
 from __future__ import annotations
 

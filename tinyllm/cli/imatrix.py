@@ -19,7 +19,7 @@ from tinyllm.cli.options import load_model, plural, read_text, runtime_options
               help="Use at most this many windows of the text (default: all).")
 @click.option("--covariance", is_flag=True,
               help="Also save each matrix's input covariance, for `tinyllm convert --quantizer gptq` "
-                   "(n_in^2 floats per input: fine for small models, ~22 GB for a 7B one).")
+                   "(n_in^2 floats per matrix: fine for small models, ~28 GB for a 7B one).")
 @runtime_options
 def imatrix(model, file, output, chunks, covariance, backend, threads, n_ctx, device):
     """Run MODEL over the calibration text in FILE and save, for every weight matrix, the mean
