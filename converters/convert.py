@@ -79,7 +79,8 @@ def convert(src, out, quant: str | None = None, progress=None, quantizer: str = 
     if tokenizer is not None and not llama2c:
         raise TinyLLMError("--tokenizer names a llama2.c checkpoint's tokenizer.bin; this source has its own")
     importance = imatrix if isinstance(imatrix, dict) or imatrix is None else read_imatrix(imatrix)
-    covariance = read_covariances(imatrix) if quantizer == "gptq" and isinstance(imatrix, (str, Path)) else {}
+    covariance = read_covariances(imatrix, importance) if quantizer == "gptq" and isinstance(imatrix, (str, Path)) \
+        else {}
     if gguf and quant is None and (quantizer != "nearest" or importance):
         raise TinyLLMError("--quantizer and --imatrix choose how to requantize: give --quant too "
                            "(without it a GGUF file keeps its own formats)")

@@ -184,13 +184,13 @@ class Covariances(Mapping):
         return len(self._sums)
 
 
-def read_covariances(path) -> Covariances:
+def read_covariances(path, means: dict | None = None) -> Covariances:
     """The input covariances of an imatrix file written by ``tinyllm imatrix --covariance``
-    (empty when it has none, as llama-imatrix's files)."""
+    (empty when it has none, as llama-imatrix's files); ``means``: its read_imatrix, if read."""
     import gguf
 
     path = Path(path)
-    means = read_imatrix(path)                 # validates the file and every sum and count
+    means = read_imatrix(path) if means is None else means   # validates the file and every sum and count
     reader = gguf.GGUFReader(path)
     tensors = {t.name: t for t in reader.tensors}
     sums, counts = {}, {}
