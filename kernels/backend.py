@@ -18,6 +18,22 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from tinyllm.errors import TinyLLMError
+
+# How keys and values are stored (llama.cpp's --cache-type names): f16 halves the cache's
+# memory and the bytes a long-context decode step reads; attention always computes in float32.
+CACHE_TYPES = {"f32": np.float32, "f16": np.float16}
+DEFAULT_CACHE_TYPE = "f32"
+
+
+def cache_dtype(cache_type: str):
+    """The NumPy dtype of a cache type name; an unknown name is refused."""
+    if cache_type not in CACHE_TYPES:
+        raise TinyLLMError(f"unknown KV cache type {cache_type!r}; choose one of {', '.join(CACHE_TYPES)}")
+    return CACHE_TYPES[cache_type]
+
+
+
 
 @runtime_checkable
 class Backend(Protocol):
@@ -31,7 +47,8 @@ class Backend(Protocol):
     def prepare(self, w) -> Any: ...                                      # QTensor / 1-D array -> backend weight
     def from_numpy(self, x: np.ndarray) -> Any: ...                       # (T, F) host -> backend
     def to_numpy(self, x) -> np.ndarray: ...                              # backend -> (T, F) host
-    def new_kv_cache(self, n_layers: int, n_kv_heads: int, n_ctx: int, head_dim: int) -> list: ...
+    def new_kv_cache(self, n_layers: int, n_kv_heads: int, n_ctx: int, head_dim: int,
+                     cache_type: str = DEFAULT_CACHE_TYPE) -> list: ...  # cache_type: a CACHE_TYPES name
 
     # products
     def embedding(self, table, tokens: np.ndarray) -> Any: ...            # (T,) ids -> (T, D)

@@ -26,9 +26,8 @@ import numpy as np
 from tinyllm.errors import ShapeError, TinyLLMError
 from tinyllm.kernels import numba_ops, numba_quant, numba_simd
 from tinyllm.kernels.backend import module_ops
-from tinyllm.kernels.numba_ops import kv_write, new_kv_cache  # noqa: F401  (keys stored transposed, see numba_ops)
 from tinyllm.kernels.quant import QTensor
-from tinyllm.kernels.reference import add, clip, concat_rows, from_numpy, to_numpy  # noqa: F401
+from tinyllm.kernels.reference import add, clip, concat_rows, from_numpy, kv_write, new_kv_cache, to_numpy  # noqa: F401
 from tinyllm.kernels.threads import ThreadGovernor
 
 name = "numba"
@@ -276,12 +275,12 @@ def rope(x, positions, inv_freq, n_heads: int):
 
 def attention(q, cache, start_pos: int, n_heads: int, scale: float, alibi_slopes=None):
     """Causal attention of T new queries over the cache (see reference.attention)."""
-    k_t, v_cache = cache
+    k_cache, v_cache = (a.view(np.uint16) if a.dtype == np.float16 else a for a in cache)  # see numba_ops
     q = _rows_f32(q)
     slopes = None if alibi_slopes is None else _rows_f32(alibi_slopes)
-    T, n_kv, start_pos = q.shape[0], k_t.shape[0], int(start_pos)
+    T, n_kv, start_pos = q.shape[0], k_cache.shape[0], int(start_pos)
     parallel = q.shape[1] * T * (start_pos + T) >= ATTENTION_PARALLEL_MIN_MACS and n_kv * T > 1
-    return numba_ops.attention(q, k_t, v_cache, start_pos, int(n_heads), np.float32(scale), slopes, parallel)
+    return numba_ops.attention(q, k_cache, v_cache, start_pos, int(n_heads), np.float32(scale), slopes, parallel)
 
 
 # -- the backend object ----------------------------------------------------------------------

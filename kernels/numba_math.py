@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from tinyllm.kernels import numba_cache  # noqa: F401  (before any @njit(cache=True): see numba_cache.py)
 
@@ -28,6 +28,17 @@ def f16_bits_to_f32(typingctx, h):
         return builder.fpext(half, ir.FloatType())
 
     return types.float32(h), codegen
+
+
+def as_f32(x):
+    """A stored value as float32: float16 bits (a uint16, as Numba sees float16 arrays) or a float."""
+
+
+@overload(as_f32, inline="always")
+def _as_f32(x):
+    if isinstance(x, types.Integer):
+        return lambda x: f16_bits_to_f32(x)
+    return lambda x: np.float32(x)
 
 
 @intrinsic

@@ -18,7 +18,7 @@ import numpy as np
 from numba import njit, prange
 
 from tinyllm.kernels import numba_cache  # noqa: F401  (before any @njit(cache=True): see numba_cache.py)
-from tinyllm.kernels.numba_math import fast_exp, fast_normal_cdf, fast_sigmoid
+from tinyllm.kernels.numba_math import as_f32, fast_exp, fast_normal_cdf, fast_sigmoid
 
 # fastmath without the no-infs/no-NaNs assumptions, for kernels that see -inf masks
 FASTMATH_KEEP_INF = {"nsz", "arcp", "contract", "afn", "reassoc"}
@@ -173,37 +173,29 @@ def rope(x, positions, inv_freq, n_heads):
 
 
 # -- attention -----------------------------------------------------------------------------
-# The key cache is stored transposed, (n_kv, head_dim, n_ctx): q . k over all positions then
-# runs as head_dim contiguous multiply-adds across positions (vectorized, no per-score
-# horizontal sums). Values stay (n_kv, n_ctx, head_dim): p . V is contiguous over head_dim.
-
-def new_kv_cache(n_layers: int, n_kv_heads: int, n_ctx: int, head_dim: int):
-    """Per layer (k transposed (n_kv, head_dim, n_ctx), v (n_kv, n_ctx, head_dim)), float32."""
-    return [(np.zeros((n_kv_heads, head_dim, n_ctx), np.float32), np.zeros((n_kv_heads, n_ctx, head_dim), np.float32))
-            for _ in range(n_layers)]
-
-
-def kv_write(cache, k, v, start_pos: int) -> None:
-    """Store (T, n_kv * head_dim) keys/values at positions start_pos .. start_pos+T-1."""
-    k_t, v_cache = cache
-    n_kv, hd, _ = k_t.shape
-    T = k.shape[0]
-    k_t[:, :, start_pos:start_pos + T] = k.reshape(T, n_kv, hd).transpose(1, 2, 0)
-    v_cache[:, start_pos:start_pos + T] = v.reshape(T, n_kv, hd).transpose(1, 0, 2)
-
+# The cache is reference.new_kv_cache's: keys and values (n_kv, n_ctx, head_dim), float32 or
+# float16 (passed in as its uint16 bits: Numba's CPU target has no float16 arrays). Per key
+# the group's query heads take their dot products from one converted row, and per value row
+# they add into their accumulators: every stored value is read, and converted, once.
 
 @njit(inline="always", cache=True, fastmath=True, error_model="numpy")
-def _attend_group(q, k_t, v_cache, start_pos, group, scale, alibi_slopes, out, kv, t, scores, acc):
-    """Query t of the `group` heads sharing kv head `kv`: out[t, heads] = softmax(q K^T) V."""
-    hd = k_t.shape[1]
+def _attend_group(q, k_cache, v_cache, start_pos, group, scale, alibi_slopes, out, kv, t, qs, row, scores, acc):
+    """Query t of the `group` heads sharing kv head `kv`: out[t, heads] = softmax(q K^T) V.
+    Scratch: qs, acc (group, hd); row (hd,); scores (group, >= n)."""
+    hd = k_cache.shape[2]
     n = start_pos + t + 1                                # keys this query sees
     h0 = kv * group
-    scores[:group, :n] = 0.0
-    for d in range(hd):                                  # scores[g, s] += q[g, d] * K[s, d]
+    for g in range(group):
+        for i in range(hd):
+            qs[g, i] = q[t, (h0 + g) * hd + i] * scale
+    for s in range(n):                                   # scores[g, s] = q[g] . K[s]
+        for i in range(hd):
+            row[i] = as_f32(k_cache[kv, s, i])
         for g in range(group):
-            qd = q[t, (h0 + g) * hd + d] * scale
-            for s in range(n):
-                scores[g, s] += qd * k_t[kv, d, s]
+            dot = np.float32(0.0)
+            for i in range(hd):
+                dot += qs[g, i] * row[i]
+            scores[g, s] = dot
     for g in range(group):
         if alibi_slopes is not None:
             slope = alibi_slopes[h0 + g]
@@ -222,36 +214,38 @@ def _attend_group(q, k_t, v_cache, start_pos, group, scale, alibi_slopes, out, k
             scores[g, s] *= inv
     acc[:group] = 0.0
     for s in range(n):                                   # acc[g] += p[g, s] * V[s]
+        for i in range(hd):
+            row[i] = as_f32(v_cache[kv, s, i])
         for g in range(group):
             p = scores[g, s]
             for i in range(hd):
-                acc[g, i] += p * v_cache[kv, s, i]
+                acc[g, i] += p * row[i]
     for g in range(group):
         for i in range(hd):
             out[t, (h0 + g) * hd + i] = acc[g, i]
 
 
 @njit(parallel=True, cache=True, fastmath=True, error_model="numpy")
-def attention(q, k_t, v_cache, start_pos, n_heads, scale, alibi_slopes, parallel):
+def attention(q, k_cache, v_cache, start_pos, n_heads, scale, alibi_slopes, parallel):
     """Causal attention of T queries over the cache (query t at position start_pos + t),
     one task per (kv head, query): the heads of a GQA/MQA group read each key once.
-    q (T, H*hd); k_t (n_kv, hd, n_ctx); v_cache (n_kv, n_ctx, hd) -> (T, H*hd).
+    q (T, H*hd); k_cache, v_cache (n_kv, n_ctx, hd) float32 or float16 bits -> (T, H*hd).
     parallel: spread the tasks over the threads (worth it beyond a few thousand MACs)."""
     T = q.shape[0]
-    n_kv, hd, _ = k_t.shape
+    n_kv, _, hd = k_cache.shape
     group = n_heads // n_kv
     S = start_pos + T
     out = np.empty((T, n_heads * hd), np.float32)
     if not parallel:
-        scores = np.empty((group, S), np.float32)
-        acc = np.empty((group, hd), np.float32)
+        qs, acc = np.empty((group, hd), np.float32), np.empty((group, hd), np.float32)
+        row, scores = np.empty(hd, np.float32), np.empty((group, S), np.float32)
         for task in range(n_kv * T):
-            _attend_group(q, k_t, v_cache, start_pos, group, scale, alibi_slopes, out,
-                          task // T, task % T, scores, acc)
+            _attend_group(q, k_cache, v_cache, start_pos, group, scale, alibi_slopes, out,
+                          task // T, task % T, qs, row, scores, acc)
     else:
         for task in prange(n_kv * T):
-            scores = np.empty((group, S), np.float32)
-            acc = np.empty((group, hd), np.float32)
-            _attend_group(q, k_t, v_cache, start_pos, group, scale, alibi_slopes, out,
-                          task // T, task % T, scores, acc)
+            qs, acc = np.empty((group, hd), np.float32), np.empty((group, hd), np.float32)
+            row, scores = np.empty(hd, np.float32), np.empty((group, S), np.float32)
+            _attend_group(q, k_cache, v_cache, start_pos, group, scale, alibi_slopes, out,
+                          task // T, task % T, qs, row, scores, acc)
     return out

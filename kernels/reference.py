@@ -14,7 +14,7 @@ import math
 import numpy as np
 
 from tinyllm.errors import ShapeError, TinyLLMError
-from tinyllm.kernels.backend import module_ops
+from tinyllm.kernels.backend import DEFAULT_CACHE_TYPE, cache_dtype, module_ops
 from tinyllm.kernels.quant import (
     QK,
     QTensor,
@@ -45,10 +45,11 @@ def from_numpy(x: np.ndarray):
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
-def new_kv_cache(n_layers: int, n_kv_heads: int, n_ctx: int, head_dim: int):
-    """Preallocated caches, written by position: a list of (k, v) per layer."""
-    shape = (n_kv_heads, n_ctx, head_dim)
-    return [(np.zeros(shape, np.float32), np.zeros(shape, np.float32)) for _ in range(n_layers)]
+def new_kv_cache(n_layers: int, n_kv_heads: int, n_ctx: int, head_dim: int, cache_type: str = DEFAULT_CACHE_TYPE):
+    """Preallocated caches, written by position: a list of (k, v) per layer, each
+    (n_kv_heads, n_ctx, head_dim) of the cache type's dtype (kv_write rounds into it)."""
+    shape, dtype = (n_kv_heads, n_ctx, head_dim), cache_dtype(cache_type)
+    return [(np.zeros(shape, dtype), np.zeros(shape, dtype)) for _ in range(n_layers)]
 
 
 # -- matrix products ------------------------------------------------------------------
@@ -207,8 +208,8 @@ def attention(q: np.ndarray, cache, start_pos: int, n_heads: int, scale: float,
     S = start_pos + T
     group = n_heads // n_kv
     qh = q.reshape(T, n_kv, group, hd).transpose(1, 2, 0, 3)          # (n_kv, group, T, hd)
-    k = k_cache[:, None, :S]                                          # (n_kv, 1, S, hd)
-    v = v_cache[:, None, :S]
+    k = k_cache[:, None, :S].astype(np.float32, copy=False)           # (n_kv, 1, S, hd)
+    v = v_cache[:, None, :S].astype(np.float32, copy=False)
     scores = (qh @ k.transpose(0, 1, 3, 2)) * scale                   # (n_kv, group, T, S)
     i = start_pos + np.arange(T)[:, None]
     j = np.arange(S)[None, :]

@@ -200,6 +200,13 @@ def test_attention_over_more_keys_than_threads(C):
     close(C.to_numpy(C.attention(C.from_numpy(q), dev, 69, 2, HD ** -0.5)), want, atol=2e-6)
 
 
+def test_f16_cache_is_refused_not_ignored(C):
+    with pytest.raises(TinyLLMError, match="cuda backend keeps its KV cache in f32"):
+        C.new_kv_cache(1, 1, 4, HD, "f16")
+    with pytest.raises(TinyLLMError, match="unknown KV cache type"):
+        C.new_kv_cache(1, 1, 4, HD, "f8")
+
+
 def test_kv_write_past_the_cache_is_refused(C):
     _, dev = _caches(C, 1, n_ctx=4)
     with pytest.raises(TinyLLMError, match="exceed the KV cache of 4"):

@@ -122,9 +122,10 @@ ATTN_CASES = [  # n_heads, n_kv, head_dim, n_ctx, [(T, start_pos), ...] written 
 
 @pytest.mark.parametrize("n_heads,n_kv,hd,n_ctx,steps", ATTN_CASES)
 @pytest.mark.parametrize("alibi", [False, True])
-def test_kv_write_and_attention(rng, n_heads, n_kv, hd, n_ctx, steps, alibi):
-    cache_ref = ref.new_kv_cache(1, n_kv, n_ctx, hd)[0]
-    cache_nb = nb.new_kv_cache(1, n_kv, n_ctx, hd)[0]
+@pytest.mark.parametrize("cache_type", ["f32", "f16"])
+def test_kv_write_and_attention(rng, n_heads, n_kv, hd, n_ctx, steps, alibi, cache_type):
+    cache_ref = ref.new_kv_cache(1, n_kv, n_ctx, hd, cache_type)[0]
+    cache_nb = nb.new_kv_cache(1, n_kv, n_ctx, hd, cache_type)[0]
     slopes = rng.uniform(0.05, 1.0, n_heads).astype(np.float32) if alibi else None
     for T, start in steps:
         k, v = (rng.standard_normal((T, n_kv * hd)).astype(np.float32) for _ in range(2))
@@ -133,10 +134,33 @@ def test_kv_write_and_attention(rng, n_heads, n_kv, hd, n_ctx, steps, alibi):
         nb.kv_write(cache_nb, k, v, start)
         want = ref.attention(q, cache_ref, start, n_heads, hd ** -0.5, slopes)
         assert rel_err(nb.attention(q, cache_nb, start, n_heads, hd ** -0.5, slopes), want) < REDUCTION_TOL
+        stored = [a.view(np.uint16) if a.dtype == np.float16 else a for a in cache_nb]  # as numba_cpu passes them
         for parallel in (False, True):  # both, whatever the work-size threshold picks
-            got = numba_ops.attention(q, *cache_nb, start, n_heads, np.float32(hd ** -0.5), slopes, parallel)
+            got = numba_ops.attention(q, *stored, start, n_heads, np.float32(hd ** -0.5), slopes, parallel)
             assert rel_err(got, want) < REDUCTION_TOL
     assert start + T == n_ctx  # every case ends with a query at the context's last position
+
+
+def test_f16_cache_rounds_keys_and_values_only(rng):
+    """An f16 cache holds exactly the float16 roundings of what was written; attention over
+    it equals float32 attention over those rounded keys and values."""
+    n_heads, n_kv, hd, n_ctx = 4, 2, 16, 8
+    half = nb.new_kv_cache(1, n_kv, n_ctx, hd, "f16")[0]
+    full = nb.new_kv_cache(1, n_kv, n_ctx, hd, "f32")[0]
+    assert half[0].dtype == np.float16 and half[0].nbytes * 2 == full[0].nbytes
+    k, v = (rng.standard_normal((n_ctx, n_kv * hd)).astype(np.float32) for _ in range(2))
+    q = rng.standard_normal((n_ctx, n_heads * hd)).astype(np.float32)
+    nb.kv_write(half, k, v, 0)
+    nb.kv_write(full, k.astype(np.float16).astype(np.float32), v.astype(np.float16).astype(np.float32), 0)
+    assert np.array_equal(half[0].astype(np.float32), full[0]) and np.array_equal(half[1].astype(np.float32), full[1])
+    got, want = (nb.attention(q, c, 0, n_heads, hd ** -0.5) for c in (half, full))
+    assert rel_err(got, want) < REDUCTION_TOL
+
+
+def test_unknown_cache_type_is_refused():
+    for backend in (ref, nb):
+        with pytest.raises(TinyLLMError, match="unknown KV cache type 'q8_0'"):
+            backend.new_kv_cache(1, 1, 4, 8, "q8_0")
 
 
 # -- quantized products --------------------------------------------------------------------

@@ -63,3 +63,19 @@ def test_generate_api_streams_text(converted):
     pieces = list(m.generate("Once upon a time", max_new_tokens=20, temperature=0))
     assert len(pieces) > 5 and "".join(pieces) == m.generate("Once upon a time", max_new_tokens=20,
                                                               temperature=0, stream=False)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_f16_cache_keeps_the_f32_model_on_llama2c(converted, backend):
+    """An f16 KV cache rounds only keys and values: teacher-forced over llama2.c's 200
+    tokens, the f32 model with it picks llama2.c's token wherever f32's margin is not a
+    near-tie, and its logits stay within a tenth of q8_0's tolerance."""
+    f32 = tinyllm.load(converted["f32"], backend=backend)
+    half = tinyllm.load(converted["f32"], backend=backend, cache_type="f16")
+    assert half.cache[0][0].dtype == np.float16
+    ids = [f32.tokenizer.bos_id] + f32.tokenizer.encode(EXPECTED, add_bos=False)
+    ref, got = f32.logits(ids[:-1]), half.logits(ids[:-1])
+    top2 = np.sort(ref, axis=-1)[:, -2:]
+    flipped = got.argmax(-1) != ref.argmax(-1)
+    assert (top2[flipped, 1] - top2[flipped, 0] < 0.05).all()
+    assert 0 < np.sqrt(np.mean((got - ref) ** 2)) / ref.std() < 0.004

@@ -33,7 +33,7 @@ UNBATCHED = frozenset({"logits", "score", "token_logprobs", "loglikelihood", "em
 
 def slot_bytes(model) -> int:
     """Host memory one slot's KV cache takes."""
-    return kv_cache_bytes(model.config, model.n_ctx)
+    return kv_cache_bytes(model.config, model.n_ctx, model.cache_type)
 
 
 def default_slots(model, most: int = 4) -> int:

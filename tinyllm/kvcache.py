@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tinyllm.kernels.backend import DEFAULT_CACHE_TYPE, cache_dtype
+
 
 def reusable_prefix(cached: list[int], tokens: list[int]) -> int:
     """How many leading tokens of ``tokens`` a cache holding ``cached`` already has computed
@@ -24,17 +26,20 @@ def reusable_prefix(cached: list[int], tokens: list[int]) -> int:
     return keep
 
 
-def kv_cache_bytes(cfg, n_ctx: int) -> int:
-    """Host memory of one sequence's KV cache: float32 keys and values, every layer, n_ctx positions."""
-    return 2 * 4 * cfg.num_hidden_layers * cfg.n_kv_heads * cfg.head_dim * n_ctx
+def kv_cache_bytes(cfg, n_ctx: int, cache_type: str = DEFAULT_CACHE_TYPE) -> int:
+    """Host memory of one sequence's KV cache: keys and values, every layer, n_ctx positions."""
+    item = np.dtype(cache_dtype(cache_type)).itemsize
+    return 2 * item * cfg.num_hidden_layers * cfg.n_kv_heads * cfg.head_dim * n_ctx
 
 
 class KVCache:
     """``n_ctx`` positions of keys and values for every layer, allocated once by the backend."""
 
-    def __init__(self, ops, n_layers: int, n_kv_heads: int, n_ctx: int, head_dim: int):
+    def __init__(self, ops, n_layers: int, n_kv_heads: int, n_ctx: int, head_dim: int,
+                 cache_type: str = DEFAULT_CACHE_TYPE):
         self.n_ctx = n_ctx
-        self.layers = ops.new_kv_cache(n_layers, n_kv_heads, n_ctx, head_dim)  # per layer: (k, v) storage
+        self.cache_type = cache_type
+        self.layers = ops.new_kv_cache(n_layers, n_kv_heads, n_ctx, head_dim, cache_type)  # per layer: (k, v) storage
         self.tokens: list[int] = []  # the ids whose keys and values positions 0.. hold
 
     def __getitem__(self, layer: int):

@@ -12,7 +12,7 @@ from tinyllm.converters.llama2c import is_llama2c
 from tinyllm.errors import TinyLLMError, reading
 from tinyllm.fileformat import ModelFile, file_kind
 from tinyllm.kernels import get_backend
-from tinyllm.kvcache import Batch, KVCache, Segment, kv_cache_bytes
+from tinyllm.kvcache import DEFAULT_CACHE_TYPE, Batch, KVCache, Segment, cache_dtype, kv_cache_bytes
 from tinyllm.logprobs import TokenLogprob, sequence_logprobs
 from tinyllm.sampling import SamplingParams
 from tinyllm.tokenizer import Tokenizer
@@ -36,7 +36,7 @@ class Model:
     """
 
     def __init__(self, source, backend: str | None = None, threads: int | None = None,
-                 n_ctx: int | None = None, device: str | None = None):
+                 n_ctx: int | None = None, device: str | None = None, cache_type: str | None = None):
         self.path = Path(source.path)
         where = str(self.path)
         # validate, then map: nothing from the source reaches a kernel before these checks
@@ -50,11 +50,14 @@ class Model:
         context = self.config.context_length
         self.n_ctx = min(n_ctx or min(context, DEFAULT_MAX_CTX), context)
         cfg = self.config
+        self.cache_type = cache_type or DEFAULT_CACHE_TYPE
+        cache_dtype(self.cache_type)  # an unknown name is refused before anything is allocated
         if device == "cuda":
             backend = "cuda"
         else:  # a device cache lives in GPU memory, which this check does not see
-            check_allocation(kv_cache_bytes(cfg, self.n_ctx), f"the KV cache for {self.n_ctx} positions",
-                             "load with a smaller n_ctx (--ctx)")
+            check_allocation(kv_cache_bytes(cfg, self.n_ctx, self.cache_type),
+                             f"the KV cache for {self.n_ctx} positions",
+                             "load with a smaller n_ctx (--ctx) or --cache-type f16")
         # the backend object holds the model's own settings (threads, SIMD width, device); its
         # begin() applies them in whichever thread runs a forward (a server runs it on its own)
         self.ops = get_backend(backend, threads=threads)
@@ -67,7 +70,7 @@ class Model:
     def new_cache(self) -> KVCache:
         """An empty KV cache of this model's context, for a sequence of its own (``eval_batch``)."""
         cfg = self.config
-        return KVCache(self.ops, cfg.num_hidden_layers, cfg.n_kv_heads, self.n_ctx, cfg.head_dim)
+        return KVCache(self.ops, cfg.num_hidden_layers, cfg.n_kv_heads, self.n_ctx, cfg.head_dim, self.cache_type)
 
     @property
     def tokens(self) -> list[int]:
@@ -75,7 +78,8 @@ class Model:
         return self.cache.tokens
 
     @classmethod
-    def load(cls, path, backend=None, threads=None, n_ctx=None, device=None, verify=True, progress=None) -> "Model":
+    def load(cls, path, backend=None, threads=None, n_ctx=None, device=None, verify=True, progress=None,
+             cache_type=None) -> "Model":
         path = Path(path)
         if device not in (None, "cpu", "cuda"):
             raise TinyLLMError(f"unknown device {device!r}; choose cpu or cuda")
@@ -97,7 +101,7 @@ class Model:
                                    "or --tokenizer)")
             else:
                 source = ModelFile(path, verify=verify)
-            return cls(source, backend=backend, threads=threads, n_ctx=n_ctx, device=device)
+            return cls(source, backend=backend, threads=threads, n_ctx=n_ctx, device=device, cache_type=cache_type)
 
     @property
     def name(self) -> str:

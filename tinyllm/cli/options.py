@@ -9,6 +9,7 @@ import click
 from tinyllm.defaults import resolve_model
 from tinyllm.errors import TinyLLMError
 from tinyllm.kernels import BACKENDS
+from tinyllm.kernels.backend import CACHE_TYPES, DEFAULT_CACHE_TYPE
 
 CPU_BACKENDS = [name for name in BACKENDS if name != "cuda"]  # cuda is chosen with --device
 
@@ -34,13 +35,24 @@ def _no_layer_offload(ctx, param, value):
     return value
 
 
+def _remember_cache_type(ctx, param, value):
+    # --cache-type reaches load_model through the command's click context, so that every command
+    # taking the runtime options has it without one more parameter to pass along
+    ctx.meta["tinyllm.cache_type"] = value
+    return value
+
+
 def runtime_options(f=None, ctx_help: str = "Context length (default: the model's, at most 4096)."):
-    """--backend, --threads, --ctx, --device: how and where the model runs. ``ctx_help``: for a
+    """--backend, --threads, --ctx, --device, --cache-type: how and where the model runs. ``ctx_help``: for a
     command whose --ctx means something else (perplexity's window)."""
     if f is None:
         return lambda g: runtime_options(g, ctx_help)
     f = click.option("-ngl", "--n-gpu-layers", "--gpu-layers", "gpu_layers", default=None, hidden=True,
                      expose_value=False, callback=_no_layer_offload)(f)
+    f = click.option("--cache-type", type=click.Choice(list(CACHE_TYPES)), default=None, expose_value=False,
+                     callback=_remember_cache_type,
+                     help=f"How the KV cache stores keys and values (default {DEFAULT_CACHE_TYPE}; f16: half the "
+                     "memory, faster decode at long context, float16 rounding of keys and values).")(f)
     f = click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
                      help="Run on the CPU (default) or an NVIDIA GPU (needs the cuda extra).")(f)
     f = click.option("--ctx", "-c", "n_ctx", type=click.IntRange(min=1), default=None, help=ctx_help)(f)
@@ -95,7 +107,9 @@ def load_model(model, backend, threads, n_ctx, device, announce=True, fetch=Fals
     if model is None and os.environ.get("TINYLLM_MODEL") and not path.exists():
         raise TinyLLMError(f"$TINYLLM_MODEL is {str(path)!r}, which does not exist: "
                            "set it to a model file, or unset it")
-    m = load(path, backend=backend, threads=threads, n_ctx=n_ctx, device=device,
+    ctx = click.get_current_context(silent=True)
+    cache_type = ctx.meta.get("tinyllm.cache_type") if ctx else None
+    m = load(path, backend=backend, threads=threads, n_ctx=n_ctx, device=device, cache_type=cache_type,
              progress=progress_bar(f"reading {path.name}", only_on_terminal=True) if _is_gguf(path) else None)
     if warn_ctx and n_ctx is not None and n_ctx > m.n_ctx:  # the model clamps it: say so, never silently
         say(f"--ctx {n_ctx} is more than {m.name}'s context length: using {m.n_ctx}")
