@@ -174,28 +174,51 @@ def rope(x, positions, inv_freq, n_heads):
 
 # -- attention -----------------------------------------------------------------------------
 # The cache is reference.new_kv_cache's: keys and values (n_kv, n_ctx, head_dim), float32 or
-# float16 (passed in as its uint16 bits: Numba's CPU target has no float16 arrays). Per key
-# the group's query heads take their dot products from one converted row, and per value row
-# they add into their accumulators: every stored value is read, and converted, once.
+# float16 (passed in as its uint16 bits: Numba's CPU target has no float16 arrays). Keys and
+# values are taken KEYS_AT_ONCE rows at a time, converted once into float32 `rows`, and used
+# by every query head of the group: each q element loaded serves four keys' dot products, and
+# each accumulator load/store four values' products (one at a time, the loads and stores
+# bound the loop, not the multiply-adds: measured 1.4x at 4064 positions, BENCHMARKS.md).
+KEYS_AT_ONCE = 4
+
+
+@njit(inline="always", cache=True, error_model="numpy")
+def _load_rows(cache, kv, s, count, rows):
+    """rows[j] = cache[kv, s + j] as float32, for j < count."""
+    for j in range(count):
+        for i in range(cache.shape[2]):
+            rows[j, i] = as_f32(cache[kv, s + j, i])
+
 
 @njit(inline="always", cache=True, fastmath=True, error_model="numpy")
-def _attend_group(q, k_cache, v_cache, start_pos, group, scale, alibi_slopes, out, kv, t, qs, row, scores, acc):
+def _attend_group(q, k_cache, v_cache, start_pos, group, scale, alibi_slopes, out, kv, t, qs, rows, scores, acc):
     """Query t of the `group` heads sharing kv head `kv`: out[t, heads] = softmax(q K^T) V.
-    Scratch: qs, acc (group, hd); row (hd,); scores (group, >= n)."""
+    Scratch: qs, acc (group, hd); rows (KEYS_AT_ONCE, hd); scores (group, >= n)."""
     hd = k_cache.shape[2]
     n = start_pos + t + 1                                # keys this query sees
+    whole = n - n % KEYS_AT_ONCE                         # keys in full blocks of four
     h0 = kv * group
     for g in range(group):
         for i in range(hd):
             qs[g, i] = q[t, (h0 + g) * hd + i] * scale
-    for s in range(n):                                   # scores[g, s] = q[g] . K[s]
-        for i in range(hd):
-            row[i] = as_f32(k_cache[kv, s, i])
+    for s in range(0, whole, KEYS_AT_ONCE):              # scores[g, s + j] = q[g] . K[s + j]
+        _load_rows(k_cache, kv, s, KEYS_AT_ONCE, rows)
         for g in range(group):
-            dot = np.float32(0.0)
+            d0 = d1 = d2 = d3 = np.float32(0.0)
             for i in range(hd):
-                dot += qs[g, i] * row[i]
-            scores[g, s] = dot
+                x = qs[g, i]
+                d0 += x * rows[0, i]
+                d1 += x * rows[1, i]
+                d2 += x * rows[2, i]
+                d3 += x * rows[3, i]
+            scores[g, s], scores[g, s + 1], scores[g, s + 2], scores[g, s + 3] = d0, d1, d2, d3
+    for s in range(whole, n):
+        _load_rows(k_cache, kv, s, 1, rows)
+        for g in range(group):
+            d0 = np.float32(0.0)
+            for i in range(hd):
+                d0 += qs[g, i] * rows[0, i]
+            scores[g, s] = d0
     for g in range(group):
         if alibi_slopes is not None:
             slope = alibi_slopes[h0 + g]
@@ -213,13 +236,18 @@ def _attend_group(q, k_cache, v_cache, start_pos, group, scale, alibi_slopes, ou
         for s in range(n):
             scores[g, s] *= inv
     acc[:group] = 0.0
-    for s in range(n):                                   # acc[g] += p[g, s] * V[s]
-        for i in range(hd):
-            row[i] = as_f32(v_cache[kv, s, i])
+    for s in range(0, whole, KEYS_AT_ONCE):              # acc[g] += sum_j p[g, s + j] * V[s + j]
+        _load_rows(v_cache, kv, s, KEYS_AT_ONCE, rows)
+        for g in range(group):
+            p0, p1, p2, p3 = scores[g, s], scores[g, s + 1], scores[g, s + 2], scores[g, s + 3]
+            for i in range(hd):
+                acc[g, i] += p0 * rows[0, i] + p1 * rows[1, i] + p2 * rows[2, i] + p3 * rows[3, i]
+    for s in range(whole, n):
+        _load_rows(v_cache, kv, s, 1, rows)
         for g in range(group):
             p = scores[g, s]
             for i in range(hd):
-                acc[g, i] += p * row[i]
+                acc[g, i] += p * rows[0, i]
     for g in range(group):
         for i in range(hd):
             out[t, (h0 + g) * hd + i] = acc[g, i]
@@ -238,14 +266,14 @@ def attention(q, k_cache, v_cache, start_pos, n_heads, scale, alibi_slopes, para
     out = np.empty((T, n_heads * hd), np.float32)
     if not parallel:
         qs, acc = np.empty((group, hd), np.float32), np.empty((group, hd), np.float32)
-        row, scores = np.empty(hd, np.float32), np.empty((group, S), np.float32)
+        rows, scores = np.empty((KEYS_AT_ONCE, hd), np.float32), np.empty((group, S), np.float32)
         for task in range(n_kv * T):
             _attend_group(q, k_cache, v_cache, start_pos, group, scale, alibi_slopes, out,
-                          task // T, task % T, qs, row, scores, acc)
+                          task // T, task % T, qs, rows, scores, acc)
     else:
         for task in prange(n_kv * T):
             qs, acc = np.empty((group, hd), np.float32), np.empty((group, hd), np.float32)
-            row, scores = np.empty(hd, np.float32), np.empty((group, S), np.float32)
+            rows, scores = np.empty((KEYS_AT_ONCE, hd), np.float32), np.empty((group, S), np.float32)
             _attend_group(q, k_cache, v_cache, start_pos, group, scale, alibi_slopes, out,
-                          task // T, task % T, qs, row, scores, acc)
+                          task // T, task % T, qs, rows, scores, acc)
     return out
