@@ -169,20 +169,36 @@ def llama_bench(binary: str, name: str, layers: int, prompt: int, steps: int, re
     return row
 
 
-def decode_at(model, position: int, steps: int, repeats: int) -> list[float]:
-    """tok/s of ``steps`` decode steps after a prompt of ``position`` tokens, per repeat."""
+def decode_at(model, position: int, steps: int, repeats: int) -> tuple[list[float], list[float]]:
+    """tok/s of ``steps`` decode steps after a prompt of ``position`` tokens, and the share of
+    those steps' time spent in attention, per repeat."""
     from tinyllm.benchmark import prompt_ids
 
     ids = prompt_ids(position + steps + 1, model.config.vocab_size, seed=2)
-    speeds = []
+    attention, in_attention = model.ops.attention, [0.0]
+
+    def timed_attention(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return attention(*args, **kwargs)
+        finally:
+            in_attention[0] += time.perf_counter() - start
+
+    speeds, shares = [], []
     for _ in range(repeats):
         model.reset()
         model.eval(ids[:position])
+        model.ops.attention, in_attention[0] = timed_attention, 0.0
         start = time.perf_counter()
-        for i in range(position + 1, position + steps + 1):
-            model.eval(ids[:i])
-        speeds.append(steps / (time.perf_counter() - start))
-    return speeds
+        try:
+            for i in range(position + 1, position + steps + 1):
+                model.eval(ids[:i])
+        finally:
+            model.ops.attention = attention
+        elapsed = time.perf_counter() - start
+        speeds.append(steps / elapsed)
+        shares.append(in_attention[0] / elapsed)
+    return speeds, shares
 
 
 def peak_rss_mb() -> int:
@@ -193,22 +209,26 @@ def peak_rss_mb() -> int:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3)
 
 
-def measure(name: str, layers: int, prompt: int, steps: int, repeats: int, positions: list[int]) -> dict:
+def measure(name: str, layers: int, prompt: int, steps: int, repeats: int, positions: list[int],
+            cache_type: str = "f32") -> dict:
     import tinyllm
     from tinyllm.benchmark import time_decode, time_prefill, weight_bytes_per_token
 
     path = model_file(name, layers)
-    model = tinyllm.load(path, n_ctx=max([prompt + 2, steps + 2, *[p + steps + 1 for p in positions]]))
+    model = tinyllm.load(path, n_ctx=max([prompt + 2, steps + 2, *[p + steps + 1 for p in positions]]),
+                         cache_type=cache_type)
     decode, prefill = time_decode(model, steps, repeats), time_prefill(model, prompt, repeats)
-    row = {"model": name, "layers": layers, "file_MB": round(path.stat().st_size / 1e6),
+    row = {"model": name, "layers": layers, "cache_type": cache_type, "file_MB": round(path.stat().st_size / 1e6),
            "weights_per_token_MB": round(weight_bytes_per_token(model) / 1e6),
            "decode_tok_s": round(decode.tokens_per_second, 2), "decode_range": [round(v, 2) for v in decode.spread],
            "decode_GB_s": round(decode.gb_per_second, 2),
            f"prefill{prompt}_tok_s": round(prefill.tokens_per_second, 2),
            "prefill_range": [round(v, 2) for v in prefill.spread]}
     for p in positions:
-        speeds = sorted(decode_at(model, p, steps, repeats))
-        row[f"decode_at_{p}_tok_s"] = round(speeds[len(speeds) // 2], 2)
+        speeds, shares = decode_at(model, p, steps, repeats)
+        row[f"decode_at_{p}_tok_s"] = round(float(np.median(speeds)), 2)
+        row[f"decode_at_{p}_range"] = [round(min(speeds), 2), round(max(speeds), 2)]
+        row[f"attention_share_at_{p}"] = round(float(np.median(shares)), 3)
     row["peak_rss_MB"] = peak_rss_mb()
     return row
 
@@ -223,22 +243,25 @@ def main() -> None:
     ap.add_argument("--positions", type=int, nargs="*", default=[], help="also decode after prompts this long")
     ap.add_argument("--rss", action="store_true", help="each model in its own process (peak RSS per model)")
     ap.add_argument("--llama-bench", default=None, help="llama-bench binary: time llama.cpp on the same blocks")
+    ap.add_argument("--cache-type", default="f32", choices=["f32", "f16"], help="KV cache storage")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(measure(args.one, args.layers, args.prompt, args.steps, args.repeats, args.positions)))
+        print(json.dumps(measure(args.one, args.layers, args.prompt, args.steps, args.repeats, args.positions,
+                                 args.cache_type)))
         return
     for name in args.only:
         if args.rss:
             model_file(name, args.layers)        # written before the measuring process starts
             out = subprocess.run([sys.executable, "-m", "benchmarks.arch_shapes", "--one", name, "--layers",
                                   str(args.layers), "--prompt", str(args.prompt), "--steps", str(args.steps),
-                                  "--repeats", str(args.repeats), "--positions", *map(str, args.positions)],
+                                  "--repeats", str(args.repeats), "--cache-type", args.cache_type,
+                                  "--positions", *map(str, args.positions)],
                                  check=True, capture_output=True, text=True, cwd=REPO).stdout
             print(out.strip().splitlines()[-1], flush=True)
         else:
-            print(json.dumps(measure(name, args.layers, args.prompt, args.steps, args.repeats, args.positions)),
-                  flush=True)
+            print(json.dumps(measure(name, args.layers, args.prompt, args.steps, args.repeats, args.positions,
+                                     args.cache_type)), flush=True)
         if args.llama_bench and SHAPES[name][0] != "gptj":
             print(json.dumps(llama_bench(args.llama_bench, name, args.layers, args.prompt, args.steps, args.repeats,
                                          args.positions)), flush=True)

@@ -41,3 +41,15 @@ def test_random_model_of_each_architecture_runs_and_exports(name, tmp_path):
         gguf_path = export_bpe_gguf(q4, tokenizer, tmp_path / "m.gguf")
         again = tinyllm.load(gguf_path, backend="numpy")
         np.testing.assert_allclose(again.logits(ids), logits, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_at_times_attention_and_puts_it_back(stories_hf, tmp_path):
+    from benchmarks.arch_shapes import decode_at
+    from tinyllm.converters.convert import convert_hf
+
+    model = tinyllm.load(convert_hf(stories_hf, tmp_path / "s.q4", quant="q8_0"), backend="numpy", cache_type="f16")
+    attention = model.ops.attention
+    speeds, shares = decode_at(model, position=40, steps=3, repeats=2)
+    assert len(speeds) == len(shares) == 2 and all(s > 0 for s in speeds)
+    assert all(0 < share < 1 for share in shares)
+    assert model.ops.attention == attention and len(model.tokens) == 43
