@@ -99,15 +99,16 @@ def test_op(benchmark, backend, op, T):
     record(f"{op} T={T} {backend}", median_us=benchmark.stats.stats.median * 1e6)
 
 
-@pytest.mark.parametrize("T,start", [(1, 127), (1, 2047), (128, 0), (512, 0)], ids=lambda v: str(v))
+@pytest.mark.parametrize("T,start", [(1, 127), (1, 2047), (1, 4063), (128, 0), (512, 0)], ids=lambda v: str(v))
 @pytest.mark.parametrize("backend", list(BACKENDS))
-def test_attention(benchmark, backend, T, start):
+@pytest.mark.parametrize("cache_type", ["f32", "f16"])
+def test_attention(benchmark, backend, T, start, cache_type):
     m = BACKENDS[backend]
-    cache = m.new_kv_cache(1, KV, start + T, HD)[0]
+    cache = m.new_kv_cache(1, KV, start + T, HD, cache_type)[0]
     m.kv_write(cache, _x(start + T, KV * HD), _x(start + T, KV * HD), 0)
     q = _x(T, H * HD)
     benchmark(m.attention, q, cache, start, H, HD ** -0.5)
-    record(f"attention T={T} start={start} {backend}", median_us=benchmark.stats.stats.median * 1e6)
+    record(f"attention T={T} start={start} {cache_type} {backend}", median_us=benchmark.stats.stats.median * 1e6)
 
 
 @pytest.mark.parametrize("fmt", ["q4_0", "q8_0"])
