@@ -78,10 +78,10 @@ class Converted:
         self.model, self.folder, self.out, self._paths = model, folder, out, {}
         self.expected = hf_logits(model, PROMPT)
 
-    def load(self, quant: str, backend: str = "numpy"):
+    def load(self, quant: str, backend: str = "numpy", cache_type: str | None = None):
         if quant not in self._paths:
             self._paths[quant] = convert_hf(self.folder, self.out / f"m-{quant}.q4", quant=quant)
-        return tinyllm.load(self._paths[quant], backend=backend)
+        return tinyllm.load(self._paths[quant], backend=backend, cache_type=cache_type)
 
 
 @pytest.fixture(scope="module", params=list(CASES))
@@ -107,6 +107,17 @@ def test_f32_greedy_matches_transformers(case):
     m = case.load("f32")
     ours = list(generate_ids(m, PROMPT[:6], 32, Sampler(SamplingParams(temperature=0)), stop_ids=[]))
     assert ours == hf_greedy(case.model, PROMPT[:6], 32)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_f16_cache_prefill_and_decode_close_to_transformers(case, backend):
+    """An f16 KV cache rounds keys and values only: within a fortieth of q8_0's tolerance."""
+    m = case.load("f32", backend, cache_type="f16")
+    m.reset()
+    steps = np.stack([m.eval(PROMPT[:t + 1]) for t in range(len(PROMPT))])  # decode reads the f16 cache
+    for got in (m.logits(PROMPT), steps):
+        rel = np.sqrt(np.mean((got - case.expected) ** 2)) / case.expected.std()
+        assert 0 < rel < TOLERANCE["q8_0"] / 40, f"RMS error {rel:.5f} x std(logits)"
 
 
 @pytest.mark.parametrize("quant", ["q8_0", "q4_0"])
