@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.bench_model import REPO, TINYLLAMA, bench_dir, write_random
+from tinyllm.kernels.backend import CACHE_TYPES, DEFAULT_CACHE_TYPE
 
 SHARED = REPO.parent / "shared" / "models"
 LLAMA_7B = dict(TINYLLAMA, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -210,7 +211,7 @@ def peak_rss_mb() -> int:
 
 
 def measure(name: str, layers: int, prompt: int, steps: int, repeats: int, positions: list[int],
-            cache_type: str = "f32") -> dict:
+            cache_type: str = DEFAULT_CACHE_TYPE) -> dict:
     import tinyllm
     from tinyllm.benchmark import time_decode, time_prefill, weight_bytes_per_token
 
@@ -243,7 +244,7 @@ def main() -> None:
     ap.add_argument("--positions", type=int, nargs="*", default=[], help="also decode after prompts this long")
     ap.add_argument("--rss", action="store_true", help="each model in its own process (peak RSS per model)")
     ap.add_argument("--llama-bench", default=None, help="llama-bench binary: time llama.cpp on the same blocks")
-    ap.add_argument("--cache-type", default="f32", choices=["f32", "f16"], help="KV cache storage")
+    ap.add_argument("--cache-type", default=DEFAULT_CACHE_TYPE, choices=list(CACHE_TYPES), help="KV cache storage")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:

@@ -33,8 +33,6 @@ def cache_dtype(cache_type: str):
     return CACHE_TYPES[cache_type]
 
 
-
-
 @runtime_checkable
 class Backend(Protocol):
     name: str

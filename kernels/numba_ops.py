@@ -177,9 +177,16 @@ def rope(x, positions, inv_freq, n_heads):
 # float16 (passed in as its uint16 bits: Numba's CPU target has no float16 arrays). Keys and
 # values are taken KEYS_AT_ONCE rows at a time, converted once into float32 `rows`, and used
 # by every query head of the group: each q element loaded serves four keys' dot products, and
-# each accumulator load/store four values' products (one at a time, the loads and stores
-# bound the loop, not the multiply-adds: measured 1.4x at 4064 positions, BENCHMARKS.md).
+# each accumulator load/store four values' products (one key at a time, the loads and stores
+# bound the loops, not the multiply-adds: BENCHMARKS.md, long context).
 KEYS_AT_ONCE = 4
+
+
+@njit(inline="always", cache=True, error_model="numpy")
+def _attention_scratch(group, hd, S):
+    """One task's scratch for _attend_group: qs, rows, scores, acc."""
+    return (np.empty((group, hd), np.float32), np.empty((KEYS_AT_ONCE, hd), np.float32),
+            np.empty((group, S), np.float32), np.empty((group, hd), np.float32))
 
 
 @njit(inline="always", cache=True, error_model="numpy")
@@ -265,15 +272,13 @@ def attention(q, k_cache, v_cache, start_pos, n_heads, scale, alibi_slopes, para
     S = start_pos + T
     out = np.empty((T, n_heads * hd), np.float32)
     if not parallel:
-        qs, acc = np.empty((group, hd), np.float32), np.empty((group, hd), np.float32)
-        rows, scores = np.empty((KEYS_AT_ONCE, hd), np.float32), np.empty((group, S), np.float32)
+        qs, rows, scores, acc = _attention_scratch(group, hd, S)
         for task in range(n_kv * T):
             _attend_group(q, k_cache, v_cache, start_pos, group, scale, alibi_slopes, out,
                           task // T, task % T, qs, rows, scores, acc)
     else:
         for task in prange(n_kv * T):
-            qs, acc = np.empty((group, hd), np.float32), np.empty((group, hd), np.float32)
-            rows, scores = np.empty((KEYS_AT_ONCE, hd), np.float32), np.empty((group, S), np.float32)
+            qs, rows, scores, acc = _attention_scratch(group, hd, S)
             _attend_group(q, k_cache, v_cache, start_pos, group, scale, alibi_slopes, out,
                           task // T, task % T, qs, rows, scores, acc)
     return out

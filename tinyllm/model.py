@@ -61,11 +61,11 @@ class Model:
         # the backend object holds the model's own settings (threads, SIMD width, device); its
         # begin() applies them in whichever thread runs a forward (a server runs it on its own)
         self.ops = get_backend(backend, threads=threads)
+        self.cache = self.new_cache()  # before the weights: a cache type the backend refuses costs no upload
         self.file_tensors = source.tensors
         self.weights = {name: self.ops.prepare(_runtime_tensor(t)) for name, t in source.tensors.items()}
         if "output" not in self.weights:  # tied embeddings
             self.weights["output"] = self.weights["tok_embeddings"]
-        self.cache = self.new_cache()
 
     def new_cache(self) -> KVCache:
         """An empty KV cache of this model's context, for a sequence of its own (``eval_batch``)."""
