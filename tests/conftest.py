@@ -1,13 +1,36 @@
 """Shared test fixtures: where the real model data lives, and tiny random HF models."""
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MODELS = REPO.parent / "shared" / "models"
+
+
+def _import_installed_kernels_package() -> None:
+    """Import Hugging Face's `kernels` distribution, where installed, from site-packages. Newer
+    transformers import it at start-up, and the checkout's own kernels/ directory (installed as
+    tinyllm.kernels) would stand in for it whenever the repository root is on sys.path, as
+    `python -m pytest` puts it; once imported, the real one is what `import kernels` finds."""
+    try:
+        importlib.metadata.distribution("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        return
+    saved = sys.path[:]
+    sys.path[:] = [p for p in saved if Path(p or ".").resolve() != REPO]
+    try:
+        importlib.import_module("kernels")
+    finally:
+        sys.path[:] = saved
+
+
+_import_installed_kernels_package()
 
 
 def shared(*parts) -> Path:
