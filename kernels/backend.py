@@ -22,8 +22,10 @@ from tinyllm.errors import TinyLLMError
 
 # How keys and values are stored (llama.cpp's --cache-type names): f16 halves the cache's
 # memory and the bytes a long-context decode step reads; attention always computes in float32.
-CACHE_TYPES = {"f32": np.float32, "f16": np.float16}
-DEFAULT_CACHE_TYPE = "f32"
+# f16 is the default, as in llama.cpp (its cost, measured: BENCHMARKS.md, long context); a
+# backend that stores only some types lists them in its `cache_types`, its default first.
+CACHE_TYPES = {"f16": np.float16, "f32": np.float32}
+DEFAULT_CACHE_TYPE = "f16"
 
 
 def cache_dtype(cache_type: str):
@@ -37,6 +39,7 @@ def cache_dtype(cache_type: str):
 class Backend(Protocol):
     name: str
     compiles: bool                                                        # kernels compile on first use
+    cache_types: tuple[str, ...]                                          # KV cache types it stores, default first
 
     def begin(self, rows: int = 1) -> None: ...                           # before a forward of `rows` rows
     def end(self) -> None: ...                                            # after it (results read back)

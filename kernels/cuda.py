@@ -20,7 +20,7 @@ from numba import cuda
 
 from tinyllm.errors import ShapeError, TinyLLMError, UnsupportedError
 from tinyllm.kernels import cuda_kernels as K
-from tinyllm.kernels.backend import DEFAULT_CACHE_TYPE, cache_dtype, module_ops
+from tinyllm.kernels.backend import cache_dtype, module_ops
 from tinyllm.kernels.quant import QTensor, n_blocks
 
 name = "cuda"
@@ -165,7 +165,7 @@ def from_numpy(x: np.ndarray):
     return cuda.to_device(np.ascontiguousarray(x, dtype=np.float32))
 
 
-def new_kv_cache(n_layers: int, n_kv_heads: int, n_ctx: int, head_dim: int, cache_type: str = DEFAULT_CACHE_TYPE):
+def new_kv_cache(n_layers: int, n_kv_heads: int, n_ctx: int, head_dim: int, cache_type: str = "f32"):
     """Zeroed (k, v) device arrays (n_kv_heads, n_ctx, head_dim) per layer, filled on the device."""
     cache_dtype(cache_type)  # an unknown name is refused as everywhere
     if cache_type != "f32":
@@ -378,6 +378,7 @@ class CudaBackend:
 
     name = "cuda"
     compiles = True
+    cache_types = ("f32",)
 
     def __init__(self, threads: int | None = None):
         if threads is not None:

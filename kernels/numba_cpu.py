@@ -25,7 +25,7 @@ import numpy as np
 
 from tinyllm.errors import ShapeError, TinyLLMError
 from tinyllm.kernels import numba_ops, numba_quant, numba_simd
-from tinyllm.kernels.backend import module_ops
+from tinyllm.kernels.backend import CACHE_TYPES, module_ops
 from tinyllm.kernels.quant import QTensor
 from tinyllm.kernels.reference import add, clip, concat_rows, from_numpy, kv_write, new_kv_cache, to_numpy  # noqa: F401
 from tinyllm.kernels.threads import ThreadGovernor
@@ -293,6 +293,7 @@ class NumbaBackend:
 
     name = "numba"
     compiles = True  # kernels compile (or load from the on-disk cache) on first use
+    cache_types = tuple(CACHE_TYPES)
 
     def __init__(self, threads: int | None = None, simd_width: int | None = None):
         self.threads = thread_count(threads)    # the most a forward uses

@@ -18,6 +18,7 @@ import numpy as np
 from numba import njit, prange
 
 from tinyllm.kernels import numba_cache  # noqa: F401  (before any @njit(cache=True): see numba_cache.py)
+from tinyllm.kernels.numba_attention_simd import prefetch_ahead, score_tile, value_tile
 from tinyllm.kernels.numba_math import as_f32, fast_exp, fast_normal_cdf, fast_sigmoid
 
 # fastmath without the no-infs/no-NaNs assumptions, for kernels that see -inf masks
@@ -174,12 +175,15 @@ def rope(x, positions, inv_freq, n_heads):
 
 # -- attention -----------------------------------------------------------------------------
 # The cache is reference.new_kv_cache's: keys and values (n_kv, n_ctx, head_dim), float32 or
-# float16 (passed in as its uint16 bits: Numba's CPU target has no float16 arrays). Keys and
-# values are taken KEYS_AT_ONCE rows at a time, converted once into float32 `rows`, and used
-# by every query head of the group: each q element loaded serves four keys' dot products, and
-# each accumulator load/store four values' products (one key at a time, the loads and stores
-# bound the loops, not the multiply-adds: BENCHMARKS.md, long context).
+# float16 (passed in as its uint16 bits: Numba's CPU target has no float16 arrays). Every query
+# head of a GQA/MQA group uses each key and value row while it is in registers or L1: on
+# numba_attention_simd's register tiles (see attention() for when), else on loops that take
+# KEYS_AT_ONCE rows at a time, converted once into float32 `rows`, so that each q load serves
+# four dot products and each accumulator load/store four products (BENCHMARKS.md, long context).
 KEYS_AT_ONCE = 4
+# Keys per value_tile call: a run of values (32 KB as float16) stays in L1/L2 while each
+# (heads x dims) tile of the group passes over it.
+VALUE_RUN = 64
 
 
 @njit(inline="always", cache=True, error_model="numpy")
@@ -197,29 +201,87 @@ def _load_rows(cache, kv, s, count, rows):
             rows[j, i] = as_f32(cache[kv, s + j, i])
 
 
+@njit(inline="always", cache=True, error_model="numpy")
+def _tiled_scores(qs, k_cache, kv, n, group, scores):
+    """scores[g, s] = qs[g] . K[s] by register tiles (hd a multiple of 8), for s below the
+    returned count: n rounded down to the tile's keys (4 with an even group, else 8)."""
+    hd, S = k_cache.shape[2], scores.shape[1]
+    base = kv * k_cache.shape[1] * hd
+    if group % 2 == 0:
+        whole = n - n % 4
+        for s in range(0, whole, 4):
+            prefetch_ahead(k_cache, base + s * hd, 4 * hd)
+            for g in range(0, group, 2):
+                score_tile(qs, g * hd, k_cache, base + s * hd, hd, scores, g * S + s, S, 2)
+    else:
+        whole = n - n % 8
+        for s in range(0, whole, 8):
+            prefetch_ahead(k_cache, base + s * hd, 8 * hd)
+            for g in range(group):
+                score_tile(qs, g * hd, k_cache, base + s * hd, hd, scores, g * S + s, S, 1)
+    return whole
+
+
+@njit(inline="always", cache=True, error_model="numpy")
+def _value_tile_heads(group, hd):
+    """Heads per value_tile for this shape (its 8 registers hold 64 // heads dims of each
+    head), or 0 where no tile fits."""
+    if group % 4 == 0 and hd % 16 == 0:
+        return 4
+    if group % 2 == 0 and hd % 32 == 0:
+        return 2
+    if hd % 64 == 0:
+        return 1
+    return 0
+
+
+@njit(inline="always", cache=True, error_model="numpy")
+def _tiled_values(p, v_cache, kv, n, group, heads, acc):
+    """acc[g] += sum over s < n of p[g, s] V[s], by value tiles of `heads` heads."""
+    hd, S = v_cache.shape[2], p.shape[1]
+    base = kv * v_cache.shape[1] * hd
+    for s0 in range(0, n, VALUE_RUN):
+        run = min(VALUE_RUN, n - s0)
+        prefetch_ahead(v_cache, base + s0 * hd, run * hd)
+        for g in range(0, group, heads):
+            if heads == 4:
+                for d0 in range(0, hd, 16):
+                    value_tile(p, g * S + s0, S, v_cache, base + s0 * hd + d0, hd, run, acc, g * hd + d0, 4)
+            elif heads == 2:
+                for d0 in range(0, hd, 32):
+                    value_tile(p, g * S + s0, S, v_cache, base + s0 * hd + d0, hd, run, acc, g * hd + d0, 2)
+            else:
+                for d0 in range(0, hd, 64):
+                    value_tile(p, g * S + s0, S, v_cache, base + s0 * hd + d0, hd, run, acc, g * hd + d0, 1)
+
+
 @njit(inline="always", cache=True, fastmath=True, error_model="numpy")
-def _attend_group(q, k_cache, v_cache, start_pos, group, scale, alibi_slopes, out, kv, t, qs, rows, scores, acc):
-    """Query t of the `group` heads sharing kv head `kv`: out[t, heads] = softmax(q K^T) V.
-    Scratch: qs, acc (group, hd); rows (KEYS_AT_ONCE, hd); scores (group, >= n)."""
+def _attend_group(q, k_cache, v_cache, start_pos, group, scale, alibi_slopes, tiles, out, kv, t, qs, rows, scores, acc):
+    """Query t of the `group` heads sharing kv head `kv`: out[t, heads] = softmax(q K^T) V,
+    on the register tiles where `tiles` (see attention). Scratch: qs, acc (group, hd); rows
+    (KEYS_AT_ONCE, hd); scores (group, >= n)."""
     hd = k_cache.shape[2]
     n = start_pos + t + 1                                # keys this query sees
-    whole = n - n % KEYS_AT_ONCE                         # keys in full blocks of four
     h0 = kv * group
     for g in range(group):
         for i in range(hd):
             qs[g, i] = q[t, (h0 + g) * hd + i] * scale
-    for s in range(0, whole, KEYS_AT_ONCE):              # scores[g, s + j] = q[g] . K[s + j]
-        _load_rows(k_cache, kv, s, KEYS_AT_ONCE, rows)
-        for g in range(group):
-            d0 = d1 = d2 = d3 = np.float32(0.0)
-            for i in range(hd):
-                x = qs[g, i]
-                d0 += x * rows[0, i]
-                d1 += x * rows[1, i]
-                d2 += x * rows[2, i]
-                d3 += x * rows[3, i]
-            scores[g, s], scores[g, s + 1], scores[g, s + 2], scores[g, s + 3] = d0, d1, d2, d3
-    for s in range(whole, n):
+    if tiles:                                            # scores[g, s] = q[g] . K[s]
+        done = _tiled_scores(qs, k_cache, kv, n, group, scores)
+    else:
+        done = n - n % KEYS_AT_ONCE
+        for s in range(0, done, KEYS_AT_ONCE):
+            _load_rows(k_cache, kv, s, KEYS_AT_ONCE, rows)
+            for g in range(group):
+                d0 = d1 = d2 = d3 = np.float32(0.0)
+                for i in range(hd):
+                    x = qs[g, i]
+                    d0 += x * rows[0, i]
+                    d1 += x * rows[1, i]
+                    d2 += x * rows[2, i]
+                    d3 += x * rows[3, i]
+                scores[g, s], scores[g, s + 1], scores[g, s + 2], scores[g, s + 3] = d0, d1, d2, d3
+    for s in range(done, n):
         _load_rows(k_cache, kv, s, 1, rows)
         for g in range(group):
             d0 = np.float32(0.0)
@@ -242,19 +304,24 @@ def _attend_group(q, k_cache, v_cache, start_pos, group, scale, alibi_slopes, ou
         inv = np.float32(1.0) / total
         for s in range(n):
             scores[g, s] *= inv
-    acc[:group] = 0.0
-    for s in range(0, whole, KEYS_AT_ONCE):              # acc[g] += sum_j p[g, s + j] * V[s + j]
-        _load_rows(v_cache, kv, s, KEYS_AT_ONCE, rows)
-        for g in range(group):
-            p0, p1, p2, p3 = scores[g, s], scores[g, s + 1], scores[g, s + 2], scores[g, s + 3]
-            for i in range(hd):
-                acc[g, i] += p0 * rows[0, i] + p1 * rows[1, i] + p2 * rows[2, i] + p3 * rows[3, i]
-    for s in range(whole, n):
-        _load_rows(v_cache, kv, s, 1, rows)
-        for g in range(group):
-            p = scores[g, s]
-            for i in range(hd):
-                acc[g, i] += p * rows[0, i]
+    acc[:group] = 0.0                                    # acc[g] = sum_s p[g, s] V[s]
+    heads = _value_tile_heads(group, hd) if tiles else 0
+    if heads > 0:
+        _tiled_values(scores, v_cache, kv, n, group, heads, acc)
+    else:
+        whole = n - n % KEYS_AT_ONCE
+        for s in range(0, whole, KEYS_AT_ONCE):
+            _load_rows(v_cache, kv, s, KEYS_AT_ONCE, rows)
+            for g in range(group):
+                p0, p1, p2, p3 = scores[g, s], scores[g, s + 1], scores[g, s + 2], scores[g, s + 3]
+                for i in range(hd):
+                    acc[g, i] += p0 * rows[0, i] + p1 * rows[1, i] + p2 * rows[2, i] + p3 * rows[3, i]
+        for s in range(whole, n):
+            _load_rows(v_cache, kv, s, 1, rows)
+            for g in range(group):
+                p = scores[g, s]
+                for i in range(hd):
+                    acc[g, i] += p * rows[0, i]
     for g in range(group):
         for i in range(hd):
             out[t, (h0 + g) * hd + i] = acc[g, i]
@@ -271,14 +338,18 @@ def attention(q, k_cache, v_cache, start_pos, n_heads, scale, alibi_slopes, para
     group = n_heads // n_kv
     S = start_pos + T
     out = np.empty((T, n_heads * hd), np.float32)
+    # Register tiles need head dims in whole vectors. They win wherever a key row serves
+    # several queries (GQA/MQA groups, prefill); one query per key (MHA decode) streams the
+    # cache from DRAM faster in the loops' row order (BENCHMARKS.md, long context).
+    tiles = hd % 8 == 0 and (group > 1 or T > 1)
     if not parallel:
         qs, rows, scores, acc = _attention_scratch(group, hd, S)
         for task in range(n_kv * T):
-            _attend_group(q, k_cache, v_cache, start_pos, group, scale, alibi_slopes, out,
+            _attend_group(q, k_cache, v_cache, start_pos, group, scale, alibi_slopes, tiles, out,
                           task // T, task % T, qs, rows, scores, acc)
     else:
         for task in prange(n_kv * T):
             qs, rows, scores, acc = _attention_scratch(group, hd, S)
-            _attend_group(q, k_cache, v_cache, start_pos, group, scale, alibi_slopes, out,
+            _attend_group(q, k_cache, v_cache, start_pos, group, scale, alibi_slopes, tiles, out,
                           task // T, task % T, qs, rows, scores, acc)
     return out

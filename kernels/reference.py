@@ -14,7 +14,7 @@ import math
 import numpy as np
 
 from tinyllm.errors import ShapeError, TinyLLMError
-from tinyllm.kernels.backend import DEFAULT_CACHE_TYPE, cache_dtype, module_ops
+from tinyllm.kernels.backend import CACHE_TYPES, DEFAULT_CACHE_TYPE, cache_dtype, module_ops
 from tinyllm.kernels.quant import (
     QK,
     QTensor,
@@ -227,6 +227,7 @@ class NumpyBackend:
 
     name = "numpy"
     compiles = False
+    cache_types = tuple(CACHE_TYPES)
 
     def __init__(self, threads: int | None = None):
         if threads is not None:

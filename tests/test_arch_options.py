@@ -145,7 +145,7 @@ def test_mpt_grouped_query_attention(tmp_path):
                   attn_config={"alibi": True, "attn_type": "grouped_query_attention", "kv_n_heads": 2,
                                "clip_qkv": 0.5})
     oracle, folder = mpt_gqa_checkpoint(config, tmp_path / "hf", tokenizer_files(MPT_TOKENIZER))
-    m = tinyllm.load(convert_hf(folder, tmp_path / "m.q4", quant="f32"), backend="numpy")
+    m = tinyllm.load(convert_hf(folder, tmp_path / "m.q4", quant="f32"), backend="numpy", cache_type="f32")
     assert m.config.n_kv_heads == 2
     expected = hf_logits(oracle, PROMPT)
     assert np.abs(m.logits(PROMPT) - expected).max() < 1e-4
@@ -162,7 +162,8 @@ def test_mpt_alibi_bias_max(tmp_path):
     ignored = hf_logits(model, PROMPT)                                   # transformers: slopes for 8
     expected = hf_logits(mpt_with_alibi_bias_max(model, 4), PROMPT)     # MosaicML: slopes for 4
     assert np.abs(expected - ignored).max() > 0.01                      # the option matters here
-    got = tinyllm.load(convert_hf(folder, tmp_path / "m.q4", quant="f32"), backend="numpy").logits(PROMPT)
+    m = tinyllm.load(convert_hf(folder, tmp_path / "m.q4", quant="f32"), backend="numpy", cache_type="f32")
+    got = m.logits(PROMPT)
     assert np.abs(got - expected).max() < 1e-4
 
 

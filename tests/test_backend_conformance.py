@@ -9,7 +9,7 @@ import pytest
 from tinyllm.errors import ShapeError, TinyLLMError
 from tinyllm.kernels import get_backend, quant
 from tinyllm.kernels import reference as ref
-from tinyllm.kernels.backend import BACKEND_OPS, Backend
+from tinyllm.kernels.backend import BACKEND_OPS, CACHE_TYPES, Backend
 
 from .cuda_support import cuda_backend
 
@@ -97,10 +97,15 @@ def test_rope(ops, rotary):
 
 
 @pytest.mark.parametrize("heads,kv_heads,alibi", [(4, 4, False), (4, 2, False), (4, 1, True)])
-def test_kv_cache_and_attention(ops, heads, kv_heads, alibi):
+@pytest.mark.parametrize("cache_type", list(CACHE_TYPES))
+def test_kv_cache_and_attention(ops, heads, kv_heads, alibi, cache_type):
     hd, n_ctx = 8, 16
+    if cache_type not in ops.cache_types:  # a type the backend does not list is refused, never ignored
+        with pytest.raises(TinyLLMError, match=cache_type):
+            ops.new_kv_cache(1, kv_heads, n_ctx, hd, cache_type)
+        return
     slopes = np.array([0.5, 0.25, 0.125, 0.0625], np.float32)[:heads] if alibi else None
-    ours, theirs = ops.new_kv_cache(1, kv_heads, n_ctx, hd)[0], ref.new_kv_cache(1, kv_heads, n_ctx, hd)[0]
+    ours, theirs = (b.new_kv_cache(1, kv_heads, n_ctx, hd, cache_type)[0] for b in (ops, ref))
     for start, T in ((0, 5), (5, 1), (6, 3)):  # a prefill, then decode steps and a chunk
         k, v, q = rand(T, kv_heads * hd, seed=start), rand(T, kv_heads * hd, seed=start + 1), rand(T, heads * hd)
         ops.kv_write(ours, ops.from_numpy(k), ops.from_numpy(v), start)

@@ -90,10 +90,10 @@ def test_cli_reports_errors_without_traceback(hf_dir, tmp_path):
 
 def test_unknown_kv_cache_type_is_refused(stories_hf, tmp_path):
     path = convert_hf(stories_hf, tmp_path / "m.q4", quant="q8_0")
-    with pytest.raises(TinyLLMError, match="unknown KV cache type 'q4_0'; choose one of f32, f16"):
+    with pytest.raises(TinyLLMError, match="unknown KV cache type 'q4_0'; choose one of f16, f32"):
         tinyllm.load(path, cache_type="q4_0")
     result = CliRunner().invoke(main, ["generate", str(path), "-p", "hi", "--cache-type", "q4_0"])
-    assert result.exit_code == 2 and "'q4_0' is not one of 'f32', 'f16'" in result.output
+    assert result.exit_code == 2 and "'q4_0' is not one of 'f16', 'f32'" in result.output
     result = CliRunner().invoke(main, ["generate", str(path), "-p", "Once", "-n", "4", "--temperature", "0",
                                        "--cache-type", "f16"])
     assert result.exit_code == 0 and result.output.startswith("Once")

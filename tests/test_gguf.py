@@ -60,7 +60,7 @@ def hf_llama(request, tmp_path_factory, vocab_dir):
 
 
 def _load(path):
-    return tinyllm.load(path, backend="numpy")
+    return tinyllm.load(path, backend="numpy", cache_type="f32")  # exact against the oracles
 
 
 # -- the same weights, from GGUF and from a Hugging Face directory -------------------------
@@ -197,7 +197,7 @@ def _k_quant_model(qtype, vocab_dir, tmp_path):
 def test_k_quants_reencoded_with_notice(vocab_dir, tmp_path, qtype):
     model, path = _k_quant_model(qtype, vocab_dir, tmp_path)
     lines = []
-    m = Model(open_gguf(path, notice=lines.append), backend="numpy")
+    m = Model(open_gguf(path, notice=lines.append), backend="numpy", cache_type="f32")
     target, name = K_TARGET[qtype], qtype.name
     how = "dequantized and requantized"
     if target == "q8_0":
@@ -236,7 +236,7 @@ def test_k_quant_file_loads_without_loss(vocab_dir, tmp_path, backend, qtype):
     what transformers computes on the weights the blocks decode to."""
     model, path = _k_quant_model(qtype, vocab_dir, tmp_path)
     lines = []
-    m = Model(open_gguf(path, notice=lines.append), backend=backend)
+    m = Model(open_gguf(path, notice=lines.append), backend=backend, cache_type="f32")  # exact cache: oracle
     fmt, name = EXACT[qtype], qtype.name
     widened = [f"k.gguf: 8 {name} tensor(s) widened without loss to q8_0 (tinyllm has no {name} format)"]
     assert lines == (widened if fmt == "q8_0" else [])
@@ -265,7 +265,7 @@ def test_q4_k_m_file_loads_without_loss(vocab_dir, tmp_path):
     format, and transformers' logits on the weights its blocks decode to."""
     model, path = _k_quant_model(q4_k_m_types, vocab_dir, tmp_path)
     lines = []
-    m = Model(open_gguf(path, notice=lines.append), backend="numpy")
+    m = Model(open_gguf(path, notice=lines.append), backend="numpy", cache_type="f32")
     assert lines == []
     formats = {name: t.format for name, t in m.file_tensors.items() if len(t.shape) == 2}
     assert {formats[n] for n in ("tok_embeddings", "layers.0.attention.wv", "layers.0.feed_forward.w2")} == {"q6_k"}

@@ -167,7 +167,7 @@ def _step(C, ref_cache, dev_cache, n_heads, start, T, seed, alibi=None):
 
 
 def _caches(C, n_kv, n_ctx):
-    ref = R.new_kv_cache(1, n_kv, n_ctx, HD)[0]
+    ref = R.new_kv_cache(1, n_kv, n_ctx, HD, "f32")[0]  # the cuda backend's cache type
     dev = C.new_kv_cache(1, n_kv, n_ctx, HD)[0]
     close(C.to_numpy(dev[0]), ref[0], rtol=0, atol=0)  # zeroed on the device
     return ref, dev

@@ -117,6 +117,13 @@ ATTN_CASES = [  # n_heads, n_kv, head_dim, n_ctx, [(T, start_pos), ...] written 
     (4, 4, 16, 12, [(5, 0), (1, 5), (6, 6)]),          # MHA
     (4, 2, 16, 9, [(1, 0), (1, 1), (7, 2)]),           # GQA from an empty cache, one token at a time
     (6, 1, 8, 20, [(3, 0), (17, 3)]),                  # MQA, a long prefill after a short one
+    # the register tiles (head dims a multiple of 8): scores 2 heads x 4 keys or 1 x 8, values
+    # 4 heads x 16 dims, 2 x 32 or 1 x 64, over runs of VALUE_RUN keys and a partial one
+    (8, 2, 64, 300, [(7, 0), (1, 7), (292, 8)]),       # GQA group 4: value tiles of 4 heads
+    (4, 4, 64, 270, [(1, 0), (268, 1), (1, 269)]),     # MHA: 1 x 8 score tiles, 1 x 64 value tiles
+    (4, 2, 32, 13, [(6, 0), (7, 6)]),                  # group 2: 2 x 32 value tiles
+    (6, 2, 64, 11, [(11, 0)]),                         # group 3: 1 x 8 score tiles, 1 x 64 value tiles
+    (8, 2, 16, 9, [(2, 0), (7, 2)]),                   # group 4, head_dim 16: one value tile per head row
 ]
 
 

@@ -56,7 +56,7 @@ def checkpoint(request, tmp_path_factory):
 
 
 def test_device_generates_the_cpus_greedy_tokens(checkpoint):
-    cpu = tinyllm.load(checkpoint, backend="numpy", n_ctx=16)
+    cpu = tinyllm.load(checkpoint, backend="numpy", n_ctx=16, cache_type="f32")  # the cuda backend's cache type
     gpu = tinyllm.load(checkpoint, device="cuda", n_ctx=16)
     assert gpu.ops.name == "cuda"
     tokens = list(PROMPT)

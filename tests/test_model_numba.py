@@ -53,7 +53,7 @@ def _both(checkpoint, quant):
     path = root / f"m-{quant}.q4"
     if not path.exists():
         convert_hf(folder, path, quant=quant)
-    return tinyllm.load(path, backend="numpy"), tinyllm.load(path, backend="numba")
+    return tinyllm.load(path, backend="numpy", cache_type="f32"), tinyllm.load(path, backend="numba", cache_type="f32")
 
 
 def test_f32_logits_match_reference(checkpoint):

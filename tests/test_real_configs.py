@@ -63,7 +63,7 @@ def real(request, tmp_path_factory):
 
 def test_real_config_converts_and_matches_transformers(real):
     arch, oracle, hf_dir, out = real
-    m = tinyllm.load(convert_hf(hf_dir, out / "f32.q4", quant="f32"), backend="numpy")
+    m = tinyllm.load(convert_hf(hf_dir, out / "f32.q4", quant="f32"), backend="numpy", cache_type="f32")
     assert m.metadata["architecture"] == arch
     tokens = m.tokenize(TEXT)
     assert len(tokens) > 20 and max(tokens) >= 512  # the real vocabulary is in use

@@ -70,8 +70,8 @@ def test_f16_cache_keeps_the_f32_model_on_llama2c(converted, backend):
     """An f16 KV cache rounds only keys and values: teacher-forced over llama2.c's 200
     tokens, the f32 model with it picks llama2.c's token wherever f32's margin is not a
     near-tie, and its logits stay within a tenth of q8_0's tolerance."""
-    f32 = tinyllm.load(converted["f32"], backend=backend)
-    half = tinyllm.load(converted["f32"], backend=backend, cache_type="f16")
+    f32 = tinyllm.load(converted["f32"], backend=backend, cache_type="f32")
+    half = tinyllm.load(converted["f32"], backend=backend)  # the default cache type
     assert half.cache[0][0].dtype == np.float16
     ids = [f32.tokenizer.bos_id] + f32.tokenizer.encode(EXPECTED, add_bos=False)
     ref, got = f32.logits(ids[:-1]), half.logits(ids[:-1])

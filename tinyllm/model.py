@@ -12,7 +12,7 @@ from tinyllm.converters.llama2c import is_llama2c
 from tinyllm.errors import TinyLLMError, reading
 from tinyllm.fileformat import ModelFile, file_kind
 from tinyllm.kernels import get_backend
-from tinyllm.kvcache import DEFAULT_CACHE_TYPE, Batch, KVCache, Segment, cache_dtype, kv_cache_bytes
+from tinyllm.kvcache import Batch, KVCache, Segment, cache_dtype, kv_cache_bytes
 from tinyllm.logprobs import TokenLogprob, sequence_logprobs
 from tinyllm.sampling import SamplingParams
 from tinyllm.tokenizer import Tokenizer
@@ -50,17 +50,18 @@ class Model:
         context = self.config.context_length
         self.n_ctx = min(n_ctx or min(context, DEFAULT_MAX_CTX), context)
         cfg = self.config
-        self.cache_type = cache_type or DEFAULT_CACHE_TYPE
-        cache_dtype(self.cache_type)  # an unknown name is refused before anything is allocated
+        if cache_type is not None:
+            cache_dtype(cache_type)  # an unknown name is refused before anything is allocated
         if device == "cuda":
             backend = "cuda"
-        else:  # a device cache lives in GPU memory, which this check does not see
-            check_allocation(kv_cache_bytes(cfg, self.n_ctx, self.cache_type),
-                             f"the KV cache for {self.n_ctx} positions",
-                             "load with a smaller n_ctx (--ctx) or --cache-type f16")
         # the backend object holds the model's own settings (threads, SIMD width, device); its
         # begin() applies them in whichever thread runs a forward (a server runs it on its own)
         self.ops = get_backend(backend, threads=threads)
+        self.cache_type = cache_type or self.ops.cache_types[0]
+        if device != "cuda":  # a device cache lives in GPU memory, which this check does not see
+            smaller = " or --cache-type f16" if self.cache_type == "f32" else ""
+            check_allocation(kv_cache_bytes(cfg, self.n_ctx, self.cache_type),
+                             f"the KV cache for {self.n_ctx} positions", f"load with a smaller n_ctx (--ctx){smaller}")
         self.cache = self.new_cache()  # before the weights: a cache type the backend refuses costs no upload
         self.file_tensors = source.tensors
         self.weights = {name: self.ops.prepare(_runtime_tensor(t)) for name, t in source.tensors.items()}

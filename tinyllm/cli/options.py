@@ -51,8 +51,9 @@ def runtime_options(f=None, ctx_help: str = "Context length (default: the model'
                      expose_value=False, callback=_no_layer_offload)(f)
     f = click.option("--cache-type", type=click.Choice(list(CACHE_TYPES)), default=None, expose_value=False,
                      callback=_remember_cache_type,
-                     help=f"How the KV cache stores keys and values (default {DEFAULT_CACHE_TYPE}; f16: half the "
-                     "memory, faster decode at long context, float16 rounding of keys and values).")(f)
+                     help=f"How the KV cache stores keys and values (default {DEFAULT_CACHE_TYPE}, f32 on cuda; f16: "
+                     "half the memory of f32 and faster decode at long context, for a float16 rounding of "
+                     "keys and values).")(f)
     f = click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
                      help="Run on the CPU (default) or an NVIDIA GPU (needs the cuda extra).")(f)
     f = click.option("--ctx", "-c", "n_ctx", type=click.IntRange(min=1), default=None, help=ctx_help)(f)
