@@ -11,7 +11,9 @@ registers:
     score_tile   heads x keys = 2 x 4 (or 1 x 8): per 8 dims, 4 key loads + 2 query loads
                  feed 8 multiply-adds; one shuffle tree turns the 8 accumulators into 8 scores
     value_tile   heads x dims = 4 x 16 (or 2 x 32, 1 x 64): per key, 2 value loads + 4
-                 weight broadcasts feed 8 multiply-adds, over a whole run of keys
+                 weight broadcasts feed 8 multiply-adds, over a run of keys
+    prefetch_ahead   the tiles' order (several rows, a few dims at a time) hides the cache
+                 stream from the hardware prefetchers: the callers announce the rows ahead
 
 The IR is target-independent vector code (LLVM lowers it with AVX2/AVX-512 where present,
 and splits it elsewhere). Cache rows are float32, or float16 stored as their uint16 bits
@@ -66,9 +68,15 @@ def _prefetch(context, builder, aryty, ary, offset, locality):
     builder.call(fn, [ptr, ir.Constant(I32, 0), ir.Constant(I32, locality), ir.Constant(I32, 1)])  # read, data
 
 
-def _fma(builder, a, b, c):
+def _fma_into(builder, slot, a, b):
+    """*slot += a * b (one fused multiply-add on an accumulator)."""
     fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(VF, [VF, VF, VF]), "llvm.fma.v8f32")
-    return builder.call(fn, [a, b, c])
+    builder.store(builder.call(fn, [a, b, builder.load(slot)]), slot)
+
+
+def _offset(builder, base, index, stride, plus):
+    """base + index * stride + plus (i64 values; index a Python int)."""
+    return builder.add(base, builder.add(builder.mul(ir.Constant(I64, index), stride), plus))
 
 
 def _pairwise(builder, a, b, width):
@@ -125,21 +133,17 @@ def score_tile(typingctx, qs, q_off, cache, k_off, hd, scores, s_off, s_stride, 
         n_chunks = builder.udiv(hd_, ir.Constant(I64, LANES))
         with cgutils.for_range(builder, n_chunks) as loop:
             dim = builder.mul(loop.index, ir.Constant(I64, LANES))
-            keys = [_load_f32x8(context, builder, at[2], cache_,
-                                builder.add(k0, builder.add(builder.mul(ir.Constant(I64, k), hd_), dim)))
-                    for k in range(K)]
+            keys = [_load_f32x8(context, builder, at[2], cache_, _offset(builder, k0, k, hd_, dim)) for k in range(K)]
             for h in range(H):
-                q = _load_f32x8(context, builder, at[0], qs_,
-                                builder.add(q0, builder.add(builder.mul(ir.Constant(I64, h), hd_), dim)))
+                q = _load_f32x8(context, builder, at[0], qs_, _offset(builder, q0, h, hd_, dim))
                 for k in range(K):
-                    slot = acc[h * K + k]
-                    builder.store(_fma(builder, q, keys[k], builder.load(slot)), slot)
+                    _fma_into(builder, acc[h * K + k], q, keys[k])
         total = _sums(builder, [builder.load(s) for s in acc])          # lane h * K + k
         out = _data(context, builder, at[5], scores_)
         vk = ir.VectorType(F32, K)
         for h in range(H):
             part = builder.shuffle_vector(total, total, _const_i32([h * K + k for k in range(K)]))
-            ptr = builder.gep(out, [builder.add(s0, builder.mul(ir.Constant(I64, h), ss))], inbounds=True)
+            ptr = builder.gep(out, [_offset(builder, s0, h, ss, ir.Constant(I64, 0))], inbounds=True)
             builder.store(part, builder.bitcast(ptr, ir.PointerType(vk)), align=4)
         return context.get_dummy_value()
 
@@ -171,15 +175,13 @@ def value_tile(typingctx, p, p_off, p_stride, cache, v_off, hd, n_keys, acc, a_o
             values = [_load_f32x8(context, builder, at[3], cache_, builder.add(row, ir.Constant(I64, c * LANES)))
                       for c in range(C)]
             for h in range(H):
-                w = _splat_scalar(context, builder, at[0], p_,
-                                  builder.add(p0, builder.add(builder.mul(ir.Constant(I64, h), ps), k)))
+                w = _splat_scalar(context, builder, at[0], p_, _offset(builder, p0, h, ps, k))
                 for c in range(C):
-                    slot = regs[h * C + c]
-                    builder.store(_fma(builder, w, values[c], builder.load(slot)), slot)
+                    _fma_into(builder, regs[h * C + c], w, values[c])
         base = _data(context, builder, at[7], acc_)
         for h in range(H):
             for c in range(C):
-                off = builder.add(a0, builder.add(builder.mul(ir.Constant(I64, h), hd_), ir.Constant(I64, c * LANES)))
+                off = _offset(builder, a0, h, hd_, ir.Constant(I64, c * LANES))
                 ptr = builder.bitcast(builder.gep(base, [off], inbounds=True), ir.PointerType(VF))
                 builder.store(builder.fadd(builder.load(ptr, align=4), builder.load(regs[h * C + c])), ptr, align=4)
         return context.get_dummy_value()
@@ -191,8 +193,7 @@ def value_tile(typingctx, p, p_off, p_stride, cache, v_off, hd, n_keys, acc, a_o
 def prefetch_ahead(typingctx, ary, offset, count):
     """Prefetch the cache lines of ary.flat[offset:offset + count] shifted PREFETCH_L1_BYTES
     ahead into L1 and PREFETCH_L2_BYTES ahead into L2 (addresses past the array's end are
-    harmless: a prefetch never faults). The tiles' access order (several rows, a few dims at
-    a time) hides the stream from the hardware prefetchers, so their callers announce it."""
+    harmless: a prefetch never faults)."""
     sig = types.void(ary, offset, count)
 
     def codegen(context, builder, signature, args):

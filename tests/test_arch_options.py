@@ -58,6 +58,7 @@ REFUSED = [
     ("falcon", {"multi_query": False, "num_kv_heads": 2}, "num_kv_heads=2"),
     ("falcon", {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "'dynamic'"),
     ("falcon", {"sliding_window": 128}, "sliding_window"),
+    ("falcon", {"num_key_value_heads": 4}, "num_key_value_heads=4"),  # multi_query: one kv head
 ]
 
 
@@ -71,6 +72,15 @@ def test_unsupported_option_is_refused_by_name(arch, change, words):
 @pytest.mark.parametrize("arch", list(BASE))
 def test_base_configs_are_accepted(arch):
     get_arch(arch).Config.from_hf(BASE[arch])  # so each refusal above is caused by its change
+
+
+@pytest.mark.parametrize("options,kv_heads", [({}, 1), ({"multi_query": False}, 4),
+                                              ({"new_decoder_architecture": True, "num_kv_heads": 2}, 2)])
+def test_falcon_num_key_value_heads_as_transformers_5_25_saves_it(options, kv_heads):
+    """transformers >= 5.25 writes the derived kv head count into Falcon configs: accepted
+    where it agrees with the options it derives from (a disagreeing one is refused above)."""
+    cfg = get_arch("falcon").Config.from_hf({**BASE["falcon"], **options, "num_key_value_heads": kv_heads})
+    assert cfg.n_kv_heads == kv_heads
 
 
 def test_mpt_7b_style_config_is_accepted():

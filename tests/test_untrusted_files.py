@@ -163,8 +163,10 @@ def test_a_kv_cache_larger_than_memory_is_refused_before_allocating(tmp_path, mo
     path = _edited(BUNDLED, tmp_path / "long.q4", _cfg(max_position_embeddings=1 << 24))
     tinyllm.load(path, backend="numpy")  # the default context (4096) is fine
     monkeypatch.setattr("tinyllm.validate.available_memory", lambda: 4 << 30)  # a 4 GiB machine
-    with pytest.raises(TinyLLMError, match="KV cache .* 20.0 GiB"):
-        tinyllm.load(path, backend="numpy", n_ctx=1 << 24)  # 16M positions x 5 layers x 4 x 8 x 8 bytes
+    with pytest.raises(TinyLLMError, match="KV cache .* 10.0 GiB"):
+        tinyllm.load(path, backend="numpy", n_ctx=1 << 24)  # 16M positions x 5 layers x 4 x 8 x 2 x 2 bytes (f16)
+    with pytest.raises(TinyLLMError, match=r"KV cache .* 20.0 GiB.*--cache-type f16"):
+        tinyllm.load(path, backend="numpy", n_ctx=1 << 24, cache_type="f32")  # f32: twice, and the hint
     with pytest.raises(TinyLLMError, match="n_ctx"):
         tinyllm.load(path, backend="numpy", n_ctx=-1)
 

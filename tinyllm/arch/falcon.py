@@ -101,6 +101,7 @@ class Config:
                                 "num_ln_in_parallel_attn", "alibi", "bias", "ffn_hidden_size", "activation",
                                 "layer_norm_epsilon", "max_position_embeddings", "rope_theta", "rope_scaling",
                                 "tie_word_embeddings")}
+        known["num_key_value_heads"] = None  # derived; transformers >= 5.25 saves it (checked below)
         cfg = config_from_hf(cls, config, known, must_equal={
             "activation": tuple(ACTIVATIONS), "apply_residual_connection_post_layernorm": False,
             "num_ln_in_parallel_attn": (None, 1, 2)})
@@ -119,6 +120,10 @@ class Config:
             if not cfg.multi_query and Hkv != H:  # the per-head (q, k, v) layout has one kv per head
                 raise UnsupportedError(f"unsupported config option num_kv_heads={Hkv} with multi_query=False "
                                        "and new_decoder_architecture=False")
+        saved = config.get("num_key_value_heads")
+        if saved is not None and saved != cfg.n_kv_heads:
+            raise UnsupportedError(f"unsupported config option num_key_value_heads={saved!r} (the other options "
+                                   f"give {cfg.n_kv_heads} kv heads)")
         return cfg
 
     @property
