@@ -181,8 +181,8 @@ def rope(x, positions, inv_freq, n_heads):
 # KEYS_AT_ONCE rows at a time, converted once into float32 `rows`, so that each q load serves
 # four dot products and each accumulator load/store four products (BENCHMARKS.md, long context).
 KEYS_AT_ONCE = 4
-# Keys per value_tile call: a run of values (32 KB as float16) stays in L1/L2 while each
-# (heads x dims) tile of the group passes over it.
+# Keys per value_tile call: a run of values (8-32 KB for head dims 64-128) stays in L1/L2
+# while each (heads x dims) tile of the group passes over it (runs of 1024 measured slower).
 VALUE_RUN = 64
 
 
