@@ -27,16 +27,12 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from tinyllm.kernels.numba_simd import F16, F32, I16, I32, _const, _prefetch, _splat, _vec_ptr
+
 LANES = 8                     # float32 lanes per vector: one AVX2 register
 TILE = 8                      # accumulators per tile
-PREFETCH_L1_BYTES = 4096      # prefetch distances (as numba_simd's weight stream)
-PREFETCH_L2_BYTES = 16384
-F32, I16, I32, I64 = ir.FloatType(), ir.IntType(16), ir.IntType(32), ir.IntType(64)
+I64 = ir.IntType(64)
 VF = ir.VectorType(F32, LANES)
-
-
-def _const_i32(values):
-    return ir.Constant(ir.VectorType(I32, len(values)), [ir.Constant(I32, v) for v in values])
 
 
 def _data(context, builder, aryty, ary):
@@ -45,27 +41,16 @@ def _data(context, builder, aryty, ary):
 
 def _load_f32x8(context, builder, aryty, ary, offset):
     """8 consecutive elements from flat ``offset`` as float32 (float16 bits converted)."""
-    ptr = builder.gep(_data(context, builder, aryty, ary), [offset], inbounds=True)
     if aryty.dtype == types.uint16:
-        raw = builder.load(builder.bitcast(ptr, ir.PointerType(ir.VectorType(I16, LANES))), align=2)
-        return builder.fpext(builder.bitcast(raw, ir.VectorType(ir.HalfType(), LANES)), VF)
-    return builder.load(builder.bitcast(ptr, ir.PointerType(VF)), align=4)
+        raw = builder.load(_vec_ptr(context, builder, aryty, ary, offset, ir.VectorType(I16, LANES)), align=2)
+        return builder.fpext(builder.bitcast(raw, ir.VectorType(F16, LANES)), VF)
+    return builder.load(_vec_ptr(context, builder, aryty, ary, offset, VF), align=4)
 
 
 def _splat_scalar(context, builder, aryty, ary, offset):
     """A float32 element broadcast to every lane."""
     x = builder.load(builder.gep(_data(context, builder, aryty, ary), [offset], inbounds=True))
-    v = builder.insert_element(ir.Constant(VF, None), x, ir.Constant(I32, 0))
-    return builder.shuffle_vector(v, ir.Constant(VF, None), _const_i32([0] * LANES))
-
-
-def _prefetch(context, builder, aryty, ary, offset, locality):
-    """Software prefetch of the cache line holding flat element ``offset`` (locality 3: into
-    L1, 2: into L2)."""
-    ptr = builder.bitcast(builder.gep(_data(context, builder, aryty, ary), [offset]), ir.PointerType(ir.IntType(8)))
-    fnty = ir.FunctionType(ir.VoidType(), [ir.PointerType(ir.IntType(8)), I32, I32, I32])
-    fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
-    builder.call(fn, [ptr, ir.Constant(I32, 0), ir.Constant(I32, locality), ir.Constant(I32, 1)])  # read, data
+    return _splat(builder, x, LANES)
 
 
 def _fma_into(builder, slot, a, b):
@@ -87,7 +72,7 @@ def _pairwise(builder, a, b, width):
         for src in (0, LANES):                 # a's group, then b's
             lo += [src + 2 * g * width + i for i in range(width)]
             hi += [src + (2 * g + 1) * width + i for i in range(width)]
-    return builder.fadd(builder.shuffle_vector(a, b, _const_i32(lo)), builder.shuffle_vector(a, b, _const_i32(hi)))
+    return builder.fadd(builder.shuffle_vector(a, b, _const(I32, lo)), builder.shuffle_vector(a, b, _const(I32, hi)))
 
 
 def _sums(builder, acc):
@@ -97,8 +82,8 @@ def _sums(builder, acc):
     u = [_pairwise(builder, t[2 * i], t[2 * i + 1], 2) for i in range(2)]       # lanes 0-3: 4 accs' lower half
     lo = [0, 1, 2, 3, 8, 9, 10, 11]
     hi = [4, 5, 6, 7, 12, 13, 14, 15]
-    return builder.fadd(builder.shuffle_vector(u[0], u[1], _const_i32(lo)),
-                        builder.shuffle_vector(u[0], u[1], _const_i32(hi)))
+    return builder.fadd(builder.shuffle_vector(u[0], u[1], _const(I32, lo)),
+                        builder.shuffle_vector(u[0], u[1], _const(I32, hi)))
 
 
 def _i64(context, builder, value, ty):
@@ -142,7 +127,7 @@ def score_tile(typingctx, qs, q_off, cache, k_off, hd, scores, s_off, s_stride, 
         out = _data(context, builder, at[5], scores_)
         vk = ir.VectorType(F32, K)
         for h in range(H):
-            part = builder.shuffle_vector(total, total, _const_i32([h * K + k for k in range(K)]))
+            part = builder.shuffle_vector(total, total, _const(I32, [h * K + k for k in range(K)]))
             ptr = builder.gep(out, [_offset(builder, s0, h, ss, ir.Constant(I64, 0))], inbounds=True)
             builder.store(part, builder.bitcast(ptr, ir.PointerType(vk)), align=4)
         return context.get_dummy_value()
@@ -191,9 +176,9 @@ def value_tile(typingctx, p, p_off, p_stride, cache, v_off, hd, n_keys, acc, a_o
 
 @intrinsic
 def prefetch_ahead(typingctx, ary, offset, count):
-    """Prefetch the cache lines of ary.flat[offset:offset + count] shifted PREFETCH_L1_BYTES
-    ahead into L1 and PREFETCH_L2_BYTES ahead into L2 (addresses past the array's end are
-    harmless: a prefetch never faults)."""
+    """Prefetch the cache lines of ary.flat[offset:offset + count], shifted ahead by the weight
+    stream's distances (numba_simd._prefetch: 4 KiB into L1, 16 KiB into L2; addresses past
+    the array's end are harmless: a prefetch never faults)."""
     sig = types.void(ary, offset, count)
 
     def codegen(context, builder, signature, args):
@@ -202,11 +187,9 @@ def prefetch_ahead(typingctx, ary, offset, count):
         size = at[0].dtype.bitwidth // 8
         per_line = ir.Constant(I64, 64 // size)
         lines = builder.udiv(builder.add(n, builder.sub(per_line, ir.Constant(I64, 1))), per_line)
+        data = _data(context, builder, at[0], args[0])
         with cgutils.for_range(builder, lines) as line:
-            at_line = builder.add(off, builder.mul(line.index, per_line))
-            for ahead, locality in ((PREFETCH_L1_BYTES, 3), (PREFETCH_L2_BYTES, 2)):
-                target = builder.add(at_line, ir.Constant(I64, ahead // size))
-                _prefetch(context, builder, at[0], args[0], target, locality)
+            _prefetch(builder, builder.gep(data, [builder.add(off, builder.mul(line.index, per_line))]))
         return context.get_dummy_value()
 
     return sig, codegen
