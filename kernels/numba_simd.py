@@ -133,13 +133,21 @@ def _masked_load(builder, ptr, mask, align):
     return builder.call(fn, [ptr, ir.Constant(I32, align), mask, ir.Constant(vt, [0] * vt.count)])
 
 
-def _load_lanes(context, builder, aryty, ary, offset, vt, mask, align):
+# How a chunk's operands are loaded: WHOLE (every lane inside the row), TAIL (the row's last,
+# partial chunk, every vector inside its array: a plain load and a select), EDGE (a partial
+# chunk near the end of an array: each load checks, and a masked load where it must).
+WHOLE, TAIL, EDGE = 0, 1, 2
+
+
+def _load_lanes(context, builder, aryty, ary, offset, vt, mask, align, edge=True):
     """The lanes of a vector of ``vt`` at flat element ``offset`` of an array where ``mask`` is
-    set, zero elsewhere. A plain load and a select wherever the whole vector lies inside the
-    array (the rows' last, partial chunks nearly always do): AVX2 has no masked load of bytes or
+    set, zero elsewhere. A plain load and a select where the whole vector lies inside the array
+    (``edge`` False: the caller checked; else checked here): AVX2 has no masked load of bytes or
     words, and LLVM turns one into a branch per lane; a masked load only at the array's end."""
-    arr = context.make_array(aryty)(context, builder, ary)
     ptr = _vec_ptr(context, builder, aryty, ary, offset, vt)
+    if not edge:
+        return builder.select(mask, builder.load(ptr, align=align), ir.Constant(vt, [0] * vt.count))
+    arr = context.make_array(aryty)(context, builder, ary)
     inside = builder.icmp_signed("<=", builder.add(offset, ir.Constant(offset.type, vt.count)), arr.nitems)
     with builder.if_else(inside) as (whole, edge):
         with whole:
@@ -193,7 +201,7 @@ def _hsum(builder, v):
 
 def _emit_q4_chunk(context, builder, v, at, W, tt, has_min, masked):
     """IR for one chunk; see q4_chunk_dot. v, at: the operands and their types by field name
-    (_fields). ``masked``: the chunk runs past the row's end."""
+    (_fields). ``masked``: WHOLE, TAIL or EDGE."""
     qs, q_off, plane_stride, d, m, d_off = (v[k] for k in WeightChunk._fields)
     xq, x_off, x_tstride, corr, dx, sxf, c_off, c_tstride = (v[k] for k in ActivationChunk._fields)
     (out, o_off, o_tstride), nvalid = (v[k] for k in OutputSlot._fields), v["nvalid"]
@@ -208,7 +216,7 @@ def _emit_q4_chunk(context, builder, v, at, W, tt, has_min, masked):
 
     def load(aryty, ary, offset, vt, align):
         if masked:
-            return _load_lanes(context, builder, aryty, ary, offset, vt, mask, align)
+            return _load_lanes(context, builder, aryty, ary, offset, vt, mask, align, masked == EDGE)
         return builder.load(_vec_ptr(context, builder, aryty, ary, offset, vt), align=align)
 
     lo_mask, hi_mask = pair_blocks(W)
@@ -286,7 +294,7 @@ def _q4_k_chunk_scales(context, builder, d_type, d, scales_type, scales, sb0, nv
     vpair = ir.VectorType(I16, 2 * n)
     if masked:
         pairs = _load_lanes(context, builder, d_type, d, builder.mul(sb0, ir.Constant(i64, 2)), vpair,
-                            lanes_below(2 * n, 2, 2 * n), 2)
+                            lanes_below(2 * n, 2, 2 * n), 2, masked == EDGE)
     else:
         pairs = builder.load(_vec_ptr(context, builder, d_type, d, builder.mul(sb0, ir.Constant(i64, 2)), vpair),
                              align=2)
@@ -298,7 +306,7 @@ def _q4_k_chunk_scales(context, builder, d_type, d, scales_type, scales, sb0, nv
     start = builder.mul(sb0, ir.Constant(i64, 12))
     if masked:
         raw = _load_lanes(context, builder, scales_type, scales, start, ir.VectorType(I8, 2 * W),
-                          lanes_below(2 * W, 12, 12 * n), 1)
+                          lanes_below(2 * W, 12, 12 * n), 1, masked == EDGE)
     else:
         raw = builder.load(_vec_ptr(context, builder, scales_type, scales, start, ir.VectorType(I8, 12 * n)), align=1)
 
@@ -372,7 +380,7 @@ def _chunk_loader(context, builder, v, at, W, masked):
 
     def load(name, offset, vt, align):
         if masked:
-            return _load_lanes(context, builder, at[name], v[name], offset, vt, mask, align)
+            return _load_lanes(context, builder, at[name], v[name], offset, vt, mask, align, masked == EDGE)
         return builder.load(_vec_ptr(context, builder, at[name], v[name], offset, vt), align=align)
 
     return load
@@ -445,21 +453,53 @@ def _emit_q6_chunk(context, builder, v, at, W, tt, masked):
                                                                 _activation_scales(context, builder, v, at, t, W)))
 
 
-def _chunk_codegen(emit):
-    """The chunk intrinsics' codegen: unbundle the operands, then emit the chunk twice, unmasked
-    for a full chunk and masked for the row's last, partial one (``emit(context, builder, v,
-    at, masked=)``)."""
+def _chunk_codegen(emit, spans):
+    """The chunk intrinsics' codegen: unbundle the operands, then emit the chunk three times
+    (``emit(context, builder, v, at, masked=)``): WHOLE for a full chunk; for the row's last,
+    partial one TAIL where every vector it loads lies inside its array, EDGE otherwise (one check
+    per chunk instead of one per load: those branches made a partial chunk cost ~3x a full one).
+    ``spans(builder, v, at)``: (field, flat offset, elements) of the farthest vector the chunk
+    loads from each of its arrays."""
     def codegen(context, builder, signature, args):
         v, at = _fields(context, builder, signature, args)
         full = builder.icmp_signed(">=", v["nvalid"], ir.Constant(v["nvalid"].type, _width_of(signature)))
-        with builder.if_else(full) as (whole, tail):
+        with builder.if_else(full) as (whole, partial):
             with whole:
-                emit(context, builder, v, at, masked=False)
-            with tail:
-                emit(context, builder, v, at, masked=True)
+                emit(context, builder, v, at, masked=WHOLE)
+            with partial:
+                inside = ir.Constant(I1, 1)
+                for name, offset, count in spans(builder, v, at):
+                    end = builder.add(offset, ir.Constant(offset.type, count))
+                    nitems = context.make_array(at[name])(context, builder, v[name]).nitems
+                    inside = builder.and_(inside, builder.icmp_signed("<=", end, nitems))
+                with builder.if_else(inside) as (tail, edge):
+                    with tail:
+                        emit(context, builder, v, at, masked=TAIL)
+                    with edge:
+                        emit(context, builder, v, at, masked=EDGE)
         return context.get_dummy_value()
 
     return codegen
+
+
+def _weight_spans(planes, W, super_block_bytes=None):
+    """spans() for _chunk_codegen: the chunk's last plane of ``planes``; its scales: per block (W
+    elements from d_off of d and of m, where given), or, when m holds super-block scales
+    (``super_block_bytes`` (d elements, m bytes) per super-block, d_off the first one), the 2W
+    scale bytes and the d pairs _q4_k_chunk_scales / _q6_k_chunk_steps load."""
+    def spans(builder, v, at):
+        i64 = v["q_off"].type
+        last = builder.add(v["q_off"], builder.mul(v["plane_stride"], ir.Constant(i64, planes - 1)))
+        out = [("qs", last, W)]
+        if super_block_bytes and isinstance(at["m"], types.Array) and at["m"].dtype in (types.uint8, types.int8):
+            d_per, m_per = super_block_bytes
+            out += [("d", builder.mul(v["d_off"], ir.Constant(i64, d_per)), d_per * (W // 8)),
+                    ("m", builder.mul(v["d_off"], ir.Constant(i64, m_per)), 2 * W)]
+        else:
+            out += [(name, v["d_off"], W) for name in ("d", "m") if isinstance(at[name], types.Array)]
+        return out
+
+    return spans
 
 
 def _chunk_signature(weight, act, dest, nvalid, width, tt, instructions):
@@ -484,7 +524,8 @@ def q8_chunk_dot(typingctx, weight, act, dest, nvalid, width, tt):
     quantize_for_simd_q8, plane pair j of a chunk at 2*width*j, in q8_pair_blocks order
     (act.corr, act.sxf None)."""
     sig, W, TT = _chunk_signature(weight, act, dest, nvalid, width, tt, _PMADDWD)
-    return sig and (sig, _chunk_codegen(lambda *a, masked: _emit_q8_chunk(*a, W, TT, masked=masked)))
+    return sig and (sig, _chunk_codegen(lambda *a, masked: _emit_q8_chunk(*a, W, TT, masked=masked),
+                                        _weight_spans(32, W)))
 
 
 def _q6_k_chunk_steps(context, builder, v, at, W, masked):
@@ -501,7 +542,8 @@ def _q6_k_chunk_steps(context, builder, v, at, W, masked):
 
     def load(name, offset, vt, align, per):
         if masked:
-            return _load_lanes(context, builder, at[name], v[name], offset, vt, lanes_below(vt.count, per), align)
+            return _load_lanes(context, builder, at[name], v[name], offset, vt, lanes_below(vt.count, per), align,
+                               masked == EDGE)
         return builder.load(_vec_ptr(context, builder, at[name], v[name], offset, vt), align=align)
 
     d = load("d", sb0, ir.VectorType(I16, n), 2, 1)
@@ -522,7 +564,8 @@ def q6_chunk_dot(typingctx, weight, act, dest, nvalid, width, tt):
     from quantize_for_simd_q8 with the pairs Q6_FIRST / Q6_SECOND. Levels q - 32 times int16
     activations summed by pmaddwd into int32 per half-block (exact), then one float pass."""
     sig, W, TT = _chunk_signature(weight, act, dest, nvalid, width, tt, _PMADDWD)
-    return sig and (sig, _chunk_codegen(lambda *a, masked: _emit_q6_chunk(*a, W, TT, masked=masked)))
+    return sig and (sig, _chunk_codegen(lambda *a, masked: _emit_q6_chunk(*a, W, TT, masked=masked),
+                                        _weight_spans(24, W, (1, 16))))
 
 
 @intrinsic
@@ -542,7 +585,8 @@ def q4_chunk_dot(typingctx, weight, act, dest, nvalid, width, tt):
     """
     sig, W, TT = _chunk_signature(weight, act, dest, nvalid, width, tt, _PMADDUBSW)
     HAS_MIN = not isinstance(weight.types[weight.fields.index("m")], types.NoneType)
-    return sig and (sig, _chunk_codegen(lambda *a, masked: _emit_q4_chunk(*a, W, TT, HAS_MIN, masked=masked)))
+    return sig and (sig, _chunk_codegen(lambda *a, masked: _emit_q4_chunk(*a, W, TT, HAS_MIN, masked=masked),
+                                        _weight_spans(16, W, (2, 12))))
 
 
 @intrinsic
@@ -564,7 +608,7 @@ def q4_k_scales_chunk(typingctx, d, scales, sb0, nvalid, ds, ms, off, width):
         full = builder.icmp_signed(">=", nvalid_, ir.Constant(nvalid_.type, W))
         vf = ir.VectorType(F32, W)
         with builder.if_else(full) as (whole, tail):
-            for masked, block in ((False, whole), (True, tail)):
+            for masked, block in ((WHOLE, whole), (EDGE, tail)):  # once per row: EDGE's checks cost little
                 with block:
                     dw, mw = _q4_k_chunk_scales(context, builder, at[0], d_, at[1], sc_, sb0_, nvalid_, W, masked)
                     for value, aryty, ary in ((dw, at[4], ds_), (mw, at[5], ms_)):

@@ -185,7 +185,8 @@ MATMUL_SHAPES = [  # (T, N, K): one row, rows not a multiple of the threads, K n
     (1, 9, 256),           # q4_k rows of whole super-blocks: scales decoded in the chunk kernel,
     (1, 6, 80 * 32),       # a full chunk and a masked tail of 2 super-blocks
     (5, 6, 80 * 32),
-]
+    (4, 12, 5632),         # rows of 5.5 AVX2 chunks (TinyLlama's ffn_down): the tail chunk loads plainly
+]                          # in every row but the last few, where it checks each load (numba_simd.EDGE)
 
 
 @pytest.fixture(params=PATHS, ids=lambda w: f"simd{w}" if w else "portable")
