@@ -85,6 +85,33 @@ def quantize_planes(x):
     return xq, corr, dx, sxf
 
 
+# Prefill quantizes every token's row before the product: serial it was ~5 % of a 128-token
+# matmul, so from PARALLEL_TOKENS tokens on the rows are split over the threads (below it a
+# parallel region's start-up would cost more than it saves: decode is one token).
+PARALLEL_TOKENS = 8
+
+
+@njit(inline="always", cache=True, error_model="numpy")
+def _simd_token(x, t, width, slot, xq, corr, dx, sxf, q):
+    """Row t of x into quantize_for_simd's arrays (slot: block within chunk -> pair byte offset)."""
+    nb = (x.shape[1] + QK - 1) // QK
+    for b in range(nb):
+        d, s = _quantize_block(x, t, b, q)
+        c, o = b // width, slot[b % width]
+        for j in range(16):
+            xq[t, c, j, o] = q[j]
+            xq[t, c, j, o + 1] = q[j + 16]
+        corr[t, b] = np.int16(8 * s)
+        dx[t, b] = d
+        sxf[t, b] = d * np.float32(s)
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def _simd_tokens_parallel(x, width, slot, xq, corr, dx, sxf):
+    for t in prange(x.shape[0]):
+        _simd_token(x, t, width, slot, xq, corr, dx, sxf, np.empty(QK, np.int32))
+
+
 @njit(cache=True, error_model="numpy")
 def quantize_for_simd(x, width, tile, lo_blocks, hi_blocks):
     """x (T, K) float32 -> numba_simd's activation, tokens padded with zeros to a multiple of tile:
@@ -99,23 +126,36 @@ def quantize_for_simd(x, width, tile, lo_blocks, hi_blocks):
     corr = np.zeros((Tp, nch * width), np.int16)
     dx = np.zeros((Tp, nch * width), np.float32)
     sxf = np.zeros((Tp, nch * width), np.float32)
-    slot = np.empty(width, np.int64)          # block within chunk -> byte offset of its pair
+    slot = np.empty(width, np.int64)
     half = width // 2
     for k in range(half):
         slot[lo_blocks[k]] = 2 * k
         slot[hi_blocks[k]] = width + 2 * k
-    q = np.empty(QK, np.int32)
-    for t in range(T):
-        for b in range(nb):
-            d, s = _quantize_block(x, t, b, q)
-            c, o = b // width, slot[b % width]
-            for j in range(16):
-                xq[t, c, j, o] = q[j]
-                xq[t, c, j, o + 1] = q[j + 16]
-            corr[t, b] = np.int16(8 * s)
-            dx[t, b] = d
-            sxf[t, b] = d * np.float32(s)
+    if T >= PARALLEL_TOKENS:
+        _simd_tokens_parallel(x, width, slot, xq, corr, dx, sxf)
+    else:
+        q = np.empty(QK, np.int32)
+        for t in range(T):
+            _simd_token(x, t, width, slot, xq, corr, dx, sxf, q)
     return xq, corr, dx, sxf
+
+
+@njit(inline="always", cache=True, error_model="numpy")
+def _simd_token_q8(x, t, width, slots, first, second, xq, dx, q):
+    nb = (x.shape[1] + QK - 1) // QK
+    for b in range(nb):
+        d, _ = _quantize_block(x, t, b, q)
+        c, o = b // width, slots[b % width]
+        for p in range(16):
+            xq[t, c, p, o] = q[first[p]]
+            xq[t, c, p, o + 1] = q[second[p]]
+        dx[t, b] = d
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def _simd_tokens_parallel_q8(x, width, slots, first, second, xq, dx):
+    for t in prange(x.shape[0]):
+        _simd_token_q8(x, t, width, slots, first, second, xq, dx, np.empty(QK, np.int32))
 
 
 @njit(cache=True, error_model="numpy")
@@ -130,15 +170,12 @@ def quantize_for_simd_q8(x, width, tile, slots, first, second):
     Tp = (T + tile - 1) // tile * tile
     xq = np.zeros((Tp, nch, 16, 2 * width), np.int16)
     dx = np.zeros((Tp, nch * width), np.float32)
-    q = np.empty(QK, np.int32)
-    for t in range(T):
-        for b in range(nb):
-            d, _ = _quantize_block(x, t, b, q)
-            c, o = b // width, slots[b % width]
-            for p in range(16):
-                xq[t, c, p, o] = q[first[p]]
-                xq[t, c, p, o + 1] = q[second[p]]
-            dx[t, b] = d
+    if T >= PARALLEL_TOKENS:
+        _simd_tokens_parallel_q8(x, width, slots, first, second, xq, dx)
+    else:
+        q = np.empty(QK, np.int32)
+        for t in range(T):
+            _simd_token_q8(x, t, width, slots, first, second, xq, dx, q)
     return xq, dx
 
 

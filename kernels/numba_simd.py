@@ -139,13 +139,13 @@ def _masked_load(builder, ptr, mask, align):
 WHOLE, TAIL, EDGE = 0, 1, 2
 
 
-def _load_lanes(context, builder, aryty, ary, offset, vt, mask, align, edge=True):
+def _load_lanes(context, builder, aryty, ary, offset, vt, mask, align, mode=EDGE):
     """The lanes of a vector of ``vt`` at flat element ``offset`` of an array where ``mask`` is
     set, zero elsewhere. A plain load and a select where the whole vector lies inside the array
-    (``edge`` False: the caller checked; else checked here): AVX2 has no masked load of bytes or
+    (``mode`` TAIL: the caller checked; EDGE: checked here): AVX2 has no masked load of bytes or
     words, and LLVM turns one into a branch per lane; a masked load only at the array's end."""
     ptr = _vec_ptr(context, builder, aryty, ary, offset, vt)
-    if not edge:
+    if mode == TAIL:
         return builder.select(mask, builder.load(ptr, align=align), ir.Constant(vt, [0] * vt.count))
     arr = context.make_array(aryty)(context, builder, ary)
     inside = builder.icmp_signed("<=", builder.add(offset, ir.Constant(offset.type, vt.count)), arr.nitems)
@@ -216,7 +216,7 @@ def _emit_q4_chunk(context, builder, v, at, W, tt, has_min, masked):
 
     def load(aryty, ary, offset, vt, align):
         if masked:
-            return _load_lanes(context, builder, aryty, ary, offset, vt, mask, align, masked == EDGE)
+            return _load_lanes(context, builder, aryty, ary, offset, vt, mask, align, masked)
         return builder.load(_vec_ptr(context, builder, aryty, ary, offset, vt), align=align)
 
     lo_mask, hi_mask = pair_blocks(W)
@@ -294,7 +294,7 @@ def _q4_k_chunk_scales(context, builder, d_type, d, scales_type, scales, sb0, nv
     vpair = ir.VectorType(I16, 2 * n)
     if masked:
         pairs = _load_lanes(context, builder, d_type, d, builder.mul(sb0, ir.Constant(i64, 2)), vpair,
-                            lanes_below(2 * n, 2, 2 * n), 2, masked == EDGE)
+                            lanes_below(2 * n, 2, 2 * n), 2, masked)
     else:
         pairs = builder.load(_vec_ptr(context, builder, d_type, d, builder.mul(sb0, ir.Constant(i64, 2)), vpair),
                              align=2)
@@ -306,7 +306,7 @@ def _q4_k_chunk_scales(context, builder, d_type, d, scales_type, scales, sb0, nv
     start = builder.mul(sb0, ir.Constant(i64, 12))
     if masked:
         raw = _load_lanes(context, builder, scales_type, scales, start, ir.VectorType(I8, 2 * W),
-                          lanes_below(2 * W, 12, 12 * n), 1, masked == EDGE)
+                          lanes_below(2 * W, 12, 12 * n), 1, masked)
     else:
         raw = builder.load(_vec_ptr(context, builder, scales_type, scales, start, ir.VectorType(I8, 12 * n)), align=1)
 
@@ -380,7 +380,7 @@ def _chunk_loader(context, builder, v, at, W, masked):
 
     def load(name, offset, vt, align):
         if masked:
-            return _load_lanes(context, builder, at[name], v[name], offset, vt, mask, align, masked == EDGE)
+            return _load_lanes(context, builder, at[name], v[name], offset, vt, mask, align, masked)
         return builder.load(_vec_ptr(context, builder, at[name], v[name], offset, vt), align=align)
 
     return load
@@ -543,7 +543,7 @@ def _q6_k_chunk_steps(context, builder, v, at, W, masked):
     def load(name, offset, vt, align, per):
         if masked:
             return _load_lanes(context, builder, at[name], v[name], offset, vt, lanes_below(vt.count, per), align,
-                               masked == EDGE)
+                               masked)
         return builder.load(_vec_ptr(context, builder, at[name], v[name], offset, vt), align=align)
 
     d = load("d", sb0, ir.VectorType(I16, n), 2, 1)
