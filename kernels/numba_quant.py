@@ -92,24 +92,35 @@ PARALLEL_TOKENS = 8
 
 
 @njit(inline="always", cache=True, error_model="numpy")
-def _simd_token(x, t, width, slot, xq, corr, dx, sxf, q):
-    """Row t of x into quantize_for_simd's arrays (slot: block within chunk -> pair byte offset)."""
-    nb = (x.shape[1] + QK - 1) // QK
-    for b in range(nb):
+def _simd_row(x, t, width, slots, first, second, q, xq, dx, corr, sxf):
+    """Row t of x into a SIMD kernel's activation: plane pair p of each block holds
+    (q[first[p]], q[second[p]]) at slots[block in chunk]; q4 also corr, sxf (else None)."""
+    for b in range((x.shape[1] + QK - 1) // QK):
         d, s = _quantize_block(x, t, b, q)
-        c, o = b // width, slot[b % width]
-        for j in range(16):
-            xq[t, c, j, o] = q[j]
-            xq[t, c, j, o + 1] = q[j + 16]
-        corr[t, b] = np.int16(8 * s)
+        c, o = b // width, slots[b % width]
+        for p in range(16):
+            xq[t, c, p, o] = q[first[p]]
+            xq[t, c, p, o + 1] = q[second[p]]
         dx[t, b] = d
-        sxf[t, b] = d * np.float32(s)
+        if corr is not None:
+            corr[t, b] = np.int16(8 * s)
+            sxf[t, b] = d * np.float32(s)
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def _simd_tokens_parallel(x, width, slot, xq, corr, dx, sxf):
+def _simd_rows_parallel(x, width, slots, first, second, xq, dx, corr, sxf):
     for t in prange(x.shape[0]):
-        _simd_token(x, t, width, slot, xq, corr, dx, sxf, np.empty(QK, np.int32))
+        _simd_row(x, t, width, slots, first, second, np.empty(QK, np.int32), xq, dx, corr, sxf)
+
+
+@njit(cache=True, error_model="numpy")
+def _simd_rows(x, width, slots, first, second, xq, dx, corr, sxf):
+    if x.shape[0] >= PARALLEL_TOKENS:
+        _simd_rows_parallel(x, width, slots, first, second, xq, dx, corr, sxf)
+    else:
+        q = np.empty(QK, np.int32)
+        for t in range(x.shape[0]):
+            _simd_row(x, t, width, slots, first, second, q, xq, dx, corr, sxf)
 
 
 @njit(cache=True, error_model="numpy")
@@ -119,43 +130,18 @@ def quantize_for_simd(x, width, tile, lo_blocks, hi_blocks):
     blocks lo_blocks then hi_blocks (the unpacklo/unpackhi order); corr, dx, sxf as in
     quantize_planes but (Tp, nch*width), natural block order, zero past the row."""
     T, K = x.shape
-    nb = (K + QK - 1) // QK
-    nch = (nb + width - 1) // width
+    nch = ((K + QK - 1) // QK + width - 1) // width
     Tp = (T + tile - 1) // tile * tile
     xq = np.zeros((Tp, nch, 16, 2 * width), np.int8)
     corr = np.zeros((Tp, nch * width), np.int16)
     dx = np.zeros((Tp, nch * width), np.float32)
     sxf = np.zeros((Tp, nch * width), np.float32)
-    slot = np.empty(width, np.int64)
-    half = width // 2
-    for k in range(half):
-        slot[lo_blocks[k]] = 2 * k
-        slot[hi_blocks[k]] = width + 2 * k
-    if T >= PARALLEL_TOKENS:
-        _simd_tokens_parallel(x, width, slot, xq, corr, dx, sxf)
-    else:
-        q = np.empty(QK, np.int32)
-        for t in range(T):
-            _simd_token(x, t, width, slot, xq, corr, dx, sxf, q)
+    slots = np.empty(width, np.int64)
+    for k in range(width // 2):
+        slots[lo_blocks[k]] = 2 * k
+        slots[hi_blocks[k]] = width + 2 * k
+    _simd_rows(x, width, slots, np.arange(16), np.arange(16, 32), xq, dx, corr, sxf)
     return xq, corr, dx, sxf
-
-
-@njit(inline="always", cache=True, error_model="numpy")
-def _simd_token_q8(x, t, width, slots, first, second, xq, dx, q):
-    nb = (x.shape[1] + QK - 1) // QK
-    for b in range(nb):
-        d, _ = _quantize_block(x, t, b, q)
-        c, o = b // width, slots[b % width]
-        for p in range(16):
-            xq[t, c, p, o] = q[first[p]]
-            xq[t, c, p, o + 1] = q[second[p]]
-        dx[t, b] = d
-
-
-@njit(parallel=True, cache=True, error_model="numpy")
-def _simd_tokens_parallel_q8(x, width, slots, first, second, xq, dx):
-    for t in prange(x.shape[0]):
-        _simd_token_q8(x, t, width, slots, first, second, xq, dx, np.empty(QK, np.int32))
 
 
 @njit(cache=True, error_model="numpy")
@@ -165,17 +151,11 @@ def quantize_for_simd_q8(x, width, tile, slots, first, second):
     slots[block in chunk] (q8_0: pairs (j, j+16); q6_k: numba_simd.Q6_FIRST/Q6_SECOND);
     dx (Tp, nch*width) float32 scales."""
     T, K = x.shape
-    nb = (K + QK - 1) // QK
-    nch = (nb + width - 1) // width
+    nch = ((K + QK - 1) // QK + width - 1) // width
     Tp = (T + tile - 1) // tile * tile
     xq = np.zeros((Tp, nch, 16, 2 * width), np.int16)
     dx = np.zeros((Tp, nch * width), np.float32)
-    if T >= PARALLEL_TOKENS:
-        _simd_tokens_parallel_q8(x, width, slots, first, second, xq, dx)
-    else:
-        q = np.empty(QK, np.int32)
-        for t in range(T):
-            _simd_token_q8(x, t, width, slots, first, second, xq, dx, q)
+    _simd_rows(x, width, slots, first, second, xq, dx, None, None)
     return xq, dx
 
 
