@@ -7,8 +7,10 @@ a clip) the reference function is used as is.
 
 Quantized matmuls quantize the activation to int8 blocks and run integer block dot
 products (numba_quant.py); on x86 with AVX2/AVX-512BW they go through hand-placed
-pmaddubsw (q4_0, q4_1, q4_k) and pmaddwd (q8_0, q6_k) kernels (numba_simd.py). Set TINYLLM_SIMD=0 to force the portable
-loops (or =32 to use the AVX2 width on an AVX-512 machine).
+pmaddubsw (q4_0, q4_1, q4_k) and pmaddwd (q8_0, q6_k) kernels (numba_simd.py), or with
+AVX-512 VNNI their vpdpbusd / vpdpwssd forms. Set TINYLLM_SIMD=0 to force the portable
+loops (or =32 to use the AVX2 width on an AVX-512 machine), TINYLLM_VNNI=1 for the VNNI
+forms (not the default: slower where measured, see default_vnni).
 
 The module's functions are the ops, with the SIMD width an argument; ``NumbaBackend`` is the
 Backend object a model holds: its thread count and SIMD width are its own, set when it is
@@ -52,6 +54,17 @@ def default_simd_width() -> int:
     if forced not in ("0", "32", "64"):
         raise TinyLLMError(f"TINYLLM_SIMD={forced!r}: expected 0 (portable loops), 32 (AVX2 width) or 64 (AVX-512)")
     return min(int(forced), native) if int(forced) else 0
+
+
+@functools.lru_cache(maxsize=None)
+def default_vnni() -> bool:
+    """Whether the SIMD kernels use AVX-512 VNNI where this CPU has it: only with TINYLLM_VNNI=1.
+    On the one VNNI CPU measured (AMD Zen 5) the vpdpbusd kernel is 6 % slower end to end in
+    prefill than pmaddubsw + paddw, decode equal (BENCHMARKS.md), so it is not the default."""
+    forced = os.environ.get("TINYLLM_VNNI")
+    if forced not in (None, "0", "1"):
+        raise TinyLLMError(f"TINYLLM_VNNI={forced!r}: expected 0 (pmaddubsw/pmaddwd) or 1 (VNNI where the CPU has it)")
+    return forced == "1"
 
 
 def check_simd_width(width: int) -> int:
@@ -137,13 +150,16 @@ def embedding(table, tokens) -> np.ndarray:
     return out
 
 
-def matmul(x: np.ndarray, w, bias: np.ndarray | None = None, simd_width: int | None = None) -> np.ndarray:
-    """(T, K) @ W(N, K)^T (+ bias) -> (T, N); simd_width None: this CPU's default_simd_width()."""
+def matmul(x: np.ndarray, w, bias: np.ndarray | None = None, simd_width: int | None = None,
+           vnni: bool | None = None) -> np.ndarray:
+    """(T, K) @ W(N, K)^T (+ bias) -> (T, N); simd_width None: this CPU's default_simd_width();
+    vnni None: default_vnni() (either way only where the CPU has VNNI at the chunk's width)."""
     w = prepare(w)
     x = _rows_f32(x)
     if x.ndim != 2 or x.shape[1] != w.shape[1]:
         raise ShapeError(f"matmul: activation {x.shape} does not match weight {w.shape}")
-    y = _matmul_nobias(x, w, default_simd_width() if simd_width is None else simd_width)
+    y = _matmul_nobias(x, w, default_simd_width() if simd_width is None else simd_width,
+                       default_vnni() if vnni is None else vnni)
     if bias is not None:
         y += bias
     return y
@@ -159,13 +175,15 @@ def _chunk_width(w, simd: int) -> int:
     return 32 if simd == 64 and w.views["qs"].shape[2] <= 32 else simd
 
 
-def _matmul_nobias(x, w, simd: int):
+def _matmul_nobias(x, w, simd: int, vnni: bool):
     T = x.shape[0]
     v = w.views
     if w.format in Q4_FORMATS:  # parts: d, qs, and m (q4_1) or scales (q4_k)
         q4 = (v["qs"], v["d"], v.get("m"))
         if simd:
-            return numba_quant.q4_matmul_simd(x, *q4, _chunk_width(w, simd), scales=v.get("scales"))
+            width = _chunk_width(w, simd)
+            return numba_quant.q4_matmul_simd(x, *q4, width, scales=v.get("scales"),
+                                              vnni=vnni and numba_simd.has_vnni(width))
         if T < PORTABLE_BLAS_MIN_TOKENS:
             out = np.empty((T, w.shape[0]), np.float32)
             numba_quant.q4_rows_portable(*q4, v.get("scales"), *numba_quant.quantize_planes(x), out)
@@ -173,7 +191,8 @@ def _matmul_nobias(x, w, simd: int):
         return _matmul_blas_tiles(x, w)
     if w.format == "q6_k":  # the AVX2-width SIMD kernel on any x86 SIMD path; else portable, BLAS for prefill
         if simd:
-            return numba_quant.q6_matmul_simd(x, v["qs"], v["d"], v["scales"])
+            return numba_quant.q6_matmul_simd(x, v["qs"], v["d"], v["scales"],
+                                              vnni=vnni and numba_simd.has_vnni(numba_quant.Q6_SIMD_WIDTH))
         if T < PORTABLE_BLAS_MIN_TOKENS:
             xq, _, dx, _ = numba_quant.quantize_planes(x)
             out = np.empty((T, w.shape[0]), np.float32)
@@ -182,7 +201,8 @@ def _matmul_nobias(x, w, simd: int):
         return _matmul_blas_tiles(x, w)
     if w.format == "q8_0":
         if simd:
-            return numba_quant.q8_matmul_simd(x, v["qs"], v["d"], _chunk_width(w, simd))
+            width = _chunk_width(w, simd)
+            return numba_quant.q8_matmul_simd(x, v["qs"], v["d"], width, vnni=vnni and numba_simd.has_vnni(width))
         if T < PORTABLE_BLAS_MIN_TOKENS:
             xq, _, dx, _ = numba_quant.quantize_planes(x)
             out = np.empty((T, w.shape[0]), np.float32)
@@ -288,17 +308,19 @@ def attention(q, cache, start_pos: int, n_heads: int, scale: float, alibi_slopes
 @module_ops
 class NumbaBackend:
     """The Numba CPU ops with their settings: ``threads`` (default: adaptive, up to every core
-    this process may use: kernels/threads.py; a number fixes it) and ``simd_width`` (default:
-    ``default_simd_width()``; 0 forces the portable loops)."""
+    this process may use: kernels/threads.py; a number fixes it), ``simd_width`` (default:
+    ``default_simd_width()``; 0 forces the portable loops) and ``vnni`` (default: default_vnni();
+    True uses vpdpbusd/vpdpwssd where the CPU has AVX-512 VNNI)."""
 
     name = "numba"
     compiles = True  # kernels compile (or load from the on-disk cache) on first use
     cache_types = tuple(CACHE_TYPES)
 
-    def __init__(self, threads: int | None = None, simd_width: int | None = None):
+    def __init__(self, threads: int | None = None, simd_width: int | None = None, vnni: bool | None = None):
         self.threads = thread_count(threads)    # the most a forward uses
         self.governor = ThreadGovernor(self.threads) if threads is None else None
         self.simd_width = default_simd_width() if simd_width is None else check_simd_width(simd_width)
+        self.vnni = default_vnni() if vnni is None else bool(vnni)
 
     @property
     def threads_now(self) -> int:
@@ -317,10 +339,10 @@ class NumbaBackend:
             self.governor.finish()
 
     def matmul(self, x, w, bias=None):
-        return matmul(x, w, bias, self.simd_width)
+        return matmul(x, w, bias, self.simd_width, self.vnni)
 
 
 
 __all__ = ["name", "prepare", "to_numpy", "from_numpy", "new_kv_cache", "embedding", "matmul", "add",
            "rmsnorm", "layernorm", "silu", "swiglu", "gelu", "clip", "softmax", "rope", "kv_write",
-           "attention", "set_threads", "get_threads", "default_simd_width", "NumbaBackend"]
+           "attention", "set_threads", "get_threads", "default_simd_width", "default_vnni", "NumbaBackend"]

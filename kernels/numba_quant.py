@@ -93,15 +93,16 @@ Q4_FIRST, Q4_SECOND = np.arange(16), np.arange(16, 32)  # q4's plane pairs (j, j
 
 
 @njit(inline="always", cache=True, error_model="numpy")
-def _simd_row(x, t, width, slots, first, second, q, xq, dx, corr, sxf):
-    """Row t of x into a SIMD kernel's activation: plane pair p of each block holds
-    (q[first[p]], q[second[p]]) at slots[block in chunk]; q4 also corr, sxf (else None)."""
+def _simd_row(x, t, width, base, slots, first, second, q, xq, dx, corr, sxf):
+    """Row t of x into a SIMD kernel's activation xq (Tp, nch, 32*width): plane pair p of each
+    block holds (q[first[p]], q[second[p]]) at base[p] + slots[block in chunk] of its chunk;
+    q4 also corr, sxf (else None)."""
     for b in range((x.shape[1] + QK - 1) // QK):
         d, s = _quantize_block(x, t, b, q)
         c, o = b // width, slots[b % width]
         for p in range(16):
-            xq[t, c, p, o] = q[first[p]]
-            xq[t, c, p, o + 1] = q[second[p]]
+            xq[t, c, base[p] + o] = q[first[p]]
+            xq[t, c, base[p] + o + 1] = q[second[p]]
         dx[t, b] = d
         if corr is not None:
             corr[t, b] = np.int16(8 * s)
@@ -109,54 +110,65 @@ def _simd_row(x, t, width, slots, first, second, q, xq, dx, corr, sxf):
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def _simd_rows_parallel(x, width, slots, first, second, xq, dx, corr, sxf):
+def _simd_rows_parallel(x, width, base, slots, first, second, xq, dx, corr, sxf):
     for t in prange(x.shape[0]):
-        _simd_row(x, t, width, slots, first, second, np.empty(QK, np.int32), xq, dx, corr, sxf)
+        _simd_row(x, t, width, base, slots, first, second, np.empty(QK, np.int32), xq, dx, corr, sxf)
 
 
 @njit(cache=True, error_model="numpy")
-def _simd_rows(x, width, slots, first, second, xq, dx, corr, sxf):
+def _simd_rows(x, width, base, slots, first, second, xq, dx, corr, sxf):
     if x.shape[0] >= PARALLEL_TOKENS:
-        _simd_rows_parallel(x, width, slots, first, second, xq, dx, corr, sxf)
+        _simd_rows_parallel(x, width, base, slots, first, second, xq, dx, corr, sxf)
     else:
         q = np.empty(QK, np.int32)
         for t in range(x.shape[0]):
-            _simd_row(x, t, width, slots, first, second, q, xq, dx, corr, sxf)
+            _simd_row(x, t, width, base, slots, first, second, q, xq, dx, corr, sxf)
+
+
+# The SIMD kernels load the activation in whole vectors, one per pmaddubsw / vpdpbusd: a buffer
+# at an address that is not a multiple of 64 bytes splits each AVX-512 load over two cache lines
+# (NumPy aligns to 16; measured on Zen 5, 5632x2048 at 128 tokens: 3.9 ms aligned, 5.1 ms at 32 mod 64).
+VECTOR_ALIGN = 64
+
+
+@njit(inline="always", cache=True, error_model="numpy")
+def _aligned_zeros(n, dtype):
+    """n zeros of ``dtype``, the first at an address that is a multiple of VECTOR_ALIGN."""
+    buf = np.zeros(n + VECTOR_ALIGN, dtype)
+    size = buf.itemsize
+    start = (-(buf.ctypes.data // size)) % (VECTOR_ALIGN // size)
+    return buf[start:start + n]
 
 
 @njit(cache=True, error_model="numpy")
-def quantize_for_simd(x, width, tile, lo_blocks, hi_blocks):
-    """x (T, K) float32 -> numba_simd's activation, tokens padded with zeros to a multiple of tile:
-    xq (Tp, nch, 16, 2*width) int8: for chunk c and plane j, the (q[j], q[j+16]) byte pairs of the
-    blocks lo_blocks then hi_blocks (the unpacklo/unpackhi order); corr, dx, sxf as in
-    quantize_planes but (Tp, nch*width), natural block order, zero past the row."""
+def quantize_for_simd(x, width, tile, base, slots):
+    """x (T, K) float32 -> numba_simd's q4 activation, tokens padded with zeros to a multiple of
+    tile: xq (Tp, nch, 32*width) int8, chunk c's (q[j], q[j+16]) byte pairs where
+    numba_simd.q4_activation_layout puts them (base, slots); corr, dx, sxf as in quantize_planes
+    but (Tp, nch*width), natural block order, zero past the row."""
     T, K = x.shape
     nch = ((K + QK - 1) // QK + width - 1) // width
     Tp = (T + tile - 1) // tile * tile
-    xq = np.zeros((Tp, nch, 16, 2 * width), np.int8)
+    xq = _aligned_zeros(Tp * nch * 32 * width, np.int8).reshape((Tp, nch, 32 * width))
     corr = np.zeros((Tp, nch * width), np.int16)
     dx = np.zeros((Tp, nch * width), np.float32)
     sxf = np.zeros((Tp, nch * width), np.float32)
-    slots = np.empty(width, np.int64)
-    for k in range(width // 2):
-        slots[lo_blocks[k]] = 2 * k
-        slots[hi_blocks[k]] = width + 2 * k
-    _simd_rows(x, width, slots, Q4_FIRST, Q4_SECOND, xq, dx, corr, sxf)
+    _simd_rows(x, width, base, slots, Q4_FIRST, Q4_SECOND, xq, dx, corr, sxf)
     return xq, corr, dx, sxf
 
 
 @njit(cache=True, error_model="numpy")
-def quantize_for_simd_q8(x, width, tile, slots, first, second):
-    """x (T, K) -> the q8_0 / q6_k SIMD kernels' activation: xq (Tp, nch, 16, 2*width) int16
+def quantize_for_simd_q8(x, width, tile, base, slots, first, second):
+    """x (T, K) -> the q8_0 / q6_k SIMD kernels' activation: xq (Tp, nch, 32*width) int16
     holding, for plane pair p, the (q[first[p]], q[second[p]]) pairs of each block at
-    slots[block in chunk] (q8_0: pairs (j, j+16); q6_k: numba_simd.Q6_FIRST/Q6_SECOND);
-    dx (Tp, nch*width) float32 scales."""
+    base[p] + slots[block in chunk] (base[p] = 2*width*p; q8_0: pairs (j, j+16); q6_k:
+    numba_simd.Q6_FIRST/Q6_SECOND); dx (Tp, nch*width) float32 scales."""
     T, K = x.shape
     nch = ((K + QK - 1) // QK + width - 1) // width
     Tp = (T + tile - 1) // tile * tile
-    xq = np.zeros((Tp, nch, 16, 2 * width), np.int16)
+    xq = _aligned_zeros(Tp * nch * 32 * width, np.int16).reshape((Tp, nch, 32 * width))
     dx = np.zeros((Tp, nch * width), np.float32)
-    _simd_rows(x, width, slots, first, second, xq, dx, None, None)
+    _simd_rows(x, width, base, slots, first, second, xq, dx, None, None)
     return xq, dx
 
 
@@ -188,14 +200,15 @@ def q4k_row_scales(d, scales, r, nb, ds, ms):
 # -- q4 products: SIMD ------------------------------------------------------------------
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def _q4_rows_simd(qs, d, m, scales, xq, corr, dx, sxf, out, width, tt):
-    """out (Tp, N) += q4 weight (N, 16, nb) . activations; width, tt: compile-time constants.
+def _q4_rows_simd(qs, d, m, scales, xq, corr, dx, sxf, out, width, tt, vnni):
+    """out (Tp, N) += q4 weight (N, 16, nb) . activations; width, tt, vnni: compile-time constants.
     q4_0 / q4_1: d, m (N, nb) float16 bits, scales None. q4_k: d (nsb, 2) float16 bits, m None,
     scales (nsb, 12). Decoding one token over rows of whole super-blocks (nb % 8 == 0, every real
     model's big matrices), the chunk kernel decodes the scales in registers; otherwise (prefill,
     where the tiles reuse them, or rows sharing super-blocks) each row block's are decoded first."""
     numba.literally(width)
     numba.literally(tt)
+    numba.literally(vnni)
     N, _, nb = qs.shape
     Tp, nch = xq.shape[0], xq.shape[1]
     x_tstride = nch * 16 * 2 * width
@@ -222,68 +235,81 @@ def _q4_rows_simd(qs, d, m, scales, xq, corr, dx, sxf, out, width, tt):
                     dest, n_valid, q_off = OutputSlot(out, t0 * N + r, N), min(width, nb - b0), r * 16 * nb + b0
                     if in_chunk:  # decode, whole super-blocks: the chunk kernel decodes them in registers
                         weight = WeightChunk(qs, q_off, nb, d, scales, (r * nb + b0) >> 3)
-                        numba_simd.q4_chunk_dot(weight, act, dest, n_valid, width, tt)
+                        numba_simd.q4_chunk_dot(weight, act, dest, n_valid, width, tt, vnni)
                     elif scales is None:  # q4_0, q4_1: float16 scales (and minimums) per block
                         weight = WeightChunk(qs, q_off, nb, d, m, r * nb + b0)
-                        numba_simd.q4_chunk_dot(weight, act, dest, n_valid, width, tt)
+                        numba_simd.q4_chunk_dot(weight, act, dest, n_valid, width, tt, vnni)
                     else:  # q4_k, scales decoded above for this row block
                         weight = WeightChunk(qs, q_off, nb, ds, ms, (r - r0) * nb + b0)
-                        numba_simd.q4_chunk_dot(weight, act, dest, n_valid, width, tt)
+                        numba_simd.q4_chunk_dot(weight, act, dest, n_valid, width, tt, vnni)
+
+
+@njit(cache=True, error_model="numpy")
+def _q4_simd(qs, d, m, scales, x, tile, base, slots, width, vnni):
+    numba.literally(width)
+    numba.literally(vnni)
+    xq, corr, dx, sxf = quantize_for_simd(x, width, tile, base, slots)
+    out = np.zeros((xq.shape[0], qs.shape[0]), np.float32)
+    if tile == 1:
+        _q4_rows_simd(qs, d, m, scales, xq, corr, dx, sxf, out, width, 1, vnni)
+    else:
+        _q4_rows_simd(qs, d, m, scales, xq, corr, dx, sxf, out, width, PREFILL_TILE, vnni)
+    return out
 
 
 # Entry points: activation in, product out, the constants fixed (calling a literally()
-# function from Python would re-type it on every call). One call per matmul: quantizing the
-# activation and allocating inside the same compiled function keeps the per-call overhead
-# of a decode step's ~150 matmuls small.
+# function from Python would re-type it on every call), one per (width, vnni) so that only
+# the kernels a CPU runs are compiled. One call per matmul: quantizing the activation and
+# allocating inside the same compiled function keeps the per-call overhead of a decode
+# step's ~150 matmuls small.
 @njit(cache=True, error_model="numpy")
-def q4_simd64(qs, d, m, scales, x, tile, lo, hi):
-    xq, corr, dx, sxf = quantize_for_simd(x, 64, tile, lo, hi)
-    out = np.zeros((xq.shape[0], qs.shape[0]), np.float32)
-    if tile == 1:
-        _q4_rows_simd(qs, d, m, scales, xq, corr, dx, sxf, out, 64, 1)
-    else:
-        _q4_rows_simd(qs, d, m, scales, xq, corr, dx, sxf, out, 64, PREFILL_TILE)
-    return out
+def q4_simd64(qs, d, m, scales, x, tile, base, slots):
+    return _q4_simd(qs, d, m, scales, x, tile, base, slots, 64, 0)
 
 
 @njit(cache=True, error_model="numpy")
-def q4_simd32(qs, d, m, scales, x, tile, lo, hi):
-    xq, corr, dx, sxf = quantize_for_simd(x, 32, tile, lo, hi)
-    out = np.zeros((xq.shape[0], qs.shape[0]), np.float32)
-    if tile == 1:
-        _q4_rows_simd(qs, d, m, scales, xq, corr, dx, sxf, out, 32, 1)
-    else:
-        _q4_rows_simd(qs, d, m, scales, xq, corr, dx, sxf, out, 32, PREFILL_TILE)
-    return out
+def q4_simd64_vnni(qs, d, m, scales, x, tile, base, slots):
+    return _q4_simd(qs, d, m, scales, x, tile, base, slots, 64, 1)
 
 
-SIMD_KERNELS = {64: q4_simd64, 32: q4_simd32}
+@njit(cache=True, error_model="numpy")
+def q4_simd32(qs, d, m, scales, x, tile, base, slots):
+    return _q4_simd(qs, d, m, scales, x, tile, base, slots, 32, 0)
 
 
-def q4_matmul_simd(x, qs, d, m, width, scales=None):
-    """(T, K) float32 @ q4 weight^T -> (T, N) through the SIMD kernels (q4_k: m None, scales given)."""
+@njit(cache=True, error_model="numpy")
+def q4_simd32_vnni(qs, d, m, scales, x, tile, base, slots):
+    return _q4_simd(qs, d, m, scales, x, tile, base, slots, 32, 1)
+
+
+SIMD_KERNELS = {(64, False): q4_simd64, (64, True): q4_simd64_vnni, (32, False): q4_simd32, (32, True): q4_simd32_vnni}
+
+
+def q4_matmul_simd(x, qs, d, m, width, scales=None, vnni=False):
+    """(T, K) float32 @ q4 weight^T -> (T, N) through the SIMD kernels (q4_k: m None, scales
+    given); ``vnni``: the AVX-512 VNNI kernels (numba_simd.has_vnni(width) must hold)."""
     T = x.shape[0]
-    lo, hi = _pair_blocks(width)
-    return SIMD_KERNELS[width](qs, d, m, scales, x, 1 if T == 1 else PREFILL_TILE, lo, hi)[:T]
+    return SIMD_KERNELS[width, vnni](qs, d, m, scales, x, 1 if T == 1 else PREFILL_TILE,
+                                     *_q4_layout(width, vnni))[:T]
 
 
-_PAIR_CACHE: dict = {}
+_LAYOUTS: dict = {}
 
 
-def _pair_blocks(width):
-    if width not in _PAIR_CACHE:
-        lo, hi = numba_simd.pair_blocks(width)
-        _PAIR_CACHE[width] = (np.array(lo, np.int64), np.array(hi, np.int64))
-    return _PAIR_CACHE[width]
+def _q4_layout(width, vnni):
+    if (width, vnni) not in _LAYOUTS:
+        _LAYOUTS[width, vnni] = tuple(np.array(a, np.int64) for a in numba_simd.q4_activation_layout(width, vnni))
+    return _LAYOUTS[width, vnni]
 
 
 # -- q8_0 products: SIMD ----------------------------------------------------------------------
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def _q8_rows_simd(qs, d, xq, dx, out, width, tt):
-    """out (Tp, N) += q8_0 weight (N, 32, nb) . activations; width, tt: compile-time constants."""
+def _q8_rows_simd(qs, d, xq, dx, out, width, tt, vnni):
+    """out (Tp, N) += q8_0 weight (N, 32, nb) . activations; width, tt, vnni: compile-time constants."""
     numba.literally(width)
     numba.literally(tt)
+    numba.literally(vnni)
     N, _, nb = qs.shape
     Tp, nch = xq.shape[0], xq.shape[1]
     x_tstride = nch * 16 * 2 * width
@@ -297,51 +323,66 @@ def _q8_rows_simd(qs, d, xq, dx, out, width, tt):
                     act = ActivationChunk(xq, t0 * x_tstride + c * 16 * 2 * width, x_tstride,
                                           None, dx, None, t0 * c_tstride + b0, c_tstride)
                     numba_simd.q8_chunk_dot(weight, act, OutputSlot(out, t0 * N + r, N),
-                                            min(width, nb - b0), width, tt)
+                                            min(width, nb - b0), width, tt, vnni)
 
 
 @njit(cache=True, error_model="numpy")
-def q8_simd64(qs, d, x, tile, slots, first, second):
-    xq, dx = quantize_for_simd_q8(x, 64, tile, slots, first, second)
+def _q8_simd(qs, d, x, tile, base, slots, first, second, width, vnni):
+    numba.literally(width)
+    numba.literally(vnni)
+    xq, dx = quantize_for_simd_q8(x, width, tile, base, slots, first, second)
     out = np.zeros((xq.shape[0], qs.shape[0]), np.float32)
     if tile == 1:
-        _q8_rows_simd(qs, d, xq, dx, out, 64, 1)
+        _q8_rows_simd(qs, d, xq, dx, out, width, 1, vnni)
     else:
-        _q8_rows_simd(qs, d, xq, dx, out, 64, Q8_PREFILL_TILE)
+        _q8_rows_simd(qs, d, xq, dx, out, width, Q8_PREFILL_TILE, vnni)
     return out
 
 
 @njit(cache=True, error_model="numpy")
-def q8_simd32(qs, d, x, tile, slots, first, second):
-    xq, dx = quantize_for_simd_q8(x, 32, tile, slots, first, second)
-    out = np.zeros((xq.shape[0], qs.shape[0]), np.float32)
-    if tile == 1:
-        _q8_rows_simd(qs, d, xq, dx, out, 32, 1)
-    else:
-        _q8_rows_simd(qs, d, xq, dx, out, 32, Q8_PREFILL_TILE)
-    return out
+def q8_simd64(qs, d, x, tile, base, slots, first, second):
+    return _q8_simd(qs, d, x, tile, base, slots, first, second, 64, 0)
 
 
-Q8_SIMD_KERNELS = {64: q8_simd64, 32: q8_simd32}
-_Q8_SLOTS: dict = {}
+@njit(cache=True, error_model="numpy")
+def q8_simd64_vnni(qs, d, x, tile, base, slots, first, second):
+    return _q8_simd(qs, d, x, tile, base, slots, first, second, 64, 1)
+
+
+@njit(cache=True, error_model="numpy")
+def q8_simd32(qs, d, x, tile, base, slots, first, second):
+    return _q8_simd(qs, d, x, tile, base, slots, first, second, 32, 0)
+
+
+@njit(cache=True, error_model="numpy")
+def q8_simd32_vnni(qs, d, x, tile, base, slots, first, second):
+    return _q8_simd(qs, d, x, tile, base, slots, first, second, 32, 1)
+
+
+Q8_SIMD_KERNELS = {(64, False): q8_simd64, (64, True): q8_simd64_vnni,
+                   (32, False): q8_simd32, (32, True): q8_simd32_vnni}
+_Q8_LAYOUTS: dict = {}
 Q8_PAIRS = (np.arange(16, dtype=np.int64), np.arange(16, 32, dtype=np.int64))   # plane pairs (j, j + 16)
 Q6_PAIRS = (np.array(numba_simd.Q6_FIRST, np.int64), np.array(numba_simd.Q6_SECOND, np.int64))
 
 
-def _q8_slots(width):
-    if width not in _Q8_SLOTS:
+def _q8_layout(width):
+    """(base, slots) of the q8_0 / q6_k activation: plane pair p at 2*width*p, each block's
+    int16 pair where q8_pair_blocks puts it (the same with and without VNNI)."""
+    if width not in _Q8_LAYOUTS:
         slots = np.empty(width, np.int64)
         for r, blocks in enumerate(numba_simd.q8_pair_blocks(width)):
             for k, b in enumerate(blocks):
                 slots[b] = r * (width // 2) + 2 * k
-        _Q8_SLOTS[width] = slots
-    return _Q8_SLOTS[width]
+        _Q8_LAYOUTS[width] = (2 * width * np.arange(16, dtype=np.int64), slots)
+    return _Q8_LAYOUTS[width]
 
 
-def q8_matmul_simd(x, qs, d, width):
-    """(T, K) float32 @ q8_0 weight^T -> (T, N) through the SIMD kernels."""
+def q8_matmul_simd(x, qs, d, width, vnni=False):
+    """(T, K) float32 @ q8_0 weight^T -> (T, N) through the SIMD kernels (``vnni``: vpdpwssd)."""
     T = x.shape[0]
-    return Q8_SIMD_KERNELS[width](qs, d, x, 1 if T == 1 else Q8_PREFILL_TILE, _q8_slots(width), *Q8_PAIRS)[:T]
+    return Q8_SIMD_KERNELS[width, vnni](qs, d, x, 1 if T == 1 else Q8_PREFILL_TILE,
+                                        *_q8_layout(width), *Q8_PAIRS)[:T]
 
 
 # -- q6_k products: SIMD ----------------------------------------------------------------------
@@ -353,13 +394,14 @@ Q6_PREFILL_TILE = 4   # tokens per weight-chunk pass (5632x2048, 128 tokens, AVX
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def _q6_rows_simd(qs, d, scales, xq, dx, out, width, tt):
-    """out (Tp, N) += q6_k weight (N, 24, nb) . activations; width, tt: compile-time constants.
+def _q6_rows_simd(qs, d, scales, xq, dx, out, width, tt, vnni):
+    """out (Tp, N) += q6_k weight (N, 24, nb) . activations; width, tt, vnni: compile-time constants.
     Rows of whole super-blocks (nb % 8 == 0: every real model's big matrices) have their scales
     decoded in the chunk kernel; otherwise each row block's half-block steps are decoded once into
     scratch, for all token tiles."""
     numba.literally(width)
     numba.literally(tt)
+    numba.literally(vnni)
     N, _, nb = qs.shape
     Tp, nch = xq.shape[0], xq.shape[1]
     x_tstride = nch * 16 * 2 * width
@@ -385,28 +427,41 @@ def _q6_rows_simd(qs, d, scales, xq, dx, out, width, tt):
                     dest, n_valid, q_off = OutputSlot(out, t0 * N + r, N), min(width, nb - b0), r * 24 * nb + b0
                     if in_chunk:
                         weight = WeightChunk(qs, q_off, nb, d, scales, (r * nb + b0) >> 3)
-                        numba_simd.q6_chunk_dot(weight, act, dest, n_valid, width, tt)
+                        numba_simd.q6_chunk_dot(weight, act, dest, n_valid, width, tt, vnni)
                     else:
                         weight = WeightChunk(qs, q_off, nb, steps[r - r0, 0], steps[r - r0, 1], b0)
-                        numba_simd.q6_chunk_dot(weight, act, dest, n_valid, width, tt)
+                        numba_simd.q6_chunk_dot(weight, act, dest, n_valid, width, tt, vnni)
 
 
 @njit(cache=True, error_model="numpy")
-def q6_simd32(qs, d, scales, x, tile, slots, first, second):
-    xq, dx = quantize_for_simd_q8(x, 32, tile, slots, first, second)
+def _q6_simd(qs, d, scales, x, tile, base, slots, first, second, vnni):
+    numba.literally(vnni)
+    xq, dx = quantize_for_simd_q8(x, 32, tile, base, slots, first, second)
     out = np.zeros((xq.shape[0], qs.shape[0]), np.float32)
     if tile == 1:
-        _q6_rows_simd(qs, d, scales, xq, dx, out, 32, 1)
+        _q6_rows_simd(qs, d, scales, xq, dx, out, 32, 1, vnni)
     else:
-        _q6_rows_simd(qs, d, scales, xq, dx, out, 32, Q6_PREFILL_TILE)
+        _q6_rows_simd(qs, d, scales, xq, dx, out, 32, Q6_PREFILL_TILE, vnni)
     return out
 
 
-def q6_matmul_simd(x, qs, d, scales):
-    """(T, K) float32 @ q6_k weight^T -> (T, N) through the SIMD kernel (AVX2 width)."""
+@njit(cache=True, error_model="numpy")
+def q6_simd32(qs, d, scales, x, tile, base, slots, first, second):
+    return _q6_simd(qs, d, scales, x, tile, base, slots, first, second, 0)
+
+
+@njit(cache=True, error_model="numpy")
+def q6_simd32_vnni(qs, d, scales, x, tile, base, slots, first, second):
+    return _q6_simd(qs, d, scales, x, tile, base, slots, first, second, 1)
+
+
+def q6_matmul_simd(x, qs, d, scales, vnni=False):
+    """(T, K) float32 @ q6_k weight^T -> (T, N) through the SIMD kernel (AVX2 width; ``vnni``:
+    vpdpwssd, numba_simd.has_vnni(32) must hold)."""
     T = x.shape[0]
     tile = 1 if T == 1 else Q6_PREFILL_TILE
-    return q6_simd32(qs, d, scales, x, tile, _q8_slots(Q6_SIMD_WIDTH), *Q6_PAIRS)[:T]
+    kernel = q6_simd32_vnni if vnni else q6_simd32
+    return kernel(qs, d, scales, x, tile, *_q8_layout(Q6_SIMD_WIDTH), *Q6_PAIRS)[:T]
 
 
 # -- q4 products: portable ----------------------------------------------------------------

@@ -22,12 +22,18 @@ acc - 8 * sum(x) always fits (|.| <= 32 * 8 * 127 = 32512), so subtracting the p
 correction in the same wrapping arithmetic gives it exactly. One float pass per block then
 applies the weight and activation scales.
 
+With AVX-512 VNNI (``vnni``, off by default: see numba_cpu.default_vnni) the q4 kernels
+interleave the pairs of planes j and j+1 by words, so each int32 lane holds four weights of one
+block, and vpdpbusd multiplies, sums and accumulates them exactly in one instruction (the
+activation is laid out to match: q4_activation_layout); q8_0 / q6_k use vpdpwssd for pmaddwd + add.
+
 Each call computes one chunk of W blocks of one weight row against ``tt`` tokens (the weight
 bytes are unpacked once and reused by all of them: that is the prefill kernel), and adds the
 chunk's sums into ``out``. Everything is specialized at compile time on W, tt and the format (q4_1 when m is given).
 """
 from __future__ import annotations
 
+import functools
 import platform
 from collections import namedtuple
 
@@ -43,6 +49,11 @@ I1, I8, I16, I32, F16, F32 = ir.IntType(1), ir.IntType(8), ir.IntType(16), ir.In
 # sums) and pmaddwd (i16 x i16 -> i32 pair sums)
 _PMADDUBSW = {64: "llvm.x86.avx512.pmaddubs.w.512", 32: "llvm.x86.avx2.pmadd.ub.sw"}
 _PMADDWD = {64: "llvm.x86.avx512.pmaddw.d.512", 32: "llvm.x86.avx2.pmadd.wd"}
+# AVX-512 VNNI: vpdpbusd (u8 x s8, four adjacent products summed into each int32 lane and added to
+# it) does pmaddubsw's work and the accumulation in one instruction, without int16 wrapping;
+# vpdpwssd is pmaddwd plus the add. 256-bit forms with AVX-512VL (EVEX: 32 registers)
+_VPDPBUSD = {64: "llvm.x86.avx512.vpdpbusd.512", 32: "llvm.x86.avx512.vpdpbusd.256"}
+_VPDPWSSD = {64: "llvm.x86.avx512.vpdpwssd.512", 32: "llvm.x86.avx512.vpdpwssd.256"}
 
 # The chunk kernels' operands, bundled by role. Numba passes a namedtuple by value and LLVM
 # takes it apart again after inlining: the compiled loop is the same as with loose arguments.
@@ -89,6 +100,15 @@ def native_width() -> int:
     return 0
 
 
+@functools.lru_cache(maxsize=None)
+def has_vnni(width: int) -> bool:
+    """Whether the kernels of this SIMD width can use AVX-512 VNNI here (the 256-bit forms need
+    AVX-512VL; AVX-VNNI alone has 16 registers, too few for the prefill tiles' accumulators)."""
+    feats = compile_features()
+    return width in (32, 64) and width <= native_width() and \
+        {"avx512vnni", "avx512vl" if width == 32 else "avx512f"} <= feats
+
+
 # -- pair order ------------------------------------------------------------------------
 # unpacklo/unpackhi interleave within 128-bit lanes (16 bytes): for lane L, unpacklo pairs
 # bytes 16L+0..7 of its two inputs, unpackhi bytes 16L+8..15. So int16 result k of the
@@ -108,6 +128,41 @@ def q8_pair_blocks(width: int) -> list[list[int]]:
     half = width // 2
     return [[hf * half + 8 * (k // 4) + part * 4 + k % 4 for k in range(width // 4)]
             for hf in (0, 1) for part in (0, 1)]
+
+
+def vnni_blocks(width: int) -> list[list[int]]:
+    """VNNI q4 kernel: the block of each int32 lane of its four vpdpbusd accumulators. Planes j
+    and j+1's (q[j], q[j+16]) pairs in pair_blocks order interleave by words within 128-bit lanes
+    (unpacklo/unpackhi of words), so accumulator (half, part) lane 4L+m sums block
+    pair_blocks(width)[half][8L + 4 part + m]: its weights j, j+16, j+1, j+17 in one int32."""
+    return [[blocks[8 * (k // 4) + 4 * part + k % 4] for k in range(width // 4)]
+            for blocks in pair_blocks(width) for part in (0, 1)]
+
+
+def _word_interleave(W, part):
+    """Byte indices into (a ++ b), two W-byte vectors of int16 words: unpacklo (part 0) or
+    unpackhi (part 1) of words within 128-bit lanes, as vnni_blocks describes."""
+    words = [8 * lane + 4 * part + m for lane in range(W // 16) for m in range(4)]
+    return _const(I32, [i for w in words for i in (2 * w, 2 * w + 1, W + 2 * w, W + 2 * w + 1)])
+
+
+def q4_activation_layout(width: int, vnni: bool) -> tuple[list[int], list[int]]:
+    """Where the q4 kernel of ``width`` (pmaddubsw, or vpdpbusd with ``vnni``) reads the
+    activation: byte (x[p], x[p+16])[h] of block b of a chunk lies at base[p] + slot[b] + h.
+    pmaddubsw: plane p's 2W bytes are the pairs of pair_blocks' lo then hi blocks; VNNI: planes
+    2g and 2g+1 share 4W bytes, four registers of (x[2g], x[2g+16], x[2g+1], x[2g+17]) quads in
+    vnni_blocks order."""
+    W = width
+    slot = [0] * W
+    if not vnni:
+        for half, blocks in enumerate(pair_blocks(W)):
+            for k, b in enumerate(blocks):
+                slot[b] = half * W + 2 * k
+        return [2 * W * p for p in range(16)], slot
+    for r, blocks in enumerate(vnni_blocks(W)):
+        for k, b in enumerate(blocks):
+            slot[b] = r * W + 4 * k
+    return [4 * W * (p // 2) + 2 * (p % 2) for p in range(16)], slot
 
 
 def _const(t, values):
@@ -199,9 +254,9 @@ def _hsum(builder, v):
     return builder.extract_element(v, ir.Constant(I32, 0))
 
 
-def _emit_q4_chunk(context, builder, v, at, W, tt, has_min, masked):
+def _emit_q4_chunk(context, builder, v, at, W, tt, has_min, vnni, masked):
     """IR for one chunk; see q4_chunk_dot. v, at: the operands and their types by field name
-    (_fields). ``masked``: WHOLE, TAIL or EDGE."""
+    (_fields). ``masked``: WHOLE, TAIL or EDGE; ``vnni``: vpdpbusd in place of pmaddubsw + add."""
     qs, q_off, plane_stride, d, m, d_off = (v[k] for k in WeightChunk._fields)
     xq, x_off, x_tstride, corr, dx, sxf, c_off, c_tstride = (v[k] for k in ActivationChunk._fields)
     (out, o_off, o_tstride), nvalid = (v[k] for k in OutputSlot._fields), v["nvalid"]
@@ -231,6 +286,16 @@ def _emit_q4_chunk(context, builder, v, at, W, tt, has_min, masked):
 
     zero = ir.Constant(vh, [0] * (W // 2))
     acc1, acc2 = [zero] * tt, [zero] * tt
+    vd = ir.VectorType(I32, W // 4)
+    dots = [[ir.Constant(vd, [0] * (W // 4))] * 4 for _ in range(tt)]   # VNNI: int32 per block
+    vpdpbusd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vd, [vd, vd, vd]),
+                                              _VPDPBUSD[W]) if vnni else None
+    previous = None
+
+    def x_at(t, offset, vt):  # token t's activation vector at offset bytes into the chunk
+        xo = builder.add(x_off, builder.add(builder.mul(x_tstride, ir.Constant(i64, t)), ir.Constant(i64, offset)))
+        return builder.load(_vec_ptr(context, builder, at["xq"], xq, xo, vt), align=1)
+
     for j in range(16):
         offset = builder.add(q_off, builder.mul(plane_stride, ir.Constant(i64, j)))
         _prefetch(builder, _vec_ptr(context, builder, at["qs"], qs, offset, vb))
@@ -239,14 +304,18 @@ def _emit_q4_chunk(context, builder, v, at, W, tt, has_min, masked):
         hi = builder.and_(builder.lshr(w, four), fifteen)
         p1 = builder.shuffle_vector(lo, hi, unpack_lo)
         p2 = builder.shuffle_vector(lo, hi, unpack_hi)
-        for t in range(tt):
-            xo = builder.add(x_off, builder.add(builder.mul(x_tstride, ir.Constant(i64, t)),
-                                                ir.Constant(i64, 2 * W * j)))
-            x1 = builder.load(_vec_ptr(context, builder, at["xq"], xq, xo, vb), align=1)
-            x2 = builder.load(_vec_ptr(context, builder, at["xq"], xq, builder.add(xo, ir.Constant(i64, W)), vb),
-                              align=1)
-            acc1[t] = builder.add(acc1[t], builder.call(pmaddubsw, [p1, x1]))
-            acc2[t] = builder.add(acc2[t], builder.call(pmaddubsw, [p2, x2]))
+        if not vnni:
+            for t in range(tt):
+                acc1[t] = builder.add(acc1[t], builder.call(pmaddubsw, [p1, x_at(t, 2 * W * j, vb)]))
+                acc2[t] = builder.add(acc2[t], builder.call(pmaddubsw, [p2, x_at(t, 2 * W * j + W, vb)]))
+        elif j % 2 == 0:
+            previous = (p1, p2)
+        else:  # planes j-1 and j: four int32 registers of (q[j-1], q[j+15], q[j], q[j+16]) per block
+            regs = [builder.bitcast(builder.shuffle_vector(previous[h], now, _word_interleave(W, part)), vd)
+                    for h, now in enumerate((p1, p2)) for part in (0, 1)]
+            for t in range(tt):
+                for r in range(4):
+                    dots[t][r] = builder.call(vpdpbusd, [dots[t][r], regs[r], x_at(t, 2 * W * (j - 1) + r * W, vd)])
 
     vf = ir.VectorType(F32, W)
     vi = ir.VectorType(I16, W)
@@ -265,8 +334,12 @@ def _emit_q4_chunk(context, builder, v, at, W, tt, has_min, masked):
         mw = builder.fadd(mw, builder.fmul(dw, _const(F32, [8.0] * W)))
     for t in range(tt):
         co = builder.add(c_off, builder.mul(c_tstride, ir.Constant(i64, t)))
-        acc = builder.shuffle_vector(acc1[t], acc2[t], _const(I32, natural))
-        centered = builder.sub(acc, builder.load(_vec_ptr(context, builder, at["corr"], corr, co, vi), align=2))
+        correction = builder.load(_vec_ptr(context, builder, at["corr"], corr, co, vi), align=2)
+        if vnni:  # exact int32 sums
+            centered = builder.sub(_block_totals(builder, dots[t], W, vnni_blocks(W)),
+                                   builder.sext(correction, ir.VectorType(I32, W)))
+        else:  # int16 sums, wrapping: the difference is exact
+            centered = builder.sub(builder.shuffle_vector(acc1[t], acc2[t], _const(I32, natural)), correction)
         v = builder.fmul(builder.fmul(builder.sitofp(centered, vf), dw),
                          builder.load(_vec_ptr(context, builder, at["dx"], dx, co, vf), align=4))
         if has_min:
@@ -341,23 +414,32 @@ def _word_pairs(builder, a, b, W):
     return [builder.shuffle_vector(wide[0][hf], wide[1][hf], unpack[part]) for hf in (0, 1) for part in (0, 1)]
 
 
-def _pair_sums(context, builder, v, at, W, tt, acc, pair, regs):
-    """acc[t][r] += pmaddwd(regs[r], the activation's int16 pairs of plane pair ``pair``), t < tt."""
+def _pair_sums(context, builder, v, at, W, tt, acc, pair, regs, vnni):
+    """acc[t][r] += pmaddwd(regs[r], the activation's int16 pairs of plane pair ``pair``), t < tt
+    (``vnni``: one vpdpwssd)."""
     half = W // 2
     vw, vd = ir.VectorType(I16, half), ir.VectorType(I32, W // 4)
-    pmaddwd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vd, [vw, vw]), _PMADDWD[W])
+    if vnni:
+        vpdpwssd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vd, [vd, vd, vd]), _VPDPWSSD[W])
+    else:
+        pmaddwd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vd, [vw, vw]), _PMADDWD[W])
     i64 = v["x_off"].type
     for t in range(tt):
         xo = builder.add(v["x_off"], builder.add(builder.mul(v["x_tstride"], ir.Constant(i64, t)),
                                                  ir.Constant(i64, 2 * W * pair)))
         for r in range(4):
             xp = _vec_ptr(context, builder, at["xq"], v["xq"], builder.add(xo, ir.Constant(i64, r * half)), vw)
-            acc[t][r] = builder.add(acc[t][r], builder.call(pmaddwd, [regs[r], builder.load(xp, align=2)]))
+            if vnni:
+                acc[t][r] = builder.call(vpdpwssd, [acc[t][r], builder.bitcast(regs[r], vd),
+                                                    builder.bitcast(builder.load(xp, align=2), vd)])
+            else:
+                acc[t][r] = builder.add(acc[t][r], builder.call(pmaddwd, [regs[r], builder.load(xp, align=2)]))
 
 
-def _block_totals(builder, acc, W):
-    """4 int32 pmaddwd accumulators (q8_pair_blocks order) -> W int32 per-block sums, blocks in order."""
-    order = [b for reg in q8_pair_blocks(W) for b in reg]
+def _block_totals(builder, acc, W, blocks):
+    """4 int32 accumulators, lane k of register r summing block blocks[r][k] (q8_pair_blocks,
+    vnni_blocks) -> W int32 per-block sums, blocks in order."""
+    order = [b for reg in blocks for b in reg]
     lo = builder.shuffle_vector(acc[0], acc[1], _const(I32, list(range(W // 2))))
     hi = builder.shuffle_vector(acc[2], acc[3], _const(I32, list(range(W // 2))))
     return builder.shuffle_vector(lo, hi, _const(I32, [order.index(b) for b in range(W)]))
@@ -400,7 +482,7 @@ def _plane(context, builder, v, at, load, W, j):
     return load("qs", offset, vb, 1)
 
 
-def _emit_q8_chunk(context, builder, v, at, W, tt, masked):
+def _emit_q8_chunk(context, builder, v, at, W, tt, vnni, masked):
     """IR for one q8_0 chunk; see q8_chunk_dot (v, at: as for _emit_q4_chunk)."""
     load = _chunk_loader(context, builder, v, at, W, masked)
     zero = ir.Constant(ir.VectorType(I32, W // 4), [0] * (W // 4))
@@ -408,11 +490,11 @@ def _emit_q8_chunk(context, builder, v, at, W, tt, masked):
     for j in range(16):
         regs = _word_pairs(builder, _plane(context, builder, v, at, load, W, j),
                            _plane(context, builder, v, at, load, W, j + 16), W)
-        _pair_sums(context, builder, v, at, W, tt, acc, j, regs)
+        _pair_sums(context, builder, v, at, W, tt, acc, j, regs, vnni)
     vf = ir.VectorType(F32, W)
     dw = builder.fpext(builder.bitcast(load("d", v["d_off"], ir.VectorType(I16, W), 2), ir.VectorType(F16, W)), vf)
     for t in range(tt):
-        total = builder.sitofp(_block_totals(builder, acc[t], W), vf)
+        total = builder.sitofp(_block_totals(builder, acc[t], W, q8_pair_blocks(W)), vf)
         _add_to_output(context, builder, v, at, t, builder.fmul(builder.fmul(total, dw),
                                                                 _activation_scales(context, builder, v, at, t, W)))
 
@@ -423,7 +505,7 @@ Q6_FIRST = list(range(8)) + list(range(16, 24))
 Q6_SECOND = list(range(8, 16)) + list(range(24, 32))
 
 
-def _emit_q6_chunk(context, builder, v, at, W, tt, masked):
+def _emit_q6_chunk(context, builder, v, at, W, tt, vnni, masked):
     """IR for one q6_k chunk; see q6_chunk_dot. Per j < 8, three planes give weights j, j+8,
     j+16, j+24 of W blocks: low nibbles from planes j and j+8, top bit pairs from plane 16+j."""
     load = _chunk_loader(context, builder, v, at, W, masked)
@@ -439,16 +521,16 @@ def _emit_q6_chunk(context, builder, v, at, W, tt, masked):
              builder.or_(high_a, builder.and_(top, c[48])),                           # j + 16
              builder.or_(high_b, builder.and_(builder.lshr(top, c[2]), c[48]))]       # j + 24
         k = [builder.sub(x, c[32]) for x in q]                                        # -32..31
-        _pair_sums(context, builder, v, at, W, tt, acc[0], j, _word_pairs(builder, k[0], k[1], W))
-        _pair_sums(context, builder, v, at, W, tt, acc[1], 8 + j, _word_pairs(builder, k[2], k[3], W))
+        _pair_sums(context, builder, v, at, W, tt, acc[0], j, _word_pairs(builder, k[0], k[1], W), vnni)
+        _pair_sums(context, builder, v, at, W, tt, acc[1], 8 + j, _word_pairs(builder, k[2], k[3], W), vnni)
     vf = ir.VectorType(F32, W)
     if at["m"].dtype == types.int8:  # whole super-blocks: decode their scales here
         step0, step1 = _q6_k_chunk_steps(context, builder, v, at, W, masked)
     else:
         step0, step1 = (load(name, v["d_off"], vf, 4) for name in ("d", "m"))
     for t in range(tt):
-        first = builder.fmul(builder.sitofp(_block_totals(builder, acc[0][t], W), vf), step0)
-        second = builder.fmul(builder.sitofp(_block_totals(builder, acc[1][t], W), vf), step1)
+        first = builder.fmul(builder.sitofp(_block_totals(builder, acc[0][t], W, q8_pair_blocks(W)), vf), step0)
+        second = builder.fmul(builder.sitofp(_block_totals(builder, acc[1][t], W, q8_pair_blocks(W)), vf), step1)
         _add_to_output(context, builder, v, at, t, builder.fmul(builder.fadd(first, second),
                                                                 _activation_scales(context, builder, v, at, t, W)))
 
@@ -502,29 +584,32 @@ def _weight_spans(planes, W, super_block_bytes=None):
     return spans
 
 
-def _chunk_signature(weight, act, dest, nvalid, width, tt, instructions):
-    """A chunk intrinsic's typing: (signature, W, TT) once width and tt are literals (None, 0, 0
-    until then, which makes Numba retry with literals); a width without an instruction is refused."""
-    if not all(isinstance(a, types.IntegerLiteral) for a in (width, tt)):
-        return None, 0, 0
-    W, TT = width.literal_value, tt.literal_value
+def _chunk_signature(weight, act, dest, nvalid, width, tt, vnni, instructions):
+    """A chunk intrinsic's typing: (signature, W, TT, VNNI) once width, tt and vnni are literals
+    (None, 0, 0, False until then, which makes Numba retry with literals); a width without an
+    instruction is refused, and so is vnni where this CPU has no VNNI at that width."""
+    if not all(isinstance(a, types.IntegerLiteral) for a in (width, tt, vnni)):
+        return None, 0, 0, False
+    W, TT, VNNI = width.literal_value, tt.literal_value, bool(vnni.literal_value)
     if W not in instructions:
         raise ValueError(f"unsupported SIMD width {W}")
-    return types.void(weight, act, dest, nvalid, width, tt), W, TT
+    if VNNI and not has_vnni(W):
+        raise ValueError(f"no AVX-512 VNNI at SIMD width {W} on this CPU")
+    return types.void(weight, act, dest, nvalid, width, tt, vnni), W, TT, VNNI
 
 
 def _width_of(signature) -> int:
-    return signature.args[4].literal_value  # (weight, act, dest, nvalid, width, tt)
+    return signature.args[4].literal_value  # (weight, act, dest, nvalid, width, tt, vnni)
 
 
 @intrinsic
-def q8_chunk_dot(typingctx, weight, act, dest, nvalid, width, tt):
+def q8_chunk_dot(typingctx, weight, act, dest, nvalid, width, tt, vnni):
     """As q4_chunk_dot, for q8_0 weights (32 int8 planes; weight.m None): int16 products summed
     in pairs by pmaddwd into int32 per block (exact), then one float pass. act.xq: int16 from
     quantize_for_simd_q8, plane pair j of a chunk at 2*width*j, in q8_pair_blocks order
     (act.corr, act.sxf None)."""
-    sig, W, TT = _chunk_signature(weight, act, dest, nvalid, width, tt, _PMADDWD)
-    return sig and (sig, _chunk_codegen(lambda *a, masked: _emit_q8_chunk(*a, W, TT, masked=masked),
+    sig, W, TT, VNNI = _chunk_signature(weight, act, dest, nvalid, width, tt, vnni, _PMADDWD)
+    return sig and (sig, _chunk_codegen(lambda *a, masked: _emit_q8_chunk(*a, W, TT, VNNI, masked=masked),
                                         _weight_spans(32, W)))
 
 
@@ -556,20 +641,20 @@ def _q6_k_chunk_steps(context, builder, v, at, W, masked):
 
 
 @intrinsic
-def q6_chunk_dot(typingctx, weight, act, dest, nvalid, width, tt):
+def q6_chunk_dot(typingctx, weight, act, dest, nvalid, width, tt, vnni):
     """As q8_chunk_dot, for q6_k weights (24 planes, quant.py): weight.d and weight.m are either
     the row's float32 half-block steps (d * sc of each block's first and second 16 weights), d_off
     the chunk's first block, or, for a chunk of whole super-blocks, the (nsb, 1) float16 bits and
     (nsb, 16) int8 scales, d_off its first super-block (decoded in registers); act.xq: int16
     from quantize_for_simd_q8 with the pairs Q6_FIRST / Q6_SECOND. Levels q - 32 times int16
     activations summed by pmaddwd into int32 per half-block (exact), then one float pass."""
-    sig, W, TT = _chunk_signature(weight, act, dest, nvalid, width, tt, _PMADDWD)
-    return sig and (sig, _chunk_codegen(lambda *a, masked: _emit_q6_chunk(*a, W, TT, masked=masked),
+    sig, W, TT, VNNI = _chunk_signature(weight, act, dest, nvalid, width, tt, vnni, _PMADDWD)
+    return sig and (sig, _chunk_codegen(lambda *a, masked: _emit_q6_chunk(*a, W, TT, VNNI, masked=masked),
                                         _weight_spans(24, W, (1, 16))))
 
 
 @intrinsic
-def q4_chunk_dot(typingctx, weight, act, dest, nvalid, width, tt):
+def q4_chunk_dot(typingctx, weight, act, dest, nvalid, width, tt, vnni):
     """dest.out[o_off + t*o_tstride] += sum over the chunk's blocks of one q4 row . token t, t < tt.
 
     weight  a WeightChunk: uint8 quants; d, m uint16 (float16 bits) scales and q4_1 minimums
@@ -577,15 +662,16 @@ def q4_chunk_dot(typingctx, weight, act, dest, nvalid, width, tt):
             whose chunk is whole super-blocks, d (nsb, 2) uint16 and m the (nsb, 12) uint8
             6-bit scales, d_off the chunk's first super-block (decoded in vector registers,
             _q4_k_chunk_scales)
-    act     an ActivationChunk: int8 values from quantize_for_simd; corr int16 8*sum(x) per
-            block, dx float32 activation scale, sxf float32 dx*sum(x)
+    act     an ActivationChunk: int8 values from quantize_for_simd in the layout of ``vnni``
+            (q4_activation_layout); corr int16 8*sum(x) per block, dx float32 activation
+            scale, sxf float32 dx*sum(x)
     dest    an OutputSlot
     nvalid  blocks of this chunk inside the row (< width only for the row's last chunk)
-    width, tt: compile-time constants (64 or 32 blocks; tokens per call)
+    width, tt, vnni: compile-time constants (64 or 32 blocks; tokens per call; 1: vpdpbusd)
     """
-    sig, W, TT = _chunk_signature(weight, act, dest, nvalid, width, tt, _PMADDUBSW)
+    sig, W, TT, VNNI = _chunk_signature(weight, act, dest, nvalid, width, tt, vnni, _PMADDUBSW)
     HAS_MIN = not isinstance(weight.types[weight.fields.index("m")], types.NoneType)
-    return sig and (sig, _chunk_codegen(lambda *a, masked: _emit_q4_chunk(*a, W, TT, HAS_MIN, masked=masked),
+    return sig and (sig, _chunk_codegen(lambda *a, masked: _emit_q4_chunk(*a, W, TT, HAS_MIN, VNNI, masked=masked),
                                         _weight_spans(16, W, (2, 12))))
 
 

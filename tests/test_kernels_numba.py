@@ -28,8 +28,9 @@ REDUCTION_TOL = 1e-5
 EXACT_TOL = 1e-5
 QUANT_TOL = 3e-2
 
-# SIMD widths this CPU can run, plus the portable loops (0)
-PATHS = [w for w in (64, 32) if w <= numba_simd.native_width()] + [0]
+# (SIMD width, VNNI) pairs this CPU can run, plus the portable loops (width 0)
+PATHS = [(w, v) for w in (64, 32) if w <= numba_simd.native_width()
+         for v in (False, True) if not v or numba_simd.has_vnni(w)] + [(0, False)]
 
 
 def rel_err(got, want) -> float:
@@ -189,10 +190,11 @@ MATMUL_SHAPES = [  # (T, N, K): one row, rows not a multiple of the threads, K n
 ]                          # in every row but the last few, where it checks each load (numba_simd.EDGE)
 
 
-@pytest.fixture(params=PATHS, ids=lambda w: f"simd{w}" if w else "portable")
+@pytest.fixture(params=PATHS, ids=lambda p: (f"simd{p[0]}" + ("-vnni" if p[1] else "")) if p[0] else "portable")
 def path(request):
-    """A Numba backend object with one SIMD width (0: the portable loops)."""
-    return nb.NumbaBackend(simd_width=request.param)
+    """A Numba backend object with one SIMD width (0: the portable loops), with or without VNNI."""
+    width, vnni = request.param
+    return nb.NumbaBackend(simd_width=width, vnni=vnni)
 
 
 @pytest.mark.parametrize("fmt", ["q4_0", "q4_1", "q4_k"])
@@ -316,6 +318,38 @@ def test_simd_override_is_checked():
     assert bad.returncode != 0 and "TINYLLM_SIMD='48'" in bad.stderr
     with pytest.raises(TinyLLMError, match="SIMD width 48"):
         nb.NumbaBackend(simd_width=48)
+
+
+def test_vnni_override_is_checked():
+    code = "import tinyllm.kernels.numba_cpu as nb; print(nb.NumbaBackend().vnni)"
+    run = [sys.executable, "-c", code]
+    for value, want in ((None, "False"), ("1", "True"), ("0", "False")):
+        env = {k: v for k, v in os.environ.items() if k != "TINYLLM_VNNI"} | ({"TINYLLM_VNNI": value} if value else {})
+        assert subprocess.run(run, env=env, capture_output=True, text=True, check=True).stdout.strip() == want
+    bad = subprocess.run(run, env={**os.environ, "TINYLLM_VNNI": "yes"}, capture_output=True, text=True, check=False)
+    assert bad.returncode != 0 and "TINYLLM_VNNI='yes'" in bad.stderr
+
+
+def test_vnni_layout_places_every_activation_byte_once():
+    # Where the q4 kernels read (x[p], x[p+16]) of each block: every byte of a chunk exactly once.
+    for width in (32, 64):
+        for vnni in (False, True):
+            base, slot = numba_simd.q4_activation_layout(width, vnni)
+            places = sorted(b + s + h for b in base for s in slot for h in (0, 1))
+            assert places == list(range(32 * width)), (width, vnni)
+    blocks = numba_simd.vnni_blocks(64)
+    assert sorted(b for reg in blocks for b in reg) == list(range(64))
+
+
+@pytest.mark.skipif(not numba_simd.has_vnni(64), reason="no AVX-512 VNNI on this CPU")
+@pytest.mark.parametrize("fmt", ["q4_0", "q4_1", "q4_k", "q6_k", "q8_0"])
+@pytest.mark.parametrize("T", [1, 4, 9])
+def test_vnni_kernels_equal_the_pmaddubsw_ones(rng, fmt, T):
+    # Integer sums are exact either way and the float epilogue adds in the same order: bit-equal.
+    w = nb.prepare(quant.quantize(rng.standard_normal((40, 5632)).astype(np.float32), fmt))
+    x = rng.standard_normal((T, 5632)).astype(np.float32)
+    for width in (64, 32):
+        assert np.array_equal(nb.matmul(x, w, None, width, True), nb.matmul(x, w, None, width, False))
 
 
 def test_interface_matches_reference():
