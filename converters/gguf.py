@@ -49,7 +49,7 @@ from tinyllm.converters.gguf_tokenizer import tokenizer_spec_from_gguf
 from tinyllm.converters.recipe import CHOICES, ROW_CHUNK, Recipe, format_of
 from tinyllm.errors import FormatError, TinyLLMError, UnsupportedError, reading
 from tinyllm.fileformat import ModelWriter, no_model_file
-from tinyllm.kernels.quant import QTensor, from_ggml_blocks
+from tinyllm.kernels.quant import QTensor, from_ggml_blocks, planes
 from tinyllm.validate import check_source
 
 # GGUF architecture name -> its table: each tinyllm architecture's converter module has one
@@ -163,8 +163,7 @@ class GGUFTensor:
         with np.errstate(divide="ignore", invalid="ignore"):
             q = np.where(d[..., None] != 0, np.rint(values / d.astype(np.float32)[..., None]), 0)
         q = np.nan_to_num(q).clip(-127, 127).astype(np.int8)   # non-finite d: refused by the loader's check
-        qs = np.ascontiguousarray(q.transpose(0, 2, 1))
-        return QTensor("q8_0", self.shape, {"d": np.ascontiguousarray(d), "qs": qs})
+        return QTensor("q8_0", self.shape, {"d": np.ascontiguousarray(d), "qs": planes(q.transpose(0, 2, 1))})
 
     def decode(self) -> np.ndarray:
         """The tensor's values as float32 in numpy shape, for re-encoding (by row chunks: the
