@@ -5,7 +5,7 @@
 MODEL defaults to the TinyLlama-1.1B-shaped random q4_0 benchmark model (benchmarks/bench_model.py).
 For each B: B sequences with their own KV caches each hold a 32-token prompt, then decode
 ``--tokens`` steps together through ``Model.eval_batch`` (one forward pass per step for all
-B). Reported per B, median over repeats (and the spread): aggregate tokens/s, per-stream
+B); the repeats alternate the B values. Reported per B, median over repeats (and the spread): aggregate tokens/s, per-stream
 tokens/s, and the ratio to B = 1. Random weights: the step costs what a real model's do,
 and greedy choice is skipped (the next token is fixed), so only the forward is timed."""
 from __future__ import annotations
@@ -43,13 +43,19 @@ def main() -> None:
     model = tinyllm.load(path, n_ctx=256)
     decode_seconds(model, max(args.streams), 2)  # compile / load every kernel shape first
     print(f"model {os.path.basename(str(path))}, {model.ops.threads} threads, load {os.getloadavg()[0]:.2f}")
+    # Rounds alternate the batch sizes (1, 4, 8, 1, 4, 8, ...): one stream is bound by memory
+    # bandwidth, which other tenants of a shared host take and give back over minutes, and the
+    # batches by arithmetic; measured one after another, the ratio would compare two moments.
+    rates = {b: [] for b in args.streams}
+    for _ in range(args.repeats):
+        for b in args.streams:
+            rates[b].append(b * args.tokens / decode_seconds(model, b, args.tokens))
     base = None
     for b in args.streams:
-        rates = [b * args.tokens / decode_seconds(model, b, args.tokens) for _ in range(args.repeats)]
-        med = statistics.median(rates)
+        med = statistics.median(rates[b])
         base = med if base is None and b == 1 else base
         ratio = f"{med / base:.2f}x" if base else "-"
-        print(f"streams {b}: aggregate {med:.1f} tok/s (min {min(rates):.1f}, max {max(rates):.1f}), "
+        print(f"streams {b}: aggregate {med:.1f} tok/s (min {min(rates[b]):.1f}, max {max(rates[b]):.1f}), "
               f"per stream {med / b:.1f} tok/s, {ratio} one stream")
     print(f"load at end {os.getloadavg()[0]:.2f}")
 
