@@ -7,7 +7,8 @@ For each B: B sequences with their own KV caches each hold a 32-token prompt, th
 ``--tokens`` steps together through ``Model.eval_batch`` (one forward pass per step for all
 B); the repeats alternate the B values. Reported per B, median over repeats (and the
 spread): aggregate tokens/s, per-stream tokens/s, and the ratio to B = 1. Random weights:
-the step costs what a real model's do, and greedy choice is skipped (the next token is fixed), so only the forward is timed."""
+the step costs what a real model's do, and greedy choice is skipped (the next token is
+fixed), so only the forward is timed."""
 from __future__ import annotations
 
 import argparse
