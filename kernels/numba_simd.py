@@ -243,15 +243,28 @@ def _prefetch(builder, ptr):
         builder.call(fn, [p, ir.Constant(I32, 0), ir.Constant(I32, locality), ir.Constant(I32, 1)])  # read, data
 
 
-def _hsum(builder, v):
-    """Horizontal float sum of a vector (tree of halves)."""
-    n = v.type.count
-    while n > 1:
-        n //= 2
-        a = builder.shuffle_vector(v, v, _const(I32, list(range(n))))
-        b = builder.shuffle_vector(v, v, _const(I32, list(range(n, 2 * n))))
-        v = builder.fadd(a, b)
-    return builder.extract_element(v, ir.Constant(I32, 0))
+def _halves(builder, a, b, tokens_a, tokens_b, m):
+    """Vectors a, b (b may be a) holding ``m`` partial sums per token, token by token -> one
+    vector of a's then b's tokens with m/2 partials each: partial i plus partial i + m/2."""
+    n, h = a.type.count, m // 2
+    sources = [(0, k) for k in range(tokens_a)] + [(1, k) for k in range(tokens_b)]
+    x, y = ([src * n + k * m + part * h + i for src, k in sources for i in range(h)] for part in (0, 1))
+    return builder.fadd(builder.shuffle_vector(a, b, _const(I32, x)), builder.shuffle_vector(a, b, _const(I32, y)))
+
+
+def _sums(builder, values):
+    """The horizontal sums of float vectors of one width (one per token), reduced together: two
+    vectors' halves are added into one vector (a tree per pair, then per pair of pairs), so four
+    tokens' sums cost about the adds of one tree and a few shuffles, not four trees."""
+    assert len(values) & (len(values) - 1) == 0, "pairs all the way up: a power of two of tokens"
+    groups = [(v, [t], v.type.count) for t, v in enumerate(values)]  # (vector, its tokens, partials each)
+    while len(groups) > 1:
+        (a, ta, m), (b, tb, _) = groups[0], groups[1]
+        groups = groups[2:] + [(_halves(builder, a, b, len(ta), len(tb), m), ta + tb, m // 2)]
+    v, order, m = groups[0]
+    while m > 1:  # within the last vector: its upper half's partials onto the lower half's
+        v, m = _halves(builder, v, v, len(order), 0, m), m // 2
+    return [builder.extract_element(v, ir.Constant(I32, order.index(t))) for t in range(len(values))]
 
 
 def _emit_q4_chunk(context, builder, v, at, W, tt, has_min, vnni, masked):
@@ -259,7 +272,7 @@ def _emit_q4_chunk(context, builder, v, at, W, tt, has_min, vnni, masked):
     (_fields). ``masked``: WHOLE, TAIL or EDGE; ``vnni``: vpdpbusd in place of pmaddubsw + add."""
     qs, q_off, plane_stride, d, m, d_off = (v[k] for k in WeightChunk._fields)
     xq, x_off, x_tstride, corr, dx, sxf, c_off, c_tstride = (v[k] for k in ActivationChunk._fields)
-    (out, o_off, o_tstride), nvalid = (v[k] for k in OutputSlot._fields), v["nvalid"]
+    nvalid = v["nvalid"]
     i64 = q_off.type
     vb = ir.VectorType(I8, W)            # W weight bytes: byte j of W blocks
     vh = ir.VectorType(I16, W // 2)      # pmaddubsw result
@@ -332,6 +345,7 @@ def _emit_q4_chunk(context, builder, v, at, W, tt, has_min, vnni, masked):
     if has_min:
         # x = d*q + m = d*(q-8) + (m + 8d)
         mw = builder.fadd(mw, builder.fmul(dw, _const(F32, [8.0] * W)))
+    products = []
     for t in range(tt):
         co = builder.add(c_off, builder.mul(c_tstride, ir.Constant(i64, t)))
         correction = builder.load(_vec_ptr(context, builder, at["corr"], corr, co, vi), align=2)
@@ -340,14 +354,13 @@ def _emit_q4_chunk(context, builder, v, at, W, tt, has_min, vnni, masked):
                                    builder.sext(correction, ir.VectorType(I32, W)))
         else:  # int16 sums, wrapping: the difference is exact
             centered = builder.sub(builder.shuffle_vector(acc1[t], acc2[t], _const(I32, natural)), correction)
-        v = builder.fmul(builder.fmul(builder.sitofp(centered, vf), dw),
-                         builder.load(_vec_ptr(context, builder, at["dx"], dx, co, vf), align=4))
+        product = builder.fmul(builder.fmul(builder.sitofp(centered, vf), dw),
+                               builder.load(_vec_ptr(context, builder, at["dx"], dx, co, vf), align=4))
         if has_min:
             sx = builder.load(_vec_ptr(context, builder, at["sxf"], sxf, co, vf), align=4)
-            v = builder.fadd(v, builder.fmul(mw, sx))
-        optr = builder.gep(context.make_array(at["out"])(context, builder, out).data,
-                           [builder.add(o_off, builder.mul(o_tstride, ir.Constant(i64, t)))], inbounds=True)
-        builder.store(builder.fadd(builder.load(optr), _hsum(builder, v)), optr)
+            product = builder.fadd(product, builder.fmul(mw, sx))
+        products.append(product)
+    _add_to_outputs(context, builder, v, at, products)
 
 
 def _q4_k_chunk_scales(context, builder, d_type, d, scales_type, scales, sb0, nvalid, W, masked):
@@ -445,12 +458,14 @@ def _block_totals(builder, acc, W, blocks):
     return builder.shuffle_vector(lo, hi, _const(I32, [order.index(b) for b in range(W)]))
 
 
-def _add_to_output(context, builder, v, at, t, value):
-    """out.flat[o_off + t * o_tstride] += the horizontal sum of float vector ``value``."""
+def _add_to_outputs(context, builder, v, at, values):
+    """out.flat[o_off + t * o_tstride] += the horizontal sum of float vector values[t], each t."""
     i64 = v["o_off"].type
-    optr = builder.gep(context.make_array(at["out"])(context, builder, v["out"]).data,
-                       [builder.add(v["o_off"], builder.mul(v["o_tstride"], ir.Constant(i64, t)))], inbounds=True)
-    builder.store(builder.fadd(builder.load(optr), _hsum(builder, value)), optr)
+    data = context.make_array(at["out"])(context, builder, v["out"]).data
+    for t, total in enumerate(_sums(builder, values)):
+        optr = builder.gep(data, [builder.add(v["o_off"], builder.mul(v["o_tstride"], ir.Constant(i64, t)))],
+                           inbounds=True)
+        builder.store(builder.fadd(builder.load(optr), total), optr)
 
 
 def _chunk_loader(context, builder, v, at, W, masked):
@@ -493,10 +508,11 @@ def _emit_q8_chunk(context, builder, v, at, W, tt, vnni, masked):
         _pair_sums(context, builder, v, at, W, tt, acc, j, regs, vnni)
     vf = ir.VectorType(F32, W)
     dw = builder.fpext(builder.bitcast(load("d", v["d_off"], ir.VectorType(I16, W), 2), ir.VectorType(F16, W)), vf)
+    products = []
     for t in range(tt):
         total = builder.sitofp(_block_totals(builder, acc[t], W, q8_pair_blocks(W)), vf)
-        _add_to_output(context, builder, v, at, t, builder.fmul(builder.fmul(total, dw),
-                                                                _activation_scales(context, builder, v, at, t, W)))
+        products.append(builder.fmul(builder.fmul(total, dw), _activation_scales(context, builder, v, at, t, W)))
+    _add_to_outputs(context, builder, v, at, products)
 
 
 # q6_k's plane pairs, one half-block each: pair p multiplies weights (Q6_FIRST[p], Q6_SECOND[p]),
@@ -528,11 +544,12 @@ def _emit_q6_chunk(context, builder, v, at, W, tt, vnni, masked):
         step0, step1 = _q6_k_chunk_steps(context, builder, v, at, W, masked)
     else:
         step0, step1 = (load(name, v["d_off"], vf, 4) for name in ("d", "m"))
+    products = []
     for t in range(tt):
         first = builder.fmul(builder.sitofp(_block_totals(builder, acc[0][t], W, q8_pair_blocks(W)), vf), step0)
         second = builder.fmul(builder.sitofp(_block_totals(builder, acc[1][t], W, q8_pair_blocks(W)), vf), step1)
-        _add_to_output(context, builder, v, at, t, builder.fmul(builder.fadd(first, second),
-                                                                _activation_scales(context, builder, v, at, t, W)))
+        products.append(builder.fmul(builder.fadd(first, second), _activation_scales(context, builder, v, at, t, W)))
+    _add_to_outputs(context, builder, v, at, products)
 
 
 def _chunk_codegen(emit, spans):
