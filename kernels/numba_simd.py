@@ -29,7 +29,8 @@ activation is laid out to match: q4_activation_layout); q8_0 / q6_k use vpdpwssd
 
 Each call computes one chunk of W blocks of one weight row against ``tt`` tokens (the weight
 bytes are unpacked once and reused by all of them: that is the prefill kernel), and adds the
-chunk's sums into ``out``. Everything is specialized at compile time on W, tt and the format (q4_1 when m is given).
+chunk's sums into ``out``. Everything is specialized at compile time on W, tt, vnni and the format
+(q4_1 when m is given).
 """
 from __future__ import annotations
 
