@@ -367,3 +367,16 @@ def test_kernel_cache_is_stamped_with_every_kernel_source():
         locator = fn._cache._impl._locator
         assert type(locator).__name__.startswith("Kernels")
         assert locator.get_source_stamp() == numba_cache.kernels_stamp()
+
+
+def test_simd_operands_start_on_64_byte_addresses(rng):
+    # Unaligned AVX-512 loads straddle cache lines (BENCHMARKS.md: ~30 % of a prefill matmul).
+    for T, K in ((1, 100), (5, 2048), (9, 5632)):
+        x = rng.standard_normal((T, K)).astype(np.float32)
+        for width in (32, 64):
+            q4 = numba_quant.quantize_for_simd(x, width, 4, *numba_quant._q4_layout(width, False))[0]
+            q8 = numba_quant.quantize_for_simd_q8(x, width, 4, *numba_quant._q8_layout(width), *numba_quant.Q8_PAIRS)[0]
+            assert q4.ctypes.data % 64 == 0 and q8.ctypes.data % 64 == 0
+    for fmt in ("q4_0", "q4_1", "q4_k", "q6_k", "q8_0"):  # planes made in memory (quantizing, GGUF loads)
+        w = quant.quantize(rng.standard_normal((24, 512)).astype(np.float32), fmt)
+        assert w.parts["qs"].ctypes.data % 64 == 0 and w.parts["qs"].flags.c_contiguous, fmt
