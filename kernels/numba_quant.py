@@ -387,7 +387,9 @@ def q8_matmul_simd(x, qs, d, width, vnni=False):
 
 # -- q6_k products: SIMD ----------------------------------------------------------------------
 # AVX2 width only: the kernel is the q8_0 one with q6_k's decoding, and it runs unchanged on
-# AVX-512 machines (the 64-block variant is not built: no machine here could test it).
+# AVX-512 machines. A 64-block variant was measured on Zen 5 (BENCHMARKS.md): prefill slower
+# (its tiles spill registers), decode 1.6x faster on cached weights but no faster end to end
+# (q4_k_m 1.1B: the q6_k tensors stream at the memory's rate either way), so it is not kept.
 
 Q6_SIMD_WIDTH = 32
 Q6_PREFILL_TILE = 4   # tokens per weight-chunk pass (5632x2048, 128 tokens, AVX2: tile 1 59 ms, 2 39 ms, 4 32 ms)
