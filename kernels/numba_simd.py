@@ -253,6 +253,22 @@ def _halves(builder, a, b, tokens_a, tokens_b, m):
     return builder.fadd(builder.shuffle_vector(a, b, _const(I32, x)), builder.shuffle_vector(a, b, _const(I32, y)))
 
 
+def _folded_products(builder, pairs):
+    """sum of a * b over the (a, b) vector pairs (W lanes each), folded to W/4 lanes: one multiply,
+    then one fma per further quarter, instead of full-width products and the first two levels of
+    the horizontal sums' adds."""
+    lanes = pairs[0][0].type.count // 4
+    fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VectorType(F32, lanes), [
+        ir.VectorType(F32, lanes)] * 3), f"llvm.fma.v{lanes}f32")
+    acc = None
+    for a, b in pairs:
+        for q in range(0, a.type.count, lanes):
+            part = _const(I32, list(range(q, q + lanes)))
+            x, y = builder.shuffle_vector(a, a, part), builder.shuffle_vector(b, b, part)
+            acc = builder.fmul(x, y) if acc is None else builder.call(fma, [x, y, acc])
+    return acc
+
+
 def _sums(builder, values):
     """The horizontal sums of float vectors of one width (one per token), reduced together: two
     vectors' halves are added into one vector (a tree per pair, then per pair of pairs), so four
@@ -355,12 +371,11 @@ def _emit_q4_chunk(context, builder, v, at, W, tt, has_min, vnni, masked):
                                    builder.sext(correction, ir.VectorType(I32, W)))
         else:  # int16 sums, wrapping: the difference is exact
             centered = builder.sub(builder.shuffle_vector(acc1[t], acc2[t], _const(I32, natural)), correction)
-        product = builder.fmul(builder.fmul(builder.sitofp(centered, vf), dw),
-                               builder.load(_vec_ptr(context, builder, at["dx"], dx, co, vf), align=4))
+        scale = builder.fmul(dw, builder.load(_vec_ptr(context, builder, at["dx"], dx, co, vf), align=4))
+        pairs = [(builder.sitofp(centered, vf), scale)]
         if has_min:
-            sx = builder.load(_vec_ptr(context, builder, at["sxf"], sxf, co, vf), align=4)
-            product = builder.fadd(product, builder.fmul(mw, sx))
-        products.append(product)
+            pairs.append((mw, builder.load(_vec_ptr(context, builder, at["sxf"], sxf, co, vf), align=4)))
+        products.append(_folded_products(builder, pairs))
     _add_to_outputs(context, builder, v, at, products)
 
 
@@ -512,7 +527,8 @@ def _emit_q8_chunk(context, builder, v, at, W, tt, vnni, masked):
     products = []
     for t in range(tt):
         total = builder.sitofp(_block_totals(builder, acc[t], W, q8_pair_blocks(W)), vf)
-        products.append(builder.fmul(builder.fmul(total, dw), _activation_scales(context, builder, v, at, t, W)))
+        scale = builder.fmul(dw, _activation_scales(context, builder, v, at, t, W))
+        products.append(_folded_products(builder, [(total, scale)]))
     _add_to_outputs(context, builder, v, at, products)
 
 
