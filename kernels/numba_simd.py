@@ -259,13 +259,16 @@ def _folded_products(builder, pairs):
     the horizontal sums' adds."""
     lanes = pairs[0][0].type.count // 4
     fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VectorType(F32, lanes), [
-        ir.VectorType(F32, lanes)] * 3), f"llvm.fma.v{lanes}f32")
+        ir.VectorType(F32, lanes)] * 3), f"llvm.fma.v{lanes}f32") if "fma" in compile_features() else None
     acc = None
     for a, b in pairs:
         for q in range(0, a.type.count, lanes):
             part = _const(I32, list(range(q, q + lanes)))
             x, y = builder.shuffle_vector(a, a, part), builder.shuffle_vector(b, b, part)
-            acc = builder.fmul(x, y) if acc is None else builder.call(fma, [x, y, acc])
+            if acc is None:
+                acc = builder.fmul(x, y)
+            else:  # compiled without FMA (NUMBA_CPU_FEATURES), llvm.fma would be a libm call per lane
+                acc = builder.call(fma, [x, y, acc]) if fma else builder.fadd(acc, builder.fmul(x, y))
     return acc
 
 
