@@ -181,9 +181,7 @@ def _matmul_nobias(x, w, simd: int, vnni: bool):
     if w.format in Q4_FORMATS:  # parts: d, qs, and m (q4_1) or scales (q4_k)
         q4 = (v["qs"], v["d"], v.get("m"))
         if simd:
-            width = _chunk_width(w, simd)
-            return numba_quant.q4_matmul_simd(x, *q4, width, scales=v.get("scales"),
-                                              vnni=vnni and numba_simd.has_vnni(width))
+            return numba_quant.q4_matmul_simd(x, *q4, _chunk_width(w, simd), scales=v.get("scales"), vnni=vnni)
         if T < PORTABLE_BLAS_MIN_TOKENS:
             out = np.empty((T, w.shape[0]), np.float32)
             numba_quant.q4_rows_portable(*q4, v.get("scales"), *numba_quant.quantize_planes(x), out)
@@ -191,8 +189,7 @@ def _matmul_nobias(x, w, simd: int, vnni: bool):
         return _matmul_blas_tiles(x, w)
     if w.format == "q6_k":  # the AVX2-width SIMD kernel on any x86 SIMD path; else portable, BLAS for prefill
         if simd:
-            return numba_quant.q6_matmul_simd(x, v["qs"], v["d"], v["scales"],
-                                              vnni=vnni and numba_simd.has_vnni(numba_quant.Q6_SIMD_WIDTH))
+            return numba_quant.q6_matmul_simd(x, v["qs"], v["d"], v["scales"], vnni=vnni)
         if T < PORTABLE_BLAS_MIN_TOKENS:
             xq, _, dx, _ = numba_quant.quantize_planes(x)
             out = np.empty((T, w.shape[0]), np.float32)
@@ -201,8 +198,7 @@ def _matmul_nobias(x, w, simd: int, vnni: bool):
         return _matmul_blas_tiles(x, w)
     if w.format == "q8_0":
         if simd:
-            width = _chunk_width(w, simd)
-            return numba_quant.q8_matmul_simd(x, v["qs"], v["d"], width, vnni=vnni and numba_simd.has_vnni(width))
+            return numba_quant.q8_matmul_simd(x, v["qs"], v["d"], _chunk_width(w, simd), vnni=vnni)
         if T < PORTABLE_BLAS_MIN_TOKENS:
             xq, _, dx, _ = numba_quant.quantize_planes(x)
             out = np.empty((T, w.shape[0]), np.float32)

@@ -33,6 +33,7 @@ from numba import njit, prange
 from tinyllm.kernels import numba_cache, numba_simd  # noqa: F401  (numba_cache first: see numba_cache.py)
 from tinyllm.kernels.numba_math import f16_bits_to_f32
 from tinyllm.kernels.numba_simd import ActivationChunk, OutputSlot, WeightChunk
+from tinyllm.kernels.quant import VECTOR_ALIGN
 
 QK = 32
 PREFILL_TILE = 4     # tokens per weight-chunk pass in the SIMD q4 prefill kernel (8 measured slower end to end)
@@ -126,9 +127,9 @@ def _simd_rows(x, width, base, slots, first, second, xq, dx, corr, sxf):
 
 
 # The SIMD kernels load the activation in whole vectors, one per pmaddubsw / vpdpbusd: a buffer
-# at an address that is not a multiple of 64 bytes splits each AVX-512 load over two cache lines
-# (NumPy aligns to 16; measured on Zen 5, 5632x2048 at 128 tokens: 3.9 ms aligned, 5.1 ms at 32 mod 64).
-VECTOR_ALIGN = 64
+# at an address that is not a multiple of VECTOR_ALIGN (64) bytes splits each AVX-512 load over
+# two cache lines (NumPy aligns to 16; measured on Zen 5, 5632x2048 at 128 tokens: 3.9 ms
+# aligned, 5.1 ms at 32 mod 64).
 
 
 @njit(inline="always", cache=True, error_model="numpy")
@@ -287,8 +288,9 @@ SIMD_KERNELS = {(64, False): q4_simd64, (64, True): q4_simd64_vnni, (32, False):
 
 def q4_matmul_simd(x, qs, d, m, width, scales=None, vnni=False):
     """(T, K) float32 @ q4 weight^T -> (T, N) through the SIMD kernels (q4_k: m None, scales
-    given); ``vnni``: the AVX-512 VNNI kernels (numba_simd.has_vnni(width) must hold)."""
+    given); ``vnni``: the AVX-512 VNNI kernels where this CPU has them at ``width``."""
     T = x.shape[0]
+    vnni = vnni and numba_simd.has_vnni(width)
     return SIMD_KERNELS[width, vnni](qs, d, m, scales, x, 1 if T == 1 else PREFILL_TILE,
                                      *_q4_layout(width, vnni))[:T]
 
@@ -379,8 +381,10 @@ def _q8_layout(width):
 
 
 def q8_matmul_simd(x, qs, d, width, vnni=False):
-    """(T, K) float32 @ q8_0 weight^T -> (T, N) through the SIMD kernels (``vnni``: vpdpwssd)."""
+    """(T, K) float32 @ q8_0 weight^T -> (T, N) through the SIMD kernels (``vnni``: vpdpwssd
+    where this CPU has it at ``width``)."""
     T = x.shape[0]
+    vnni = vnni and numba_simd.has_vnni(width)
     return Q8_SIMD_KERNELS[width, vnni](qs, d, x, 1 if T == 1 else Q8_PREFILL_TILE,
                                         *_q8_layout(width), *Q8_PAIRS)[:T]
 
@@ -459,10 +463,10 @@ def q6_simd32_vnni(qs, d, scales, x, tile, base, slots, first, second):
 
 def q6_matmul_simd(x, qs, d, scales, vnni=False):
     """(T, K) float32 @ q6_k weight^T -> (T, N) through the SIMD kernel (AVX2 width; ``vnni``:
-    vpdpwssd, numba_simd.has_vnni(32) must hold)."""
+    vpdpwssd where this CPU has it at that width)."""
     T = x.shape[0]
     tile = 1 if T == 1 else Q6_PREFILL_TILE
-    kernel = q6_simd32_vnni if vnni else q6_simd32
+    kernel = q6_simd32_vnni if vnni and numba_simd.has_vnni(Q6_SIMD_WIDTH) else q6_simd32
     return kernel(qs, d, scales, x, tile, *_q8_layout(Q6_SIMD_WIDTH), *Q6_PAIRS)[:T]
 
 
