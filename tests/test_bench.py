@@ -42,3 +42,13 @@ def test_probe_and_prompt_ids():
     assert len(s.seconds) == 2 and s.bytes_read == 1 << 20 and s.gb_per_second > 0
     ids = prompt_ids(50, 512)
     assert ids == prompt_ids(50, 512) and min(ids) >= 3 and max(ids) < 512 and len(set(ids)) > 10
+
+
+def test_probe_kernel_sums_every_word():
+    # Whole lines go to eight sums per thread, the last partial line to a tail loop: none skipped.
+    import numpy as np
+
+    from tinyllm.kernels.numba_bench import sum_words
+    for n in (0, 1, 7, 8, 9, 1001, 12345):
+        words = np.arange(1, n + 1, dtype=np.uint64)
+        assert int(sum_words(words)) == n * (n + 1) // 2, n
