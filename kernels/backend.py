@@ -42,7 +42,7 @@ class Backend(Protocol):
     cache_types: tuple[str, ...]                                          # KV cache types it stores, default first
 
     def begin(self, rows: int = 1) -> None: ...                           # before a forward of `rows` rows
-    def end(self) -> None: ...                                            # after it (results read back)
+    def end(self) -> None: ...                                            # after it, also when it failed
 
     # weights, buffers, and the host boundary
     def prepare(self, w) -> Any: ...                                      # QTensor / 1-D array -> backend weight

@@ -92,3 +92,69 @@ def test_results_do_not_depend_on_the_count_the_governor_picks():
 def test_bad_thread_counts_are_refused(bad):
     with pytest.raises(Exception, match="threads must be an integer"):
         numba_cpu.NumbaBackend(threads=bad)
+
+
+SERIAL_SCRIPT = """
+import sys, threading, warnings
+import tinyllm
+from tinyllm.kernels import numba_cpu
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    models = [tinyllm.load(sys.argv[1], backend="numba") for _ in range(2)]
+assert numba_cpu.threading_layer() == "workqueue" and all(m.ops.serial for m in models)
+assert any(issubclass(w.category, numba_cpu.ThreadingLayerWarning) for w in caught), caught
+outs = {}
+def run(i):
+    outs[i] = models[i].generate("Once upon a time", max_new_tokens=48, temperature=0, stream=False)
+runs = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+for t in runs: t.start()
+for t in runs: t.join()
+assert outs[0] == outs[1] and outs[0], outs
+print("both answered")
+"""
+
+
+def test_numba_without_openmp_runs_forwards_one_at_a_time(stories_q8):
+    # Numba's fallback layer (no libgomp, no TBB) aborts the process when two threads launch
+    # parallel kernels at once, as a server with --parallel 2 does; forwards take turns there
+    import subprocess
+    import sys
+
+    env = dict(__import__("os").environ, NUMBA_THREADING_LAYER="workqueue")
+    done = subprocess.run([sys.executable, "-c", SERIAL_SCRIPT, str(stories_q8)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0 and "both answered" in done.stdout, done.stderr[-2000:]
+    # and the command line says so in one line
+    cli = subprocess.run([sys.executable, "-m", "tinyllm", "generate", str(stories_q8), "-p", "Once", "-n", "4"],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert cli.returncode == 0 and cli.stdout.strip(), cli.stderr[-2000:]
+    warning = [line for line in cli.stderr.splitlines() if "threading layer" in line]
+    assert len(warning) == 1 and warning[0].startswith("warning: Numba found no OpenMP"), cli.stderr
+    assert "warnings.warn" not in cli.stderr and "return " not in cli.stderr
+
+
+def test_a_failed_forward_ends_and_frees_the_next(stories_q8, monkeypatch):
+    import tinyllm
+
+    model = tinyllm.load(stories_q8, backend="numba")
+    monkeypatch.setattr(model.ops, "serial", True)          # as on the workqueue layer
+    expected = model.logits([1, 2, 3])
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a kernel failed")
+
+    with monkeypatch.context() as m:
+        m.setattr(model.arch, "forward", broken)
+        with pytest.raises(RuntimeError, match="a kernel failed"):
+            model.logits([1, 2, 3])
+    assert not numba_cpu._one_forward_at_a_time.locked()
+    np.testing.assert_array_equal(model.logits([1, 2, 3]), expected)
+
+
+def test_the_threading_layer_is_named():
+    from tinyllm.benchmark import threads_in_words
+
+    layer = numba_cpu.threading_layer()
+    assert layer in ("tbb", "omp", "workqueue")
+    assert f"Numba's {layer} threading layer" in threads_in_words(numba_cpu.NumbaBackend())
+    assert f"Numba's {layer} threading layer" in threads_in_words(numba_cpu.NumbaBackend(threads=1))

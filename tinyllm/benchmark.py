@@ -144,11 +144,12 @@ def threads_in_words(ops) -> str | None:
     """How a backend chooses its threads: "2 threads", or the adaptive governor's state."""
     if not hasattr(ops, "threads"):
         return None
+    layer = f", Numba's {ops.threading_layer} threading layer" if hasattr(ops, "threading_layer") else ""
     governor = getattr(ops, "governor", None)
     if governor is None:
-        return f"{ops.threads} threads"
+        return f"{ops.threads} threads{layer}"
     return (f"adaptive threads up to {ops.threads} (decode on {governor.current} at the end, "
-            f"{governor.switches} switches)")
+            f"{governor.switches} switches{layer})")
 
 
 def _megabytes(n: int) -> str:

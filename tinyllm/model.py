@@ -122,11 +122,13 @@ class Model:
         ids = np.asarray(tokens, dtype=np.int64)
         if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
             raise TinyLLMError(f"token id out of range 0..{self.config.vocab_size - 1}")
-        self.ops.begin(len(ids))
         extra = {} if head is None else {"head": head}
-        out = self.ops.to_numpy(self.arch.forward(self.config, self.weights, self.ops, batch, ids, last_only,
-                                                  **extra))
-        self.ops.end()
+        self.ops.begin(len(ids))
+        try:
+            out = self.ops.to_numpy(self.arch.forward(self.config, self.weights, self.ops, batch, ids, last_only,
+                                                      **extra))
+        finally:
+            self.ops.end()
         if not np.isfinite(out).all():  # weights that overflow float32: say so, never sample from NaN
             raise TinyLLMError("the model computed NaN or infinite logits (its weights overflow float32 arithmetic)")
         return out

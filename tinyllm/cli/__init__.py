@@ -2,19 +2,27 @@
 from __future__ import annotations
 
 import sys
+import warnings
 
 import click
 
 from tinyllm.errors import TinyLLMError
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    click.secho(f"warning: {message}", err=True, fg="yellow")
+
+
 class _Group(click.Group):
     """Bad input ends in one clear line on stderr, never a traceback: `error: ...` and exit
-    status 1 for what tinyllm refuses, 2 for a command line click refuses."""
+    status 1 for what tinyllm refuses, 2 for a command line click refuses. A warning is one
+    `warning: ...` line, without the source line Python would print under it."""
 
     def invoke(self, ctx):
         try:
-            return super().invoke(ctx)
+            with warnings.catch_warnings():
+                warnings.showwarning = _show_warning
+                return super().invoke(ctx)
         except TinyLLMError as e:
             click.secho(f"error: {e}", err=True, fg="red")
             sys.exit(1)
