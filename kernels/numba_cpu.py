@@ -125,8 +125,8 @@ def threading_layer() -> str:
 
 def _warn_serial(layer: str) -> None:
     warnings.warn(f"Numba found no OpenMP or TBB runtime and runs on its {layer} threading layer: every parallel "
-                  "kernel costs ~70 us more (decode several times slower on small models) and kernels cannot run "
-                  "from two threads at once, so tinyllm runs one forward pass at a time. Install the OpenMP "
+                  "kernel costs ~70 us more (a 1.1B model decoded at half its speed) and kernels cannot run from "
+                  "two threads at once, so tinyllm runs one forward pass at a time. Install the OpenMP "
                   "runtime (Debian/Ubuntu: apt install libgomp1; Fedora: dnf install libgomp; macOS: brew install "
                   "libomp).", ThreadingLayerWarning, stacklevel=3)
 
