@@ -115,19 +115,16 @@ GRIDS = {
 
 def fake_quantize(weight: np.ndarray, grid: str, importance: np.ndarray | None) -> np.ndarray:
     """(rows, cols) -> the same shape of decoded values, blocks of 32 along each row (the last
-    padded with weightless zeros); weights: the imatrix's, else rms(block) + |x| as ggml's."""
+    padded with weightless zeros), weighted as the shipped quantizers weight them."""
+    from tinyllm.kernels.quantizer import block_weights
+
     rows, cols = weight.shape
     padded = -(-cols // QK) * QK
     x = np.zeros((rows, padded), np.float32)
     x[:, :cols] = weight
-    if importance is None:
-        blocks = x.reshape(rows, -1, QK)
-        w = (np.sqrt(np.mean(blocks * blocks, -1, keepdims=True)) + np.abs(blocks)).reshape(rows, padded)
-    else:
-        w = np.zeros((rows, padded), np.float32)
-        w[:, :cols] = importance
-    w[:, cols:] = 0
-    return GRIDS[grid](x.reshape(-1, QK), w.reshape(-1, QK)).reshape(rows, padded)[:, :cols]
+    blocks = x.reshape(rows, -1, QK)
+    w = block_weights(blocks, cols, importance)
+    return GRIDS[grid](blocks.reshape(-1, QK), w.reshape(-1, QK)).reshape(rows, padded)[:, :cols]
 
 
 def gguf_name(hf_name: str) -> str:

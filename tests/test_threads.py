@@ -117,10 +117,11 @@ print("both answered")
 def test_numba_without_openmp_runs_forwards_one_at_a_time(stories_q8):
     # Numba's fallback layer (no libgomp, no TBB) aborts the process when two threads launch
     # parallel kernels at once, as a server with --parallel 2 does; forwards take turns there
+    import os
     import subprocess
     import sys
 
-    env = dict(__import__("os").environ, NUMBA_THREADING_LAYER="workqueue")
+    env = dict(os.environ, NUMBA_THREADING_LAYER="workqueue")
     done = subprocess.run([sys.executable, "-c", SERIAL_SCRIPT, str(stories_q8)], env=env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0 and "both answered" in done.stdout, done.stderr[-2000:]
