@@ -30,6 +30,7 @@ from numba import njit, prange
 
 from tinyllm.errors import ShapeError, TinyLLMError
 from tinyllm.kernels import numba_ops, numba_quant, numba_simd
+from tinyllm.kernels.cores import available_cores, cpu_quota  # noqa: F401  (this backend's core count)
 from tinyllm.kernels.backend import CACHE_TYPES, module_ops
 from tinyllm.kernels.quant import QTensor
 from tinyllm.kernels.reference import add, clip, concat_rows, from_numpy, kv_write, new_kv_cache, to_numpy  # noqa: F401
@@ -81,15 +82,9 @@ def check_simd_width(width: int) -> int:
 
 # -- threads -------------------------------------------------------------------------------
 
-def available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
 def thread_count(n: int | None = None) -> int:
-    """A checked thread count for the parallel kernels (default: every core this process may use)."""
+    """A checked thread count for the parallel kernels (default: every core this process may
+    use, its cgroup's CPU quota included: kernels/cores.py)."""
     n = available_cores() if n is None else n
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise TinyLLMError(f"threads must be an integer of at least 1, got {n!r}")
@@ -352,6 +347,7 @@ class NumbaBackend:
 
     def __init__(self, threads: int | None = None, simd_width: int | None = None, vnni: bool | None = None):
         self.threads = thread_count(threads)    # the most a forward uses
+        self.cpu_quota = cpu_quota()            # CPUs' worth the cgroup allows (None: no quota)
         self.governor = ThreadGovernor(self.threads) if threads is None else None
         self.simd_width = default_simd_width() if simd_width is None else check_simd_width(simd_width)
         self.vnni = default_vnni() if vnni is None else bool(vnni)

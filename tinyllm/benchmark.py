@@ -145,6 +145,8 @@ def threads_in_words(ops) -> str | None:
     if not hasattr(ops, "threads"):
         return None
     layer = f", Numba's {ops.threading_layer} threading layer" if hasattr(ops, "threading_layer") else ""
+    quota = getattr(ops, "cpu_quota", None)
+    layer += f", a cgroup CPU quota of {quota:.3g} CPU{'' if quota == 1 else 's'}" if quota else ""
     governor = getattr(ops, "governor", None)
     if governor is None:
         return f"{ops.threads} threads{layer}"
