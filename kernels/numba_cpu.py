@@ -30,8 +30,8 @@ from numba import njit, prange
 
 from tinyllm.errors import ShapeError, TinyLLMError
 from tinyllm.kernels import numba_ops, numba_quant, numba_simd
-from tinyllm.kernels.cores import available_cores, cpu_quota  # noqa: F401  (this backend's core count)
 from tinyllm.kernels.backend import CACHE_TYPES, module_ops
+from tinyllm.kernels.cores import available_cores, cpu_quota  # noqa: F401  (this backend's core count)
 from tinyllm.kernels.quant import QTensor
 from tinyllm.kernels.reference import add, clip, concat_rows, from_numpy, kv_write, new_kv_cache, to_numpy  # noqa: F401
 from tinyllm.kernels.threads import ThreadGovernor

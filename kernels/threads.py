@@ -9,9 +9,9 @@ model, BENCHMARKS.md; issue 13 saw 10x on a busier machine). No fixed count is r
 cases, and the load changes while a chat runs, so the ``ThreadGovernor`` decides per forward
 pass from the times it observes:
 
-- it runs the best count it knows (the *incumbent*, at first every core), keeping a moving
-  average of its step time per batch size (1..8 rows: decode and batched decode; larger
-  forwards, prefill, use the count decode found best);
+- it runs the best count it knows (the *incumbent*, at first every core the CPU quota
+  allows), keeping a moving average of its step time per batch size (1..8 rows: decode and
+  batched decode; larger forwards, prefill, use the count decode found best);
 - once the first steps are timed it tries each other candidate once (all cores, all but one,
   half, one), then again every ``EXPLORE_EVERY`` steps, and at once when two steps in a row are
   much slower than the incumbent's average (load arrived; one slow step is often just jitter);
