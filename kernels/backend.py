@@ -18,7 +18,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from tinyllm.errors import TinyLLMError
+from tinyllm.errors import ShapeError, TinyLLMError
 
 # How keys and values are stored (llama.cpp's --cache-type names): f16 halves the cache's
 # memory and the bytes a long-context decode step reads; attention always computes in float32.
@@ -54,6 +54,8 @@ class Backend(Protocol):
     # products
     def embedding(self, table, tokens: np.ndarray) -> Any: ...            # (T,) ids -> (T, D)
     def matmul(self, x, w, bias=None) -> Any: ...                         # (T, K) @ W(N, K)^T (+ bias) -> (T, N)
+    def matmuls(self, x, ws: list, biases=None) -> list: ...              # [matmul(x, W_i, bias_i)]: weights on one
+                                                                          # input (q, k, v), each as matmul gives it
 
     # elementwise and normalization
     def add(self, a, b) -> Any: ...
@@ -72,6 +74,20 @@ class Backend(Protocol):
 
 BACKEND_OPS = tuple(name for name in Backend.__dict__ if not name.startswith("_") and callable(Backend.__dict__[name]))
 OP_NAMES = tuple(name for name in BACKEND_OPS if name not in ("begin", "end"))  # the compute ops, without the hooks
+
+
+def separate_matmuls(matmul, x, ws: list, biases=None) -> list:
+    """matmuls as one matmul per weight: for a backend with nothing to share between them."""
+    return [matmul(x, w, b) for w, b in zip(ws, checked_biases(ws, biases))]
+
+
+def checked_biases(ws: list, biases) -> list:
+    """matmuls' biases: None (no bias on any weight) or one entry (None or an array) per weight."""
+    if biases is None:
+        return [None] * len(ws)
+    if len(biases) != len(ws):
+        raise ShapeError(f"matmuls: {len(biases)} biases for {len(ws)} weights")
+    return list(biases)
 
 
 def module_ops(cls):

@@ -20,7 +20,7 @@ from numba import cuda
 
 from tinyllm.errors import ShapeError, TinyLLMError, UnsupportedError
 from tinyllm.kernels import cuda_kernels as K
-from tinyllm.kernels.backend import cache_dtype, module_ops
+from tinyllm.kernels.backend import cache_dtype, module_ops, separate_matmuls
 from tinyllm.kernels.quant import QTensor, n_blocks
 
 name = "cuda"
@@ -215,6 +215,11 @@ def matmul(x, w: DeviceWeight, bias=None):
         grid = (_grid(N, K.GEMM_BN), _grid(T, K.GEMM_BT))
         K.gemm[grid, (K.GEMM_TX, K.GEMM_TY)](*args)
     return out
+
+
+def matmuls(x, ws: list, biases=None) -> list:
+    """[(T, K) @ W_i(N_i, K)^T (+ bias_i)]: one launch per weight."""
+    return separate_matmuls(matmul, x, ws, biases)
 
 
 # -- elementwise and normalization -----------------------------------------------------------

@@ -30,7 +30,7 @@ from numba import njit, prange
 
 from tinyllm.errors import ShapeError, TinyLLMError
 from tinyllm.kernels import numba_ops, numba_quant, numba_simd
-from tinyllm.kernels.backend import CACHE_TYPES, module_ops
+from tinyllm.kernels.backend import CACHE_TYPES, checked_biases, module_ops
 from tinyllm.kernels.cores import available_cores, cpu_quota  # noqa: F401  (this backend's core count)
 from tinyllm.kernels.quant import QTensor
 from tinyllm.kernels.reference import add, clip, concat_rows, from_numpy, kv_write, new_kv_cache, to_numpy  # noqa: F401
@@ -148,6 +148,9 @@ class NumbaTensor(QTensor):
         super().__init__(t.format, tuple(t.shape), t.parts)
         self.views = {k: _readonly(v.view(np.uint16) if v.dtype == np.float16 else v)
                       for k, v in t.parts.items()}
+        # what the compiled kernels see: weights with equal kernel types can share one q4 call
+        self.kernel_type = (self.format, self.shape[1],
+                            tuple((k, numba.typeof(v)) for k, v in sorted(self.views.items())))
 
 
 def _readonly(a):
@@ -198,6 +201,37 @@ def matmul(x: np.ndarray, w, bias: np.ndarray | None = None, simd_width: int | N
     return y
 
 
+def matmuls(x: np.ndarray, ws: list, biases=None, simd_width: int | None = None,
+            vnni: bool | None = None) -> list:
+    """[(T, K) @ W_i(N_i, K)^T (+ bias_i) -> (T, N_i)]: several weights on one input, each
+    output bit-equal to matmul's. q4 weights of one format and K (a layer's q, k and v; gate
+    and up) go through one kernel call: one activation quantization and one parallel region,
+    so the small k/v projections no longer pay a call's fixed cost each (BENCHMARKS.md)."""
+    biases = checked_biases(ws, biases)
+    ws = [prepare(w) for w in ws]
+    simd = default_simd_width() if simd_width is None else simd_width
+    first = ws[0] if ws else None
+    if not (simd and first.format in Q4_FORMATS and 1 < len(ws) <= numba_quant.MAX_FUSED
+            and all(w.kernel_type == first.kernel_type for w in ws)):
+        return [matmul(x, w, b, simd_width, vnni) for w, b in zip(ws, biases)]
+    x = _rows_f32(x)
+    if x.ndim != 2 or x.shape[1] != first.shape[1]:
+        raise ShapeError(f"matmul: activation {x.shape} does not match weight {first.shape}")
+    y = numba_quant.q4_matmuls_simd(x, [_q4_parts(w) for w in ws], _chunk_width(first, simd),
+                                    default_vnni() if vnni is None else vnni)     # (T, N_0 + N_1 + ..)
+    outs, col = [], 0
+    for w, b in zip(ws, biases):
+        part = np.ascontiguousarray(y[:, col:col + w.shape[0]])   # a view for one token
+        outs.append(part if b is None else part + b)
+        col += w.shape[0]
+    return outs
+
+
+def _q4_parts(w):
+    v = w.views
+    return v["qs"], v["d"], v.get("m"), v.get("scales")
+
+
 Q4_FORMATS = ("q4_0", "q4_1", "q4_k")  # one family of kernels: 4-bit planes, per-block grids
 SIMD_FORMATS = Q4_FORMATS + ("q6_k", "q8_0")  # with SIMD kernels for every token count
 
@@ -212,12 +246,11 @@ def _matmul_nobias(x, w, simd: int, vnni: bool):
     T = x.shape[0]
     v = w.views
     if w.format in Q4_FORMATS:  # parts: d, qs, and m (q4_1) or scales (q4_k)
-        q4 = (v["qs"], v["d"], v.get("m"))
         if simd:
-            return numba_quant.q4_matmul_simd(x, *q4, _chunk_width(w, simd), scales=v.get("scales"), vnni=vnni)
+            return numba_quant.q4_matmuls_simd(x, [_q4_parts(w)], _chunk_width(w, simd), vnni)
         if T < PORTABLE_BLAS_MIN_TOKENS:
             out = np.empty((T, w.shape[0]), np.float32)
-            numba_quant.q4_rows_portable(*q4, v.get("scales"), *numba_quant.quantize_planes(x), out)
+            numba_quant.q4_rows_portable(*_q4_parts(w), *numba_quant.quantize_planes(x), out)
             return out
         return _matmul_blas_tiles(x, w)
     if w.format == "q6_k":  # the AVX2-width SIMD kernel on any x86 SIMD path; else portable, BLAS for prefill
@@ -380,9 +413,12 @@ class NumbaBackend:
     def matmul(self, x, w, bias=None):
         return matmul(x, w, bias, self.simd_width, self.vnni)
 
+    def matmuls(self, x, ws, biases=None):
+        return matmuls(x, ws, biases, self.simd_width, self.vnni)
 
 
-__all__ = ["name", "prepare", "to_numpy", "from_numpy", "new_kv_cache", "embedding", "matmul", "add",
+
+__all__ = ["name", "prepare", "to_numpy", "from_numpy", "new_kv_cache", "embedding", "matmul", "matmuls", "add",
            "rmsnorm", "layernorm", "silu", "swiglu", "gelu", "clip", "softmax", "rope", "kv_write",
            "attention", "set_threads", "get_threads", "threading_layer", "default_simd_width", "default_vnni",
            "NumbaBackend"]

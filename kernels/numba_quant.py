@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import numba
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
 from tinyllm.kernels import numba_cache, numba_simd  # noqa: F401  (numba_cache first: see numba_cache.py)
 from tinyllm.kernels.numba_math import f16_bits_to_f32
@@ -200,99 +201,143 @@ def q4k_row_scales(d, scales, r, nb, ds, ms):
 
 # -- q4 products: SIMD ------------------------------------------------------------------
 
+MAX_FUSED = 4  # weights one q4 call may share an activation over (GPT-J: q, k, v and fc_in)
+
+
+def _pick(parts, i):
+    """parts[i] for a tuple of arrays, None for None (a typed None, so branches on it prune)."""
+
+
+@overload(_pick, jit_options={"cache": True})
+def _pick_typed(parts, i):
+    if isinstance(parts, types.NoneType):
+        return lambda parts, i: None
+    return lambda parts, i: parts[i]
+
+
 @njit(parallel=True, cache=True, error_model="numpy")
-def _q4_rows_simd(qs, d, m, scales, xq, corr, dx, sxf, out, width, tt, vnni):
-    """out (Tp, N) += q4 weight (N, 16, nb) . activations; width, tt, vnni: compile-time constants.
-    q4_0 / q4_1: d, m (N, nb) float16 bits, scales None. q4_k: d (nsb, 2) float16 bits, m None,
-    scales (nsb, 12). Decoding one token over rows of whole super-blocks (nb % 8 == 0, every real
-    model's big matrices), the chunk kernel decodes the scales in registers; otherwise (prefill,
-    where the tiles reuse them, or rows sharing super-blocks) each row block's are decoded first."""
+def _q4_rows_simd(qs_t, d_t, m_t, scales_t, n_mats, xq, corr, dx, sxf, out, width, tt, vnni):
+    """out (Tp, N_0 + .. + N_{n-1}) += [q4 weight_i (N_i, 16, nb)] . activations: the first
+    n_mats weights of the tuples (padded to MAX_FUSED; m_t, scales_t None where the format has
+    none), their outputs side by side in out's columns, one parallel region over all their row
+    blocks (the small k/v projections of a decode step then share the activation, the threads
+    and the memory stream of wq's). width, tt, vnni: compile-time constants."""
     numba.literally(width)
     numba.literally(tt)
     numba.literally(vnni)
-    N, _, nb = qs.shape
-    Tp, nch = xq.shape[0], xq.shape[1]
-    x_tstride = nch * 16 * 2 * width
-    c_tstride = nch * width
-    for rb in prange((N + ROW_BLOCK - 1) // ROW_BLOCK):
-        r0, r1 = rb * ROW_BLOCK, min(N, rb * ROW_BLOCK + ROW_BLOCK)
-        in_chunk = scales is not None and nb % 8 == 0 and tt == 1
-        if scales is not None and not in_chunk:  # decode each row's scales once, for all token tiles
-            ds = np.empty((ROW_BLOCK, nb), np.float32)
-            ms = np.empty((ROW_BLOCK, nb), np.float32)
-            for r in range(r0, r1):
-                if nb % 8 == 0:  # whole super-blocks: the chunk kernel's vector decoding
-                    for c in range(nch):
-                        numba_simd.q4_k_scales_chunk(d, scales, (r * nb + c * width) >> 3, min(width, nb - c * width),
-                                                     ds, ms, (r - r0) * nb + c * width, width)
-                else:
-                    q4k_row_scales(d, scales, r, nb, ds[r - r0], ms[r - r0])
-        for t0 in range(0, Tp, tt):
-            for r in range(r0, r1):
-                for c in range(nch):
-                    b0 = c * width
-                    act = ActivationChunk(xq, t0 * x_tstride + c * 16 * 2 * width, x_tstride,
-                                          corr, dx, sxf, t0 * c_tstride + b0, c_tstride)
-                    dest, n_valid, q_off = OutputSlot(out, t0 * N + r, N), min(width, nb - b0), r * 16 * nb + b0
-                    if in_chunk:  # decode, whole super-blocks: the chunk kernel decodes them in registers
-                        weight = WeightChunk(qs, q_off, nb, d, scales, (r * nb + b0) >> 3)
-                        numba_simd.q4_chunk_dot(weight, act, dest, n_valid, width, tt, vnni)
-                    elif scales is None:  # q4_0, q4_1: float16 scales (and minimums) per block
-                        weight = WeightChunk(qs, q_off, nb, d, m, r * nb + b0)
-                        numba_simd.q4_chunk_dot(weight, act, dest, n_valid, width, tt, vnni)
-                    else:  # q4_k, scales decoded above for this row block
-                        weight = WeightChunk(qs, q_off, nb, ds, ms, (r - r0) * nb + b0)
-                        numba_simd.q4_chunk_dot(weight, act, dest, n_valid, width, tt, vnni)
+    first_block, first_col = np.zeros(n_mats + 1, np.int64), np.zeros(n_mats + 1, np.int64)
+    for i in range(n_mats):  # weight i's row blocks and output columns follow weight i-1's
+        first_block[i + 1] = first_block[i] + (qs_t[i].shape[0] + ROW_BLOCK - 1) // ROW_BLOCK
+        first_col[i + 1] = first_col[i] + qs_t[i].shape[0]
+    for j in prange(first_block[n_mats]):
+        i = 0
+        while j >= first_block[i + 1]:
+            i += 1
+        r0 = (j - first_block[i]) * ROW_BLOCK
+        _q4_row_block(qs_t[i], d_t[i], _pick(m_t, i), _pick(scales_t, i), r0, min(qs_t[i].shape[0], r0 + ROW_BLOCK),
+                      first_col[i], xq, corr, dx, sxf, out, width, tt, vnni)
 
 
 @njit(cache=True, error_model="numpy")
-def _q4_simd(qs, d, m, scales, x, tile, base, slots, width, vnni):
+def _q4_row_block(qs, d, m, scales, r0, r1, col, xq, corr, dx, sxf, out, width, tt, vnni):
+    """out[:, col + r] += rows r0..r1 of one q4 weight (N, 16, nb) . activations, every token
+    tile. q4_0 / q4_1: d, m (N, nb) float16 bits, scales None. q4_k: d (nsb, 2) float16 bits,
+    m None, scales (nsb, 12). Decoding one token over rows of whole super-blocks (nb % 8 == 0,
+    every real model's big matrices), the chunk kernel decodes the scales in registers;
+    otherwise (prefill, where the tiles reuse them, or rows sharing super-blocks) the block's
+    rows' scales are decoded first."""
+    numba.literally(width)
+    numba.literally(tt)
+    numba.literally(vnni)
+    nb = qs.shape[2]
+    Tp, nch, n_out = xq.shape[0], xq.shape[1], out.shape[1]
+    x_tstride = nch * 16 * 2 * width
+    c_tstride = nch * width
+    in_chunk = scales is not None and nb % 8 == 0 and tt == 1
+    if scales is not None and not in_chunk:  # decode each row's scales once, for all token tiles
+        ds = np.empty((ROW_BLOCK, nb), np.float32)
+        ms = np.empty((ROW_BLOCK, nb), np.float32)
+        for r in range(r0, r1):
+            if nb % 8 == 0:  # whole super-blocks: the chunk kernel's vector decoding
+                for c in range(nch):
+                    numba_simd.q4_k_scales_chunk(d, scales, (r * nb + c * width) >> 3, min(width, nb - c * width),
+                                                 ds, ms, (r - r0) * nb + c * width, width)
+            else:
+                q4k_row_scales(d, scales, r, nb, ds[r - r0], ms[r - r0])
+    for t0 in range(0, Tp, tt):
+        for r in range(r0, r1):
+            for c in range(nch):
+                b0 = c * width
+                act = ActivationChunk(xq, t0 * x_tstride + c * 16 * 2 * width, x_tstride,
+                                      corr, dx, sxf, t0 * c_tstride + b0, c_tstride)
+                dest = OutputSlot(out, t0 * n_out + col + r, n_out)
+                n_valid, q_off = min(width, nb - b0), r * 16 * nb + b0
+                if in_chunk:  # decode, whole super-blocks: the chunk kernel decodes them in registers
+                    weight = WeightChunk(qs, q_off, nb, d, scales, (r * nb + b0) >> 3)
+                    numba_simd.q4_chunk_dot(weight, act, dest, n_valid, width, tt, vnni)
+                elif scales is None:  # q4_0, q4_1: float16 scales (and minimums) per block
+                    weight = WeightChunk(qs, q_off, nb, d, m, r * nb + b0)
+                    numba_simd.q4_chunk_dot(weight, act, dest, n_valid, width, tt, vnni)
+                else:  # q4_k, scales decoded above for this row block
+                    weight = WeightChunk(qs, q_off, nb, ds, ms, (r - r0) * nb + b0)
+                    numba_simd.q4_chunk_dot(weight, act, dest, n_valid, width, tt, vnni)
+
+
+@njit(cache=True, error_model="numpy")
+def _q4_simd(qs_t, d_t, m_t, scales_t, n_mats, x, tile, base, slots, width, vnni):
     numba.literally(width)
     numba.literally(vnni)
     xq, corr, dx, sxf = quantize_for_simd(x, width, tile, base, slots)
-    out = np.zeros((xq.shape[0], qs.shape[0]), np.float32)
+    n_out = 0
+    for i in range(n_mats):
+        n_out += qs_t[i].shape[0]
+    out = np.zeros((xq.shape[0], n_out), np.float32)
     if tile == 1:
-        _q4_rows_simd(qs, d, m, scales, xq, corr, dx, sxf, out, width, 1, vnni)
+        _q4_rows_simd(qs_t, d_t, m_t, scales_t, n_mats, xq, corr, dx, sxf, out, width, 1, vnni)
     else:
-        _q4_rows_simd(qs, d, m, scales, xq, corr, dx, sxf, out, width, PREFILL_TILE, vnni)
+        _q4_rows_simd(qs_t, d_t, m_t, scales_t, n_mats, xq, corr, dx, sxf, out, width, PREFILL_TILE, vnni)
     return out
 
 
 # Entry points: activation in, product out, the constants fixed (calling a literally()
 # function from Python would re-type it on every call), one per (width, vnni) so that only
-# the kernels a CPU runs are compiled. One call per matmul: quantizing the activation and
-# allocating inside the same compiled function keeps the per-call overhead of a decode
-# step's ~150 matmuls small.
+# the kernels a CPU runs are compiled. One call per matmul (or per group of weights on one
+# input): quantizing the activation and allocating inside the same compiled function keeps
+# the per-call overhead of a decode step's ~150 matmuls small.
 @njit(cache=True, error_model="numpy")
-def q4_simd64(qs, d, m, scales, x, tile, base, slots):
-    return _q4_simd(qs, d, m, scales, x, tile, base, slots, 64, 0)
-
-
-@njit(cache=True, error_model="numpy")
-def q4_simd64_vnni(qs, d, m, scales, x, tile, base, slots):
-    return _q4_simd(qs, d, m, scales, x, tile, base, slots, 64, 1)
+def q4_simd64(qs_t, d_t, m_t, scales_t, n_mats, x, tile, base, slots):
+    return _q4_simd(qs_t, d_t, m_t, scales_t, n_mats, x, tile, base, slots, 64, 0)
 
 
 @njit(cache=True, error_model="numpy")
-def q4_simd32(qs, d, m, scales, x, tile, base, slots):
-    return _q4_simd(qs, d, m, scales, x, tile, base, slots, 32, 0)
+def q4_simd64_vnni(qs_t, d_t, m_t, scales_t, n_mats, x, tile, base, slots):
+    return _q4_simd(qs_t, d_t, m_t, scales_t, n_mats, x, tile, base, slots, 64, 1)
 
 
 @njit(cache=True, error_model="numpy")
-def q4_simd32_vnni(qs, d, m, scales, x, tile, base, slots):
-    return _q4_simd(qs, d, m, scales, x, tile, base, slots, 32, 1)
+def q4_simd32(qs_t, d_t, m_t, scales_t, n_mats, x, tile, base, slots):
+    return _q4_simd(qs_t, d_t, m_t, scales_t, n_mats, x, tile, base, slots, 32, 0)
+
+
+@njit(cache=True, error_model="numpy")
+def q4_simd32_vnni(qs_t, d_t, m_t, scales_t, n_mats, x, tile, base, slots):
+    return _q4_simd(qs_t, d_t, m_t, scales_t, n_mats, x, tile, base, slots, 32, 1)
 
 
 SIMD_KERNELS = {(64, False): q4_simd64, (64, True): q4_simd64_vnni, (32, False): q4_simd32, (32, True): q4_simd32_vnni}
 
 
-def q4_matmul_simd(x, qs, d, m, width, scales=None, vnni=False):
-    """(T, K) float32 @ q4 weight^T -> (T, N) through the SIMD kernels (q4_k: m None, scales
-    given); ``vnni``: the AVX-512 VNNI kernels where this CPU has them at ``width``."""
-    T = x.shape[0]
+def q4_matmuls_simd(x, weights, width, vnni=False):
+    """(T, K) float32 @ [q4 weight_i (N_i, K)]^T -> (T, N_0 + N_1 + ..), one call for up to
+    MAX_FUSED weights of one format and K (``weights``: (qs, d, m, scales) each, arrays of one
+    Numba type: numba_cpu.matmuls checks their kernel_type)."""
+    T, n = x.shape[0], len(weights)
+    padded = list(weights) + [weights[0]] * (MAX_FUSED - n)
+    qs_t, d_t, m_t, scales_t = (tuple(part) for part in zip(*padded))
     vnni = vnni and numba_simd.has_vnni(width)
-    return SIMD_KERNELS[width, vnni](qs, d, m, scales, x, 1 if T == 1 else PREFILL_TILE,
-                                     *_q4_layout(width, vnni))[:T]
+    return SIMD_KERNELS[width, vnni](qs_t, d_t, None if m_t[0] is None else m_t,
+                                     None if scales_t[0] is None else scales_t, n,
+                                     x, 1 if T == 1 else PREFILL_TILE, *_q4_layout(width, vnni))[:T]
 
 
 _LAYOUTS: dict = {}

@@ -14,7 +14,7 @@ import math
 import numpy as np
 
 from tinyllm.errors import ShapeError, TinyLLMError
-from tinyllm.kernels.backend import CACHE_TYPES, DEFAULT_CACHE_TYPE, cache_dtype, module_ops
+from tinyllm.kernels.backend import CACHE_TYPES, DEFAULT_CACHE_TYPE, cache_dtype, module_ops, separate_matmuls
 from tinyllm.kernels.quant import (
     QK,
     QTensor,
@@ -65,6 +65,11 @@ def matmul(x: np.ndarray, w: QTensor, bias: np.ndarray | None = None) -> np.ndar
         raise ShapeError(f"matmul: activation {x.shape} does not match weight {tuple(w.shape)}")
     y = x @ dequantize(w).T
     return y + bias if bias is not None else y
+
+
+def matmuls(x: np.ndarray, ws: list, biases=None) -> list:
+    """[(T, K) @ W_i(N_i, K)^T (+ bias_i) -> (T, N_i)]: several weights on one input."""
+    return separate_matmuls(matmul, x, ws, biases)
 
 
 def matmul_int8_activations(x: np.ndarray, w: QTensor) -> np.ndarray:

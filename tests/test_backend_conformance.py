@@ -69,6 +69,21 @@ def test_matmul_and_embedding(ops, fmt, T, N, K):
     np.testing.assert_array_equal(ops.to_numpy(ops.embedding(ops.prepare(w), ids)), ref.embedding(w, ids))
 
 
+def test_matmuls(ops):
+    """Weights on one input, of one format (the Numba backend fuses them) or mixed, with biases."""
+    x = rand(3, 64, seed=3)
+    ws = [quant.quantize(rand(n, 64, seed=n), fmt) for n, fmt in ((32, "q4_0"), (8, "q4_0"), (8, "q4_0"), (16, "q8_0"))]
+    biases = [None, rand(8, seed=4), None, rand(16, seed=5)]
+    for n in (1, 3, 4):
+        got = ops.matmuls(ops.from_numpy(x), [ops.prepare(w) for w in ws[:n]],
+                          [None if b is None else ops.prepare(b) for b in biases[:n]])
+        assert len(got) == n
+        for y, w, b in zip(got, ws, biases):
+            assert rel_err(ops.to_numpy(y), ref.matmul(x, w, b)) < QUANT_TOL
+    with pytest.raises(ShapeError, match="biases"):
+        ops.matmuls(ops.from_numpy(x), [ops.prepare(w) for w in ws[:2]], [None])
+
+
 def test_elementwise_and_norms(ops):
     x, y = rand(3, 40), rand(3, 40, seed=5)
     w, b = rand(40, seed=6), rand(40, seed=7)

@@ -223,6 +223,45 @@ def test_q6_k_and_q8_0_matmul(rng, path, fmt, T, N, K):
     assert rel_err(got, ref.matmul(x, w)) < QUANT_TOL
 
 
+@pytest.mark.parametrize("fmt", ["q4_0", "q4_1", "q4_k"])
+@pytest.mark.parametrize("T", [1, 3, 9])
+def test_matmuls_share_one_call_and_equal_matmul(rng, path, fmt, T):
+    """q, k, v (and GPT-J's fc_in) in one q4 kernel call: every output bit-equal to its own
+    matmul, row counts that are not multiples of the kernel's row block included."""
+    K = 512
+    ws = [nb.prepare(quant.quantize(rng.standard_normal((n, K)).astype(np.float32), fmt)) for n in (48, 16, 23, 40)]
+    x = rng.standard_normal((T, K)).astype(np.float32)
+    bias = rng.standard_normal(40).astype(np.float32)
+    for n in (2, 3, 4):
+        biases = [None] * (n - 1) + [bias[:ws[n - 1].shape[0]]]
+        got = path.matmuls(x, ws[:n], biases)
+        for y, w, b in zip(got, ws[:n], biases):
+            assert y.shape == (T, w.shape[0]) and y.flags.c_contiguous
+            np.testing.assert_array_equal(y, path.matmul(x, w, b))
+
+
+def test_matmuls_of_mixed_weights_fall_back_to_one_call_each(rng, monkeypatch):
+    K = 256
+    ws = [nb.prepare(quant.quantize(rng.standard_normal((n, K)).astype(np.float32), fmt))
+          for n, fmt in ((32, "q4_k"), (16, "q6_k"), (16, "q4_0"), (8, "q4_k"), (8, "q4_k"))]
+    x = rng.standard_normal((2, K)).astype(np.float32)
+    fused = []
+    real = numba_quant.q4_matmuls_simd
+    monkeypatch.setattr(numba_quant, "q4_matmuls_simd", lambda x, weights, *a: fused.append(len(weights)) or
+                        real(x, weights, *a))
+    for y, w in zip(nb.matmuls(x, ws), ws):   # mixed formats, and five: more than one call takes
+        np.testing.assert_array_equal(y, nb.matmul(x, w))
+    if numba_simd.native_width():
+        assert fused == [1] * 8                 # 3 q4 weights above, and again for the comparison
+        fused.clear()
+        nb.matmuls(x, ws[3:])
+        assert fused == [2]
+    with pytest.raises(TinyLLMError, match="2 biases for 3 weights"):
+        nb.matmuls(x, ws[:3], [None, None])
+    with pytest.raises(TinyLLMError, match="does not match"):
+        nb.matmuls(rng.standard_normal((1, 100)).astype(np.float32), ws[3:])
+
+
 @pytest.mark.parametrize("fmt", ["f16", "f32"])
 @pytest.mark.parametrize("T", [1, 17])
 def test_float_matmul_with_bias(rng, fmt, T):

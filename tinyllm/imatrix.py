@@ -64,6 +64,9 @@ class _Recorder:
                 self.covariances[name] = self.covariances.get(name, 0) + self._last[1]
         return self._ops.matmul(x, w, bias)
 
+    def matmuls(self, x, ws, biases=None):  # each weight recorded: the inner backend's would bypass matmul
+        return [self.matmul(x, w, b) for w, b in zip(ws, biases or [None] * len(ws))]
+
 
 def collect(model, text, n_ctx: int | None = None, max_chunks: int | None = None, progress=None,
             covariance: bool = False):

@@ -169,6 +169,9 @@ def forward(cfg: Config, w: dict, ops: Backend, batch: Batch, tokens: np.ndarray
     def linear(x, name):
         return ops.matmul(x, w[name], w.get(name + "_bias"))
 
+    def linears(x, *names):  # weights on one input: one kernel call where the backend can
+        return ops.matmuls(x, [w[n] for n in names], [w.get(n + "_bias") for n in names])
+
     def norm(x, name):
         return ops.layernorm(x, w[name], w[name + "_bias"], eps)
 
@@ -176,10 +179,10 @@ def forward(cfg: Config, w: dict, ops: Backend, batch: Batch, tokens: np.ndarray
     for i in range(cfg.num_hidden_layers):
         p = f"layers.{i}."
         h = norm(x, p + "attention_norm")
-        q, k = linear(h, p + "attention.wq"), linear(h, p + "attention.wk")         # (T, H*hd), (T, Hkv*hd)
+        q, k, v = linears(h, p + "attention.wq", p + "attention.wk", p + "attention.wv")  # (T, H*hd), 2x (T, Hkv*hd)
         if not cfg.alibi:
             q, k = ops.rope(q, positions, cfg.inv_freq, H), ops.rope(k, positions, cfg.inv_freq, Hkv)
-        a = batch.attend(ops, i, q, k, linear(h, p + "attention.wv"), H, cfg.head_dim ** -0.5, cfg.alibi_slopes)
+        a = batch.attend(ops, i, q, k, v, H, cfg.head_dim ** -0.5, cfg.alibi_slopes)
         attn = linear(a, p + "attention.wo")                                         # (T, D)
         if not cfg.parallel:
             x = ops.add(x, attn)

@@ -95,13 +95,14 @@ def forward(cfg: Config, w: dict, ops: Backend, batch: Batch, tokens: np.ndarray
     for i in range(cfg.n_layer):
         p = f"layers.{i}."
         h = ops.layernorm(x, w[p + "attention_norm"], w[p + "attention_norm_bias"], eps)
-        q = ops.rope(ops.matmul(h, w[p + "attention.wq"]), positions, cfg.inv_freq, H)   # (T, H*hd)
-        k = ops.rope(ops.matmul(h, w[p + "attention.wk"]), positions, cfg.inv_freq, H)
-        v = ops.matmul(h, w[p + "attention.wv"])
+        q, k, v, up = ops.matmuls(h, [w[p + "attention.wq"], w[p + "attention.wk"], w[p + "attention.wv"],
+                                      w[p + "feed_forward.w1"]], [None, None, None, w[p + "feed_forward.w1_bias"]])
+        q = ops.rope(q, positions, cfg.inv_freq, H)                                       # (T, H*hd)
+        k = ops.rope(k, positions, cfg.inv_freq, H)
         a = batch.attend(ops, i, q, k, v, H, cfg.head_dim ** -0.5)                # (T, H*hd)
         attn = ops.matmul(a, w[p + "attention.wo"])                                       # (T, D)
 
-        up = ops.gelu(ops.matmul(h, w[p + "feed_forward.w1"], w[p + "feed_forward.w1_bias"]), approximate)
+        up = ops.gelu(up, approximate)                                                    # (T, F)
         mlp = ops.matmul(up, w[p + "feed_forward.w2"], w[p + "feed_forward.w2_bias"])    # (T, D)
         x = ops.add(x, ops.add(attn, mlp))                                                # parallel residual
     if last_only:

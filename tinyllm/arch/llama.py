@@ -89,14 +89,14 @@ def forward(cfg: Config, w: dict, ops: Backend, batch: Batch, tokens: np.ndarray
     for i in range(cfg.num_hidden_layers):
         p = f"layers.{i}."
         h = ops.rmsnorm(x, w[p + "attention_norm"], eps)
-        q = ops.rope(ops.matmul(h, w[p + "attention.wq"]), positions, cfg.inv_freq, H)     # (T, H*hd)
-        k = ops.rope(ops.matmul(h, w[p + "attention.wk"]), positions, cfg.inv_freq, Hkv)   # (T, Hkv*hd)
-        v = ops.matmul(h, w[p + "attention.wv"])                                           # (T, Hkv*hd)
+        q, k, v = ops.matmuls(h, [w[p + "attention.wq"], w[p + "attention.wk"], w[p + "attention.wv"]])
+        q = ops.rope(q, positions, cfg.inv_freq, H)                                        # (T, H*hd)
+        k = ops.rope(k, positions, cfg.inv_freq, Hkv)                                      # (T, Hkv*hd)
         a = batch.attend(ops, i, q, k, v, H, cfg.head_dim ** -0.5)                  # (T, H*hd)
         x = ops.add(x, ops.matmul(a, w[p + "attention.wo"]))
 
         h = ops.rmsnorm(x, w[p + "ffn_norm"], eps)
-        gate = ops.swiglu(ops.matmul(h, w[p + "feed_forward.w1"]), ops.matmul(h, w[p + "feed_forward.w3"]))
+        gate = ops.swiglu(*ops.matmuls(h, [w[p + "feed_forward.w1"], w[p + "feed_forward.w3"]]))  # (T, F)
         x = ops.add(x, ops.matmul(gate, w[p + "feed_forward.w2"]))                          # (T, D)
     if last_only:
         x = batch.last_rows(ops, x)

@@ -125,9 +125,8 @@ def forward(cfg: Config, w: dict, ops: Backend, batch: Batch, tokens: np.ndarray
     for i in range(cfg.n_layers):
         p = f"layers.{i}."
         h = ops.layernorm(x, w[p + "attention_norm"], None, eps)
-        q = clipped(ops.matmul(h, w[p + "attention.wq"]))                           # (T, H*hd)
-        k = clipped(ops.matmul(h, w[p + "attention.wk"]))                           # (T, Hkv*hd)
-        v = clipped(ops.matmul(h, w[p + "attention.wv"]))
+        qkv = ops.matmuls(h, [w[p + "attention.wq"], w[p + "attention.wk"], w[p + "attention.wv"]])
+        q, k, v = (clipped(y) for y in qkv)                                         # (T, H*hd), 2x (T, Hkv*hd)
         a = batch.attend(ops, i, q, k, v, H, cfg.softmax_scale, cfg.alibi_slopes)
         x = ops.add(x, ops.matmul(a, w[p + "attention.wo"]))
 
