@@ -148,9 +148,13 @@ class NumbaTensor(QTensor):
         super().__init__(t.format, tuple(t.shape), t.parts)
         self.views = {k: _readonly(v.view(np.uint16) if v.dtype == np.float16 else v)
                       for k, v in t.parts.items()}
-        # what the compiled kernels see: weights with equal kernel types can share one q4 call
-        self.kernel_type = (self.format, self.shape[1],
-                            tuple((k, numba.typeof(v)) for k, v in sorted(self.views.items())))
+        # what the compiled kernels see, one shared object per kind (compared with `is`, cheap
+        # per call; a race can only make two objects of one kind, which then do not fuse)
+        kind = (self.format, self.shape[1], tuple((k, numba.typeof(v)) for k, v in sorted(self.views.items())))
+        self.kernel_kind = _KERNEL_KINDS.setdefault(kind, kind)
+
+
+_KERNEL_KINDS: dict = {}   # (format, K, the views' Numba types), each its own canonical object
 
 
 def _readonly(a):
@@ -212,7 +216,7 @@ def matmuls(x: np.ndarray, ws: list, biases=None, simd_width: int | None = None,
     simd = default_simd_width() if simd_width is None else simd_width
     first = ws[0] if ws else None
     if not (simd and first.format in Q4_FORMATS and 1 < len(ws) <= numba_quant.MAX_FUSED
-            and all(w.kernel_type == first.kernel_type for w in ws)):
+            and all(w.kernel_kind is first.kernel_kind for w in ws)):
         return [matmul(x, w, b, simd_width, vnni) for w, b in zip(ws, biases)]
     x = _rows_f32(x)
     if x.ndim != 2 or x.shape[1] != first.shape[1]:

@@ -330,7 +330,7 @@ SIMD_KERNELS = {(64, False): q4_simd64, (64, True): q4_simd64_vnni, (32, False):
 def q4_matmuls_simd(x, weights, width, vnni=False):
     """(T, K) float32 @ [q4 weight_i (N_i, K)]^T -> (T, N_0 + N_1 + ..), one call for up to
     MAX_FUSED weights of one format and K (``weights``: (qs, d, m, scales) each, arrays of one
-    Numba type: numba_cpu.matmuls checks their kernel_type)."""
+    Numba type: numba_cpu.matmuls checks their kernel_kind)."""
     T, n = x.shape[0], len(weights)
     padded = list(weights) + [weights[0]] * (MAX_FUSED - n)
     qs_t, d_t, m_t, scales_t = (tuple(part) for part in zip(*padded))
