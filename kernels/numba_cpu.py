@@ -215,7 +215,7 @@ def matmuls(x: np.ndarray, ws: list, biases=None, simd_width: int | None = None,
     ws = [prepare(w) for w in ws]
     simd = default_simd_width() if simd_width is None else simd_width
     first = ws[0] if ws else None
-    if not (simd and first.format in Q4_FORMATS and 1 < len(ws) <= numba_quant.MAX_FUSED
+    if not (simd and 1 < len(ws) <= numba_quant.MAX_FUSED and first.format in Q4_FORMATS
             and all(w.kernel_kind is first.kernel_kind for w in ws)):
         return [matmul(x, w, b, simd_width, vnni) for w, b in zip(ws, biases)]
     x = _rows_f32(x)

@@ -256,6 +256,7 @@ def test_matmuls_of_mixed_weights_fall_back_to_one_call_each(rng, monkeypatch):
         fused.clear()
         nb.matmuls(x, ws[3:])
         assert fused == [2]
+    assert nb.matmuls(x, []) == []
     with pytest.raises(TinyLLMError, match="2 biases for 3 weights"):
         nb.matmuls(x, ws[:3], [None, None])
     with pytest.raises(TinyLLMError, match="does not match"):

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from tinyllm.errors import FormatError, TinyLLMError
+from tinyllm.kernels.backend import separate_matmuls
 
 GENERAL_TYPE = "imatrix"
 
@@ -65,7 +66,7 @@ class _Recorder:
         return self._ops.matmul(x, w, bias)
 
     def matmuls(self, x, ws, biases=None):  # each weight recorded: the inner backend's would bypass matmul
-        return [self.matmul(x, w, b) for w, b in zip(ws, biases or [None] * len(ws))]
+        return separate_matmuls(self.matmul, x, ws, biases)
 
 
 def collect(model, text, n_ctx: int | None = None, max_chunks: int | None = None, progress=None,
