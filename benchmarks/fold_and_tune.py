@@ -15,7 +15,8 @@ calibration text, the quantized matrices fixed (transformers' LLaMA as the diffe
 needs the test extra). The matrices' codes do not depend on the gains, so reconverting the tuned
 checkpoint with the same recipe gives the same matrices and the tuned gains.
 
-Both are scored as benchmarks.quality scores files, on its held-out text.
+``awq`` then ``tune``: the folded model's gains tuned the same way. Every file is scored as
+benchmarks.quality scores files, on its held-out text.
 """
 from __future__ import annotations
 
@@ -170,18 +171,25 @@ def main() -> None:
     print("q4_k gptq + imatrix (shipped):", score(shipped, d))
 
     scaled_imp, scaled_cov = awq(weights, imp, cov, cfg, np.linspace(0, 1, 11))
-    folded = d / "fold_awq.q4"
-    folded.unlink(missing_ok=True)
-    convert_hf(checkpoint(d / "fold_awq.hf", weights), folded,
-               recipe=Recipe("q4_k", "gptq", {k: v.astype(np.float32) for k, v in scaled_imp.items()}, scaled_cov))
-    print("awq scales folded, then the same:", score(folded, d))
+    folded_recipe = Recipe("q4_k", "gptq", {k: v.astype(np.float32) for k, v in scaled_imp.items()}, scaled_cov)
 
-    gains = tune_norms(STORIES, shipped, args.calibration or d / "calibration.txt", args.steps, args.lr)
+    def folded(name: str, tensors: dict) -> Path:   # the folded model's imatrix steers its quantizer
+        (d / f"{name}.q4").unlink(missing_ok=True)
+        return convert_hf(checkpoint(d / f"{name}.hf", tensors), d / f"{name}.q4", recipe=folded_recipe)
+
+    awq_file = folded("fold_awq", weights)
+    print("awq scales folded, then the same:", score(awq_file, d))
+
+    calibration = args.calibration or d / "calibration.txt"
+    gains = tune_norms(STORIES, shipped, calibration, args.steps, args.lr)
     tuned = d / "fold_tuned.q4"
     original = load_file(STORIES / "model.safetensors")
     tinyllm("convert", checkpoint(d / "fold_tuned.hf", {**original, **gains}), "-o", tuned, *RECIPE,
             "--imatrix", imatrix)
     print("shipped matrices, norm gains tuned end to end:", score(tuned, d))
+
+    gains = tune_norms(d / "fold_awq.hf", awq_file, calibration, args.steps, args.lr)
+    print("awq folded, then norm gains tuned:", score(folded("fold_awq_tuned", {**weights, **gains}), d))
 
 
 if __name__ == "__main__":
