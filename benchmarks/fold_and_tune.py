@@ -21,20 +21,18 @@ benchmarks.quality scores files, on its held-out text.
 from __future__ import annotations
 
 import argparse
-import shutil
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.quality import STORIES, tinyllm
+from benchmarks.grid_bounds import write_checkpoint
+from benchmarks.quality import STORIES, kl_report, tinyllm
 
 RECIPE = ["--quant", "q4_k", "--quantizer", "gptq"]
 
 
 def score(path: Path, quality: Path) -> str:
-    report = tinyllm("perplexity", path, quality / "evaluation.txt", "--ctx", 512,
-                     "--kl-divergence", quality / "f32.q4")
-    get = dict((k.strip(), v.strip()) for k, v in (line.split(":", 1) for line in report.splitlines() if ":" in line))
+    get = kl_report(path, quality / "evaluation.txt", quality / "f32.q4")
     return f"delta PPL {get['PPL difference']}, mean KLD {get['Mean KLD']}, same top {get['Same top token']}"
 
 
@@ -103,20 +101,19 @@ def tune_norms(source: Path, quantized: Path, calibration: Path, steps: int, lr:
     from transformers import LlamaForCausalLM
 
     import tinyllm as t
+    from tinyllm.converters.llama import LAYER_TENSORS
 
     torch.manual_seed(0)
     ref = LlamaForCausalLM.from_pretrained(source, torch_dtype=torch.float32).eval()
     model = LlamaForCausalLM.from_pretrained(source, torch_dtype=torch.float32)
     q = t.load(quantized)
-    hf = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
-          "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
-          "feed_forward.w3": "mlp.up_proj"}
+    hf = {ours: name for name, ours in LAYER_TENSORS.items() if "norm" not in ours}   # the matrices: ours -> HF
     state = model.state_dict()
     with torch.no_grad():
         for name, tensor in q.file_tensors.items():
             layer, _, rest = name.removeprefix("layers.").partition(".")
             key = "model.embed_tokens.weight" if name == "tok_embeddings" else \
-                f"model.layers.{layer}.{hf[rest]}.weight" if rest in hf else None
+                f"model.layers.{layer}.{hf[rest]}" if rest in hf else None
             if key is not None:
                 state[key].copy_(torch.from_numpy(np.array(tensor.dequantize(), np.float32)).reshape(state[key].shape))
     gains = [p for n, p in model.named_parameters() if "norm" in n]
@@ -140,7 +137,7 @@ def tune_norms(source: Path, quantized: Path, calibration: Path, steps: int, lr:
 def main() -> None:
     import json
 
-    from safetensors.numpy import load_file, save_file
+    from safetensors.numpy import load_file
 
     from tinyllm.converters.convert import convert_hf
     from tinyllm.converters.recipe import Recipe
@@ -158,13 +155,11 @@ def main() -> None:
     imp = read_imatrix(imatrix)
     cov = read_covariances(imatrix, imp)
     cov = {k: cov[k] for k in cov}
-    weights = {k: v.astype(np.float64) for k, v in load_file(STORIES / "model.safetensors").items()}
+    original = load_file(STORIES / "model.safetensors")
+    weights = {k: v.astype(np.float64) for k, v in original.items()}
 
     def checkpoint(path: Path, tensors: dict) -> Path:
-        shutil.rmtree(path, ignore_errors=True)
-        shutil.copytree(STORIES, path)
-        save_file({k: np.asarray(v, np.float32) for k, v in tensors.items()}, path / "model.safetensors")
-        return path
+        return write_checkpoint(path, tensors, cfg)
 
     shipped = d / "fold_shipped.q4"
     tinyllm("convert", STORIES, "-o", shipped, *RECIPE, "--imatrix", imatrix)
@@ -183,7 +178,6 @@ def main() -> None:
     calibration = args.calibration or d / "calibration.txt"
     gains = tune_norms(STORIES, shipped, calibration, args.steps, args.lr)
     tuned = d / "fold_tuned.q4"
-    original = load_file(STORIES / "model.safetensors")
     tinyllm("convert", checkpoint(d / "fold_tuned.hf", {**original, **gains}), "-o", tuned, *RECIPE,
             "--imatrix", imatrix)
     print("shipped matrices, norm gains tuned end to end:", score(tuned, d))

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.quality import STORIES, tinyllm
+from benchmarks.quality import STORIES, kl_report, tinyllm
 
 IQ4_NL = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.float32)
 QK = 32
@@ -191,9 +191,7 @@ def hadamard_rotated_checkpoint(out: Path, seed: int = 0) -> Path:
 
 def score(label: str, model: Path, quality: Path) -> str:
     """One table row: label | delta PPL | mean KLD, from tinyllm perplexity --kl-divergence."""
-    report = tinyllm("perplexity", model, quality / "evaluation.txt", "--ctx", 512,
-                     "--kl-divergence", quality / "f32.q4")
-    fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in report.splitlines() if ":" in line)}
+    fields = kl_report(model, quality / "evaluation.txt", quality / "f32.q4")
     return f"| {label} | {fields['PPL difference']} | {fields['Mean KLD']} |"
 
 

@@ -67,6 +67,12 @@ def tinyllm(*args) -> str:
                           capture_output=True, text=True).stdout
 
 
+def kl_report(model, held_out, reference, ctx: int = 512) -> dict[str, str]:
+    """`tinyllm perplexity MODEL HELD_OUT --kl-divergence REFERENCE`'s "name: value" lines, as a dict."""
+    report = tinyllm("perplexity", model, held_out, "--ctx", ctx, "--kl-divergence", reference)
+    return {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in report.splitlines() if ":" in line)}
+
+
 def main() -> None:
     import tinyllm as t
 
@@ -101,9 +107,7 @@ def main() -> None:
         path = files.get(label) or out / f"recipe{i}.q4"
         if label not in files:
             tinyllm("convert", args.source, "-o", path, *[imatrix if o is None else o for o in options])
-        report = tinyllm("perplexity", path, held_out, "--ctx", args.ctx, "--kl-divergence", files["f32 (reference)"])
-        fields = dict(line.split(":", 1) for line in report.splitlines() if ":" in line)
-        get = {k.strip(): v.strip() for k, v in fields.items()}
+        get = kl_report(path, held_out, files["f32 (reference)"], args.ctx)
         bits = path.stat().st_size * 8 / params
         print(f"| {label} | {bits:.2f} | {get['PPL(model)']} | {get['PPL difference']} | {get['Mean KLD']} | "
               f"{get['Same top token']} |")

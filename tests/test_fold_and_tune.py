@@ -38,6 +38,10 @@ def test_awq_fold_is_the_same_function_and_rescales_the_imatrix(stories_hf, tmp_
     for g in new_imp:                                        # E[x'^2] = E[x^2] / s^2, the same s in H
         s = np.sqrt(imp[g] / new_imp[g])
         np.testing.assert_allclose(new_cov[g], cov[g] / np.outer(s, s), rtol=1e-10)
+    for name in original:                                    # ... the s the matrix's columns were scaled by
+        if any(m in name for m in ("q_proj", "k_proj", "gate_proj", "down_proj", "o_proj")):   # columns only
+            g = gguf_name(name)
+            np.testing.assert_allclose(weights[name][0] / original[name][0], np.sqrt(imp[g] / new_imp[g]), rtol=1e-5)
 
     folded = tmp_path / "folded"
     shutil.copytree(stories_hf, folded)
