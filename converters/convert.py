@@ -57,13 +57,14 @@ DEFAULT_QUANT = "q4_0"  # for a Hugging Face checkpoint; a GGUF file keeps its o
 
 
 def convert(src, out, quant: str | None = None, progress=None, quantizer: str = "nearest",
-            imatrix=None, tokenizer=None) -> Path:
+            imatrix=None, tokenizer=None, learn_rounding=None, learn_steps: int | None = None) -> Path:
     """Convert ``src`` (a Hugging Face checkpoint directory, a GGUF file or a llama2.c
     checkpoint, told by their contents) into the .q4 file ``out``; ``progress(done, total)``
     after each tensor written. ``quantizer`` ("nearest", "search" or "gptq") and ``imatrix``
     (an importance matrix file, or a {tensor name: values} dict) choose how 4-bit matrices are
     encoded (converters/recipe.py; gptq: a file with covariances); ``tokenizer``: a llama2.c
-    checkpoint's tokenizer.bin."""
+    checkpoint's tokenizer.bin; ``learn_rounding``: a calibration text file to fit the q4_k result
+    to ``src`` on, ``learn_steps`` steps (converters/learned_rounding.py)."""
     from tinyllm.converters.gguf import convert_gguf
     from tinyllm.converters.llama2c import is_llama2c
     from tinyllm.imatrix import read_covariances, read_imatrix
@@ -85,11 +86,42 @@ def convert(src, out, quant: str | None = None, progress=None, quantizer: str = 
         raise TinyLLMError("--quantizer and --imatrix choose how to requantize: give --quant too "
                            "(without it a GGUF file keeps its own formats)")
     recipe = Recipe(quant or DEFAULT_QUANT, quantizer, importance or {}, covariance)  # imatrix: GGUF tensor names
+    if learn_rounding is not None or learn_steps is not None:
+        if learn_rounding is None:
+            raise TinyLLMError("--learn-steps sets how long --learn-rounding runs: give --learn-rounding TEXT too")
+        if gguf or llama2c:
+            raise TinyLLMError("--learn-rounding fits the conversion to its original, read by transformers: "
+                               "give a Hugging Face checkpoint directory")
+        return _convert_learned(src, Path(out), recipe, Path(learn_rounding), learn_steps, progress)
     if gguf:
         return convert_gguf(src, out, quant=quant, progress=progress, recipe=recipe)
     if llama2c:
         return convert_llama2c(src, out, tokenizer, progress=progress, recipe=recipe)
     return convert_hf(src, out, recipe=recipe, progress=progress)
+
+
+def _convert_learned(src: Path, out: Path, recipe: Recipe, text: Path, steps: int | None, progress) -> Path:
+    """convert_hf into a temporary file, then learned rounding from it into ``out``."""
+    import tempfile
+
+    from tinyllm.converters import learned_rounding as lr
+
+    if not recipe.quant.startswith("q4_k"):
+        raise TinyLLMError("--learn-rounding fits q4_k matrices: give --quant q4_k, q4_k_s or q4_k_m")
+    with reading(src / "config.json"):
+        if arch_from_hf_config(read_json(src / "config.json")) != "llama":
+            raise TinyLLMError(f"--learn-rounding reads LLaMA-family checkpoints; {src} is another architecture")
+    _check_output(src, out)
+    lr.check_torch()
+    with reading(text):
+        try:
+            calibration = text.read_text(encoding="utf-8")
+        except OSError as e:
+            raise TinyLLMError(f"cannot read the calibration text {str(text)!r}: {e.strerror}") from None
+    with tempfile.TemporaryDirectory(prefix="tinyllm-learn-") as tmp:
+        start = convert_hf(src, Path(tmp) / "start.q4", recipe=recipe, progress=progress)
+        return lr.learn_rounding(src, start, calibration, out, steps=lr.STEPS if steps is None else steps,
+                                 progress=progress and (lambda step, steps, kld: progress(step, steps)))
 
 
 def convert_hf(src, out, quant: str = DEFAULT_QUANT, progress=None, recipe: Recipe | None = None) -> Path:

@@ -27,11 +27,19 @@ from tinyllm.converters.recipe import CHOICES, QUANTIZERS
                    "by how much each input channel matters.")
 @click.option("--tokenizer", type=click.Path(dir_okay=False, exists=True), default=None,
               help="A llama2.c checkpoint's tokenizer.bin (default: tokenizer.bin or the one tok*.bin beside it).")
-def convert(source, output, quant, quantizer, imatrix, tokenizer):
+@click.option("--learn-rounding", "learn_rounding", type=click.Path(dir_okay=False), default=None,
+              metavar="TEXT", help="After converting, fit the q4_k codes, super-block scales and norm gains to the "
+                                   "original on this calibration text by gradient descent (LLaMA-family Hugging Face "
+                                   "checkpoints, small models; needs pip install 'tinyllm[tune]'; "
+                                   "converters/learned_rounding.py).")
+@click.option("--learn-steps", type=int, default=None,
+              help="Steps of --learn-rounding (default 400, 16 windows of 512 tokens each).")
+def convert(source, output, quant, quantizer, imatrix, tokenizer, learn_rounding, learn_steps):
     """Convert SOURCE (a Hugging Face model directory, a .gguf file, or a llama2.c .bin
     checkpoint with its tokenizer.bin) into a tinyllm .q4 file."""
     from tinyllm.converters.convert import convert as convert_model
 
     path = convert_model(source, output, quant=quant, progress=progress_bar(f"converting {source}"),
-                         quantizer=quantizer, imatrix=imatrix, tokenizer=tokenizer)
+                         quantizer=quantizer, imatrix=imatrix, tokenizer=tokenizer,
+                         learn_rounding=learn_rounding, learn_steps=learn_steps)
     click.echo(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
