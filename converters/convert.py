@@ -16,7 +16,7 @@ import numpy as np
 from tinyllm.arch import arch_from_hf_config, get_arch
 from tinyllm.converters.hf import Checkpoint, generation_defaults, read_json
 from tinyllm.converters.hf_tokenizer import chat_template_from_hf_dir, tokenizer_spec_from_hf_dir
-from tinyllm.converters.recipe import Recipe
+from tinyllm.converters.recipe import MIXES, Recipe
 from tinyllm.errors import TinyLLMError, reading
 from tinyllm.fileformat import ModelWriter, file_kind
 from tinyllm.tokenizer import Tokenizer
@@ -106,8 +106,8 @@ def _convert_learned(src: Path, out: Path, recipe: Recipe, text: Path, steps: in
 
     from tinyllm.converters import learned_rounding as lr
 
-    if not recipe.quant.startswith("q4_k"):
-        raise TinyLLMError("--learn-rounding fits q4_k matrices: give --quant q4_k, q4_k_s or q4_k_m")
+    if recipe.quant not in lr.LEARNED + MIXES:
+        raise TinyLLMError("--learn-rounding fits 4-bit matrices: give --quant q4_0, q4_1, q4_k, q4_k_s or q4_k_m")
     with reading(src / "config.json"):
         if arch_from_hf_config(read_json(src / "config.json")) != "llama":
             raise TinyLLMError(f"--learn-rounding reads LLaMA-family checkpoints; {src} is another architecture")

@@ -1,16 +1,17 @@
-"""Learned rounding: a converted file's q4_k codes and scales fitted to the original model end to end.
+"""Learned rounding: a converted file's 4-bit codes and scales fitted to the original model end to end.
 
 `tinyllm convert SRC --quant q4_k ... --learn-rounding TEXT` converts as usual, then fits the
-result to SRC (AutoRound's idea, Cheng et al. 2023, with the whole model as the block). Each
-q4_k matrix is x = (d sc) q - (dmin mn) per block of 32 (kernels/quant.py), and three things
-in it are learned by Adam on the mean KL divergence of the quantized model from the original
-over windows of the calibration text, the learning rate falling linearly to 0:
+result to SRC (AutoRound's idea, Cheng et al. 2023, with the whole model as the block). Every
+4-bit matrix (q4_0, q4_1, q4_k) is a grid per block of 32 weights, codes times float16 scales
+(block_grid), and three things in it are learned by Adam on the mean KL divergence of the
+quantized model from the original over windows of the calibration text, the learning rate
+falling linearly to 0:
 
 - every 4-bit code q = clamp(q0 + round(v), 0, 15), one float v per weight starting at 0 and
   kept in [-1, 1]: a code moves at most one step from where the quantizer put it; round() is
   passed straight through in the backward pass;
-- every super-block's float16 d and dmin, each times a learned factor (the 6-bit sc and mn
-  are kept);
+- every float16 scale and minimum (q4_k: each super-block's d and dmin; its 6-bit block scales
+  are kept), each times a learned factor;
 - the f32 norm gains.
 
 Every other tensor (q8_0 embeddings, a mix's q6_k tensors) is kept as it is, so the output is
@@ -39,22 +40,45 @@ LR_CODES = 5e-3    # v moves about lr per step under Adam: a code can move after
 LR_SCALES = 1e-3   # the d / dmin factors and the norm gains
 
 
-def q4_k_grid(t: QTensor) -> dict:
-    """A q4_k tensor as x = d[sb, 0] sc q - d[sb, 1] mn per block: codes q (rows, nb, 32), the 6-bit
-    sc and mn (rows, nb), d (nsb, 2) float32, sb (rows, nb) the super-block of each block."""
+LEARNED = ("q4_0", "q4_1", "q4_k")   # the 4-bit block formats, whose codes and float16 heads are learned
+
+
+def block_grid(t: QTensor) -> dict:
+    """A 4-bit tensor as x = (h[i, 0] a) (q - c) - h[i, 1] b per block of 32, h its float16 "heads"
+    (scales, minimums), i (rows, nb) the head of each block, a and b (rows, nb) fixed multipliers:
+
+        q4_0  x = d (q - 8)                h = (d, 0) per block        a = 1,  b = 0, c = 8
+        q4_1  x = d q + m                  h = (d, -m) per block       a = 1,  b = 1, c = 0
+        q4_k  x = (d sc) q - (dmin mn)     h = (d, dmin) per super-block, a, b its 6-bit sc, mn
+
+    codes q (rows, nb, 32) float32; the products are ggml's, so the grid decodes to the tensor exactly."""
     rows, cols = t.shape
-    g = np.arange(rows)[:, None] * n_blocks(cols) + np.arange(n_blocks(cols))   # flat block index
-    sc, mn = unpack_scales(np.asarray(t.parts["scales"]))                         # (nsb, 8) each
-    sb, k = g // SUPER, g % SUPER
-    return {"codes": _unpack_nibbles(np.asarray(t.parts["qs"])).astype(np.float32),
-            "sc": sc[sb, k].astype(np.float32), "mn": mn[sb, k].astype(np.float32),
-            "d": np.asarray(t.parts["d"], np.float32), "sb": sb}
+    nb = n_blocks(cols)
+    codes = _unpack_nibbles(np.asarray(t.parts["qs"])).astype(np.float32)
+    if t.format == "q4_k":
+        g = np.arange(rows)[:, None] * nb + np.arange(nb)                          # flat block index
+        sc, mn = unpack_scales(np.asarray(t.parts["scales"]))                         # (nsb, 8) each
+        sb, k = g // SUPER, g % SUPER
+        return {"codes": codes, "a": sc[sb, k].astype(np.float32), "b": mn[sb, k].astype(np.float32),
+                "c": np.float32(0), "h": np.asarray(t.parts["d"], np.float32), "i": sb}
+    d = np.asarray(t.parts["d"], np.float32).reshape(-1)
+    m = np.zeros_like(d) if t.format == "q4_0" else -np.asarray(t.parts["m"], np.float32).reshape(-1)
+    ones = np.ones((rows, nb), np.float32)
+    return {"codes": codes, "a": ones, "b": ones * (t.format == "q4_1"), "c": np.float32(8 * (t.format == "q4_0")),
+            "h": np.stack([d, m], axis=1), "i": np.arange(rows * nb).reshape(rows, nb)}
 
 
-def with_codes(t: QTensor, codes: np.ndarray, d: np.ndarray) -> QTensor:
-    """``t`` with new codes (rows, nb, 32) and super-block scales d (nsb, 2), its 6-bit block scales kept."""
+def with_grid(t: QTensor, codes: np.ndarray, h: np.ndarray) -> QTensor:
+    """``t`` with new codes (rows, nb, 32) and heads h (see block_grid), its other parts kept."""
     qs = _pack_nibbles(np.clip(np.rint(codes), 0, 15).astype(np.uint8))
-    return QTensor("q4_k", t.shape, dict(t.parts, qs=qs, d=np.ascontiguousarray(d.astype(np.float16))))
+    h16 = h.astype(np.float16)
+    if t.format == "q4_k":
+        return QTensor("q4_k", t.shape, dict(t.parts, qs=qs, d=np.ascontiguousarray(h16)))
+    per_block = t.parts["d"].shape
+    parts = dict(t.parts, qs=qs, d=np.ascontiguousarray(h16[:, 0].reshape(per_block)))
+    if t.format == "q4_1":
+        parts["m"] = np.ascontiguousarray((-h16[:, 1]).reshape(per_block))
+    return QTensor(t.format, t.shape, parts)
 
 
 def check_torch():
@@ -78,7 +102,7 @@ def _hf_names(cfg: dict) -> dict:
 def learn_rounding(src: Path, start: Path, text: str, out: Path, steps: int = STEPS, batch: int = BATCH,
                    lr_codes: float = LR_CODES, lr_scales: float = LR_SCALES, progress=None) -> Path:
     """Write ``out``: the .q4 file ``start`` (converted from the checkpoint directory ``src``) with
-    its q4_k codes, super-block scales and norm gains fitted to ``src`` on ``text``.
+    its 4-bit codes, their float16 scales and the norm gains fitted to ``src`` on ``text``.
     ``progress(step, steps, kld)`` after each step (kld: that step's batch mean KLD)."""
     from tinyllm.fileformat import ModelFile, ModelWriter
     from tinyllm.tokenizer import Tokenizer
@@ -87,8 +111,8 @@ def learn_rounding(src: Path, start: Path, text: str, out: Path, steps: int = ST
     if q.metadata.get("architecture") != "llama":
         raise TinyLLMError(f"--learn-rounding reads LLaMA-family checkpoints; {src} is "
                            f"{q.metadata.get('architecture')}")
-    if not any(t.format == "q4_k" for t in q.tensors.values()):
-        raise TinyLLMError("--learn-rounding fits q4_k matrices: give --quant q4_k, q4_k_s or q4_k_m")
+    if not any(t.format in LEARNED for t in q.tensors.values()):
+        raise TinyLLMError("--learn-rounding fits 4-bit matrices: give --quant q4_0, q4_1, q4_k, q4_k_s or q4_k_m")
     if steps < 1:
         raise TinyLLMError(f"--learn-steps must be at least 1 (got {steps})")
     if batch < 1:
@@ -110,10 +134,10 @@ def learn_rounding(src: Path, start: Path, text: str, out: Path, steps: int = ST
 
     grids, moves, factors, gains, fixed = {}, {}, {}, {}, {}
     for name, t in q.tensors.items():
-        if t.format == "q4_k":
-            g = grids[name] = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in q4_k_grid(t).items()}
+        if t.format in LEARNED:
+            g = grids[name] = {k: torch.as_tensor(np.array(v)) for k, v in block_grid(t).items()}
             moves[name] = torch.zeros_like(g["codes"], requires_grad=True)
-            factors[name] = torch.ones_like(g["d"], requires_grad=True)
+            factors[name] = torch.ones_like(g["h"], requires_grad=True)
         elif t.format == "f32" and len(t.shape) == 1:
             gains[name] = torch.tensor(np.array(t.dequantize(), np.float32), requires_grad=True)
         else:
@@ -128,8 +152,8 @@ def learn_rounding(src: Path, start: Path, text: str, out: Path, steps: int = ST
         """Hugging Face name -> the quantized model's tensor, differentiable in codes, scales and gains."""
         out = {hf[n]: v for n, v in {**fixed, **gains}.items()}
         for name, g in grids.items():
-            d = g["d"] * factors[name]                                              # (nsb, 2)
-            x = (d[g["sb"], 0] * g["sc"])[..., None] * codes(name) - (d[g["sb"], 1] * g["mn"])[..., None]
+            h = g["h"] * factors[name]                                              # (heads, 2)
+            x = (h[g["i"], 0] * g["a"])[..., None] * (codes(name) - g["c"]) - (h[g["i"], 1] * g["b"])[..., None]
             rows, cols = q.tensors[name].shape
             out[hf[name]] = x.reshape(rows, -1)[:, :cols]
         return out
@@ -160,7 +184,7 @@ def learn_rounding(src: Path, start: Path, text: str, out: Path, steps: int = ST
     with torch.no_grad(), ModelWriter(out, metadata) as writer:
         for name, t in q.tensors.items():
             if name in grids:
-                t = with_codes(t, codes(name, False).numpy(), (grids[name]["d"] * factors[name]).numpy())
+                t = with_grid(t, codes(name, False).numpy(), (grids[name]["h"] * factors[name]).numpy())
             elif name in gains:
                 t = quantize(gains[name].numpy(), "f32")
             writer.add(name, t)

@@ -20,13 +20,15 @@ from tinyllm.kernels.quant import quantize, unpack_scales
 pytest.importorskip("torch")
 
 
-def test_the_grid_is_the_tensor():
-    w = np.random.default_rng(0).standard_normal((172, 64)).astype(np.float32)   # super-blocks across rows
-    t = quantize(w, "q4_k")
-    g = lr.q4_k_grid(t)
-    x = (g["d"][g["sb"], 0] * g["sc"])[..., None] * g["codes"] - (g["d"][g["sb"], 1] * g["mn"])[..., None]
-    np.testing.assert_array_equal(x.reshape(172, -1)[:, :64], t.dequantize())
-    again = lr.with_codes(t, g["codes"], g["d"])
+@pytest.mark.parametrize("fmt", lr.LEARNED)
+def test_the_grid_is_the_tensor(fmt):
+    w = np.random.default_rng(0).standard_normal((172, 70)).astype(np.float32)   # padded; q4_k: across rows
+    t = quantize(w, fmt)
+    g = lr.block_grid(t)
+    x = (g["h"][g["i"], 0] * g["a"])[..., None] * (g["codes"] - g["c"]) - (g["h"][g["i"], 1] * g["b"])[..., None]
+    np.testing.assert_array_equal(x.reshape(172, -1)[:, :70], t.dequantize())
+    again = lr.with_grid(t, g["codes"], g["h"])
+    assert again.parts.keys() == t.parts.keys()
     for part in t.parts:
         np.testing.assert_array_equal(again.parts[part], t.parts[part])
 
@@ -61,9 +63,10 @@ def test_learning_lowers_the_kl_divergence(stories_hf, calibration, tmp_path):
     assert _kld(learned, f32, ids) < 0.9 * _kld(start, f32, ids)
 
 
-def test_codes_move_one_step_at_most_and_the_format_is_kept(stories_hf, calibration, tmp_path):
+@pytest.mark.parametrize("fmt", lr.LEARNED)
+def test_codes_move_one_step_at_most_and_the_format_is_kept(fmt, stories_hf, calibration, tmp_path):
     _, text = calibration
-    start = convert(stories_hf, tmp_path / "start.q4", quant="q4_k")
+    start = convert(stories_hf, tmp_path / "start.q4", quant=fmt)
     # a learning rate that moves many codes in 12 steps (too many to help: the real default moves them slowly)
     learned = lr.learn_rounding(stories_hf, start, text.read_text(), tmp_path / "learned.q4", steps=12, batch=2,
                                 lr_codes=0.1)
@@ -78,7 +81,8 @@ def test_codes_move_one_step_at_most_and_the_format_is_kept(stories_hf, calibrat
         if t.format == "q4_k":
             for s, v in zip(unpack_scales(np.asarray(t.parts["scales"])), unpack_scales(np.asarray(u.parts["scales"]))):
                 np.testing.assert_array_equal(s, v)                                   # the 6-bit block scales kept
-            dq = lr.q4_k_grid(u)["codes"] - lr.q4_k_grid(t)["codes"]
+        if t.format in lr.LEARNED:
+            dq = lr.block_grid(u)["codes"] - lr.block_grid(t)["codes"]
             assert np.abs(dq).max() <= 1                                              # a code moves one step at most
             moved += int((dq != 0).sum())
         elif t.format == "q8_0":
@@ -112,7 +116,7 @@ def _falcon_config(stories_hf, tmp_path):
 
 @pytest.mark.parametrize("case, message", [
     ("steps only", "give --learn-rounding TEXT too"),
-    ("q4_0", "give --quant q4_k"),
+    ("q8_0", "give --quant q4_0"),
     ("gguf source", "give a Hugging Face checkpoint directory"),
     ("falcon", "LLaMA-family"),
     ("no text", "cannot read the calibration text"),
@@ -127,8 +131,8 @@ def test_misuse_is_a_clear_error_that_writes_nothing(case, message, stories_hf, 
     src, kw = stories_hf, {"quant": "q4_k", "learn_rounding": text}
     if case == "steps only":
         kw = {"quant": "q4_k", "learn_steps": 5}
-    elif case == "q4_0":
-        kw["quant"] = "q4_0"
+    elif case == "q8_0":
+        kw["quant"] = "q8_0"
     elif case == "gguf source":
         src = tmp_path / "m.gguf"
         src.write_bytes(b"GGUF" + bytes(60))   # told by its magic; refused before it is parsed
