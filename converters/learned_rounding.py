@@ -38,6 +38,7 @@ STEPS = 400
 BATCH = 16         # windows per step
 LR_CODES = 5e-3    # v moves about lr per step under Adam: a code can move after ~100 steps
 LR_SCALES = 1e-3   # the d / dmin factors and the norm gains
+KEPT_BYTES = 2**30  # the original's log-probabilities are computed once for every window up to this size
 
 
 LEARNED = ("q4_0", "q4_1", "q4_k")   # the 4-bit block formats, whose codes and float16 heads are learned
@@ -127,8 +128,11 @@ def learn_rounding(src: Path, start: Path, text: str, out: Path, steps: int = ST
     from torch.func import functional_call
 
     hf = _hf_names(q.metadata["config"])
-    teacher = transformers.AutoModelForCausalLM.from_pretrained(src, torch_dtype=torch.float32).eval()
-    student = transformers.AutoModelForCausalLM.from_pretrained(src, torch_dtype=torch.float32).eval()
+    transformers.utils.logging.disable_progress_bar()
+    new = tuple(int(x) for x in transformers.__version__.split(".")[:2]) >= (4, 56)   # torch_dtype renamed dtype
+    as_f32 = {"dtype" if new else "torch_dtype": torch.float32}
+    teacher = transformers.AutoModelForCausalLM.from_pretrained(src, **as_f32).eval()
+    student = transformers.AutoModelForCausalLM.from_pretrained(src, **as_f32).eval()
     for p in [*teacher.parameters(), *student.parameters()]:
         p.requires_grad_(False)
 
@@ -160,16 +164,22 @@ def learn_rounding(src: Path, start: Path, text: str, out: Path, steps: int = ST
 
     bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
     windows = torch.tensor([bos + ids[i * span:(i + 1) * span] for i in range(n)])
-    with torch.no_grad():
-        logp_ref = torch.cat([torch.log_softmax(teacher(w).logits, -1) for w in windows.split(batch)])
+
+    def reference(pick):   # the original's log-probabilities (windows, 512, vocab)
+        with torch.no_grad():
+            return torch.log_softmax(teacher(windows[pick]).logits, -1)
+    kept = None            # those of every window, computed once while they fit in KEPT_BYTES
+    if n * WINDOW * q.metadata["config"]["vocab_size"] * 4 <= KEPT_BYTES:
+        kept = torch.cat([reference(slice(i, i + batch)) for i in range(0, n, batch)])
     opt = torch.optim.Adam([{"params": list(moves.values()), "lr": lr_codes},
                             {"params": [*factors.values(), *gains.values()], "lr": lr_scales}])
     decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / steps)
     rng = np.random.default_rng(0)
     for step in range(steps):
         pick = torch.from_numpy(rng.permutation(n)[:batch])
+        logp_ref = kept[pick] if kept is not None else reference(pick)
         logp = torch.log_softmax(functional_call(student, weights(), (windows[pick],)).logits, -1)
-        kld = (logp_ref[pick].exp() * (logp_ref[pick] - logp)).sum(-1).mean()
+        kld = (logp_ref.exp() * (logp_ref - logp)).sum(-1).mean()
         opt.zero_grad()
         kld.backward()
         opt.step()

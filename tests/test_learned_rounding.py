@@ -91,6 +91,18 @@ def test_codes_move_one_step_at_most_and_the_format_is_kept(fmt, stories_hf, cal
     assert moved > 0
 
 
+def test_the_reference_computed_per_step_gives_the_same_file(stories_hf, calibration, tmp_path, monkeypatch):
+    _, text = calibration
+    start = convert(stories_hf, tmp_path / "start.q4", quant="q4_k")
+    kept = lr.learn_rounding(stories_hf, start, text.read_text(), tmp_path / "kept.q4", steps=3, batch=2)
+    monkeypatch.setattr(lr, "KEPT_BYTES", 0)   # as for a big vocabulary
+    again = lr.learn_rounding(stories_hf, start, text.read_text(), tmp_path / "again.q4", steps=3, batch=2)
+    a, b = ModelFile(kept), ModelFile(again)
+    for name, t in a.tensors.items():
+        for part in t.parts:
+            np.testing.assert_allclose(b.tensors[name].parts[part], t.parts[part], rtol=1e-6)
+
+
 def test_convert_learns_through_the_cli_options(stories_hf, calibration, tmp_path):
     from click.testing import CliRunner
 
