@@ -57,14 +57,16 @@ DEFAULT_QUANT = "q4_0"  # for a Hugging Face checkpoint; a GGUF file keeps its o
 
 
 def convert(src, out, quant: str | None = None, progress=None, quantizer: str = "nearest",
-            imatrix=None, tokenizer=None, learn_rounding=None, learn_steps: int | None = None) -> Path:
+            imatrix=None, tokenizer=None, learn_rounding=None, learn_steps: int | None = None,
+            learn_progress=None) -> Path:
     """Convert ``src`` (a Hugging Face checkpoint directory, a GGUF file or a llama2.c
     checkpoint, told by their contents) into the .q4 file ``out``; ``progress(done, total)``
     after each tensor written. ``quantizer`` ("nearest", "search" or "gptq") and ``imatrix``
     (an importance matrix file, or a {tensor name: values} dict) choose how 4-bit matrices are
     encoded (converters/recipe.py; gptq: a file with covariances); ``tokenizer``: a llama2.c
-    checkpoint's tokenizer.bin; ``learn_rounding``: a calibration text file to fit the q4_k result
-    to ``src`` on, ``learn_steps`` steps (converters/learned_rounding.py)."""
+    checkpoint's tokenizer.bin; ``learn_rounding``: a calibration text file to fit the 4-bit result
+    to ``src`` on, for ``learn_steps`` steps, ``learn_progress(step, steps)`` after each
+    (converters/learned_rounding.py)."""
     from tinyllm.converters.gguf import convert_gguf
     from tinyllm.converters.llama2c import is_llama2c
     from tinyllm.imatrix import read_covariances, read_imatrix
@@ -92,7 +94,7 @@ def convert(src, out, quant: str | None = None, progress=None, quantizer: str = 
         if gguf or llama2c:
             raise TinyLLMError("--learn-rounding fits the conversion to its original, read by transformers: "
                                "give a Hugging Face checkpoint directory")
-        return _convert_learned(src, Path(out), recipe, Path(learn_rounding), learn_steps, progress)
+        return _convert_learned(src, Path(out), recipe, Path(learn_rounding), learn_steps, progress, learn_progress)
     if gguf:
         return convert_gguf(src, out, quant=quant, progress=progress, recipe=recipe)
     if llama2c:
@@ -100,14 +102,18 @@ def convert(src, out, quant: str | None = None, progress=None, quantizer: str = 
     return convert_hf(src, out, recipe=recipe, progress=progress)
 
 
-def _convert_learned(src: Path, out: Path, recipe: Recipe, text: Path, steps: int | None, progress) -> Path:
+def _convert_learned(src: Path, out: Path, recipe: Recipe, text: Path, steps: int | None, progress,
+                     learn_progress) -> Path:
     """convert_hf into a temporary file, then learned rounding from it into ``out``."""
     import tempfile
 
     from tinyllm.converters import learned_rounding as lr
 
+    steps = lr.STEPS if steps is None else steps
     if recipe.quant not in lr.LEARNED + MIXES:
         raise TinyLLMError("--learn-rounding fits 4-bit matrices: give --quant q4_0, q4_1, q4_k, q4_k_s or q4_k_m")
+    if steps < 1:
+        raise TinyLLMError(f"--learn-steps must be at least 1 (got {steps})")
     with reading(src / "config.json"):
         if arch_from_hf_config(read_json(src / "config.json")) != "llama":
             raise TinyLLMError(f"--learn-rounding reads LLaMA-family checkpoints; {src} is another architecture")
@@ -120,8 +126,8 @@ def _convert_learned(src: Path, out: Path, recipe: Recipe, text: Path, steps: in
             raise TinyLLMError(f"cannot read the calibration text {str(text)!r}: {e.strerror}") from None
     with tempfile.TemporaryDirectory(prefix="tinyllm-learn-") as tmp:
         start = convert_hf(src, Path(tmp) / "start.q4", recipe=recipe, progress=progress)
-        return lr.learn_rounding(src, start, calibration, out, steps=lr.STEPS if steps is None else steps,
-                                 progress=progress and (lambda step, steps, kld: progress(step, steps)))
+        return lr.learn_rounding(src, start, calibration, out, steps=steps,
+                                 progress=learn_progress and (lambda step, steps, kld: learn_progress(step, steps)))
 
 
 def convert_hf(src, out, quant: str = DEFAULT_QUANT, progress=None, recipe: Recipe | None = None) -> Path:

@@ -41,5 +41,6 @@ def convert(source, output, quant, quantizer, imatrix, tokenizer, learn_rounding
 
     path = convert_model(source, output, quant=quant, progress=progress_bar(f"converting {source}"),
                          quantizer=quantizer, imatrix=imatrix, tokenizer=tokenizer,
-                         learn_rounding=learn_rounding, learn_steps=learn_steps)
+                         learn_rounding=learn_rounding, learn_steps=learn_steps,
+                         learn_progress=progress_bar(f"learning rounding on {learn_rounding}"))
     click.echo(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
