@@ -64,7 +64,7 @@ def convert(src, out, quant: str | None = None, progress=None, quantizer: str = 
     after each tensor written. ``quantizer`` ("nearest", "search" or "gptq") and ``imatrix``
     (an importance matrix file, or a {tensor name: values} dict) choose how 4-bit matrices are
     encoded (converters/recipe.py; gptq: a file with covariances); ``tokenizer``: a llama2.c
-    checkpoint's tokenizer.bin; ``learn_rounding``: a calibration text file to fit the 4-bit result
+    checkpoint's tokenizer.bin; ``learn_rounding``: a calibration text file to fit the quantized result
     to ``src`` on, for ``learn_steps`` steps, ``learn_progress(step, steps)`` after each
     (converters/learned_rounding.py)."""
     from tinyllm.converters.gguf import convert_gguf
@@ -111,7 +111,8 @@ def _convert_learned(src: Path, out: Path, recipe: Recipe, text: Path, steps: in
 
     steps = lr.STEPS if steps is None else steps
     if recipe.quant not in lr.LEARNED + MIXES:
-        raise TinyLLMError("--learn-rounding fits 4-bit matrices: give --quant q4_0, q4_1, q4_k, q4_k_s or q4_k_m")
+        raise TinyLLMError("--learn-rounding fits block-quantized matrices: give --quant q4_0, q4_1, q4_k, q6_k, "
+                           "q4_k_s or q4_k_m")
     if steps < 1:
         raise TinyLLMError(f"--learn-steps must be at least 1 (got {steps})")
     with reading(src / "config.json"):

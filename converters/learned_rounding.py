@@ -1,20 +1,20 @@
-"""Learned rounding: a converted file's 4-bit codes and scales fitted to the original model end to end.
+"""Learned rounding: a converted file's codes and scales fitted to the original model end to end.
 
 `tinyllm convert SRC --quant q4_k ... --learn-rounding TEXT` converts as usual, then fits the
 result to SRC (AutoRound's idea, Cheng et al. 2023, with the whole model as the block). Every
-4-bit matrix (q4_0, q4_1, q4_k) is a grid per block of 32 weights, codes times float16 scales
+block-quantized matrix (q4_0, q4_1, q4_k, q6_k) is a grid of codes times float16 scales
 (block_grid), and three things in it are learned by Adam on the mean KL divergence of the
 quantized model from the original over windows of the calibration text, the learning rate
 falling linearly to 0:
 
-- every 4-bit code q = clamp(q0 + round(v), 0, 15), one float v per weight starting at 0 and
+- every code q = clamp(q0 + round(v), 0, top), one float v per weight starting at 0 and
   kept in [-1, 1]: a code moves at most one step from where the quantizer put it; round() is
   passed straight through in the backward pass;
-- every float16 scale and minimum (q4_k: each super-block's d and dmin; its 6-bit block scales
-  are kept), each times a learned factor;
+- every float16 scale and minimum (q4_k: each super-block's d and dmin, q6_k: its d; their
+  6-bit and 8-bit block scales are kept), each times a learned factor;
 - the f32 norm gains.
 
-Every other tensor (q8_0 embeddings, a mix's q6_k tensors) is kept as it is, so the output is
+Every other tensor (q8_0 embeddings and heads, f16) is kept as it is, so the output is
 the same format, size and mix as the input. The gradients come from PyTorch, with transformers'
 model of SRC's architecture as the differentiable function (the `tune` extra: torch and
 transformers); the original is SRC read by transformers in float32. LLaMA-family checkpoints
@@ -31,7 +31,17 @@ from pathlib import Path
 import numpy as np
 
 from tinyllm.errors import TinyLLMError
-from tinyllm.kernels.quant import SUPER, QTensor, _pack_nibbles, _unpack_nibbles, n_blocks, quantize, unpack_scales
+from tinyllm.kernels.quant import (
+    SUPER,
+    QTensor,
+    _pack_nibbles,
+    _unpack_nibbles,
+    n_blocks,
+    pack_q6,
+    quantize,
+    unpack_q6,
+    unpack_scales,
+)
 
 WINDOW = 512       # tokens per calibration window, BOS first
 STEPS = 400
@@ -41,42 +51,61 @@ LR_SCALES = 1e-3   # the d / dmin factors and the norm gains
 KEPT_BYTES = 2**30  # the original's log-probabilities are computed once for every window up to this size
 
 
-LEARNED = ("q4_0", "q4_1", "q4_k")   # the 4-bit block formats, whose codes and float16 heads are learned
+LEARNED = ("q4_0", "q4_1", "q4_k", "q6_k")   # the block formats whose codes and float16 heads are learned
+TOP_CODE = {"q4_0": 15, "q4_1": 15, "q4_k": 15, "q6_k": 63}
 
 
 def block_grid(t: QTensor) -> dict:
-    """A 4-bit tensor as x = (h[i, 0] a) (q - c) - h[i, 1] b per block of 32, h its float16 "heads"
-    (scales, minimums), i (rows, nb) the head of each block, a and b (rows, nb) fixed multipliers:
+    """A block-quantized tensor as x = (h[i, 0] a) (q - c) - h[i, 1] b per group of weights (a
+    block of 32; q6_k: a half-block of 16), h its float16 "heads" (scales, minimums), i the head
+    of each group, a and b fixed multipliers per group:
 
         q4_0  x = d (q - 8)                h = (d, 0) per block        a = 1,  b = 0, c = 8
         q4_1  x = d q + m                  h = (d, -m) per block       a = 1,  b = 1, c = 0
         q4_k  x = (d sc) q - (dmin mn)     h = (d, dmin) per super-block, a, b its 6-bit sc, mn
+        q6_k  x = (d sc) (q - 32)          h = (d, 0) per super-block, a its 8-bit sc per half
 
-    codes q (rows, nb, 32) float32; the products are ggml's, so the grid decodes to the tensor exactly."""
+    codes q (rows, nb, groups, 32 / groups) float32; i, a, b (rows, nb, groups); the products
+    are ggml's, so the grid decodes to the tensor exactly."""
     rows, cols = t.shape
     nb = n_blocks(cols)
-    codes = _unpack_nibbles(np.asarray(t.parts["qs"])).astype(np.float32)
+    g = np.arange(rows)[:, None] * nb + np.arange(nb)                              # flat block index
+    sb, k = (g // SUPER)[..., None], (g % SUPER)[..., None]                         # (rows, nb, 1)
+    ones = np.ones((rows, nb, 1), np.float32)
+    if t.format == "q6_k":
+        d = np.asarray(t.parts["d"], np.float32)
+        half = 2 * k + np.arange(2)                                                  # (rows, nb, 2)
+        return {"codes": unpack_q6(np.asarray(t.parts["qs"])).astype(np.float32).reshape(rows, nb, 2, 16),
+                "a": np.asarray(t.parts["scales"])[sb, half].astype(np.float32), "b": 0 * half.astype(np.float32),
+                "c": np.float32(32), "h": np.concatenate([d, 0 * d], axis=1), "i": sb + 0 * half}
+    codes = _unpack_nibbles(np.asarray(t.parts["qs"])).astype(np.float32)[:, :, None]
     if t.format == "q4_k":
-        g = np.arange(rows)[:, None] * nb + np.arange(nb)                          # flat block index
         sc, mn = unpack_scales(np.asarray(t.parts["scales"]))                         # (nsb, 8) each
-        sb, k = g // SUPER, g % SUPER
         return {"codes": codes, "a": sc[sb, k].astype(np.float32), "b": mn[sb, k].astype(np.float32),
                 "c": np.float32(0), "h": np.asarray(t.parts["d"], np.float32), "i": sb}
     d = np.asarray(t.parts["d"], np.float32).reshape(-1)
     m = np.zeros_like(d) if t.format == "q4_0" else -np.asarray(t.parts["m"], np.float32).reshape(-1)
-    ones = np.ones((rows, nb), np.float32)
     return {"codes": codes, "a": ones, "b": ones * (t.format == "q4_1"), "c": np.float32(8 * (t.format == "q4_0")),
-            "h": np.stack([d, m], axis=1), "i": np.arange(rows * nb).reshape(rows, nb)}
+            "h": np.stack([d, m], axis=1), "i": g[..., None]}
+
+
+def decode(g: dict, h, codes):
+    """The grid's weights (rows, nb * 32) from heads h and codes (NumPy arrays or torch tensors alike)."""
+    x = (h[g["i"], 0] * g["a"])[..., None] * (codes - g["c"]) - (h[g["i"], 1] * g["b"])[..., None]
+    return x.reshape(x.shape[0], -1)
 
 
 def with_grid(t: QTensor, codes: np.ndarray, h: np.ndarray) -> QTensor:
-    """``t`` with new codes (rows, nb, 32) and heads h (see block_grid), its other parts kept."""
-    qs = _pack_nibbles(np.clip(np.rint(codes), 0, 15).astype(np.uint8))
+    """``t`` with new codes and heads h (see block_grid), its other parts kept."""
+    rows, nb = codes.shape[:2]
+    q = np.clip(np.rint(codes), 0, TOP_CODE[t.format]).astype(np.uint8).reshape(rows, nb, 32)
     h16 = h.astype(np.float16)
+    if t.format == "q6_k":
+        return QTensor("q6_k", t.shape, dict(t.parts, qs=pack_q6(q), d=np.ascontiguousarray(h16[:, :1])))
     if t.format == "q4_k":
-        return QTensor("q4_k", t.shape, dict(t.parts, qs=qs, d=np.ascontiguousarray(h16)))
+        return QTensor("q4_k", t.shape, dict(t.parts, qs=_pack_nibbles(q), d=np.ascontiguousarray(h16)))
     per_block = t.parts["d"].shape
-    parts = dict(t.parts, qs=qs, d=np.ascontiguousarray(h16[:, 0].reshape(per_block)))
+    parts = dict(t.parts, qs=_pack_nibbles(q), d=np.ascontiguousarray(h16[:, 0].reshape(per_block)))
     if t.format == "q4_1":
         parts["m"] = np.ascontiguousarray((-h16[:, 1]).reshape(per_block))
     return QTensor(t.format, t.shape, parts)
@@ -103,7 +132,7 @@ def _hf_names(cfg: dict) -> dict:
 def learn_rounding(src: Path, start: Path, text: str, out: Path, steps: int = STEPS, batch: int = BATCH,
                    lr_codes: float = LR_CODES, lr_scales: float = LR_SCALES, progress=None) -> Path:
     """Write ``out``: the .q4 file ``start`` (converted from the checkpoint directory ``src``) with
-    its 4-bit codes, their float16 scales and the norm gains fitted to ``src`` on ``text``.
+    its codes, their float16 scales and the norm gains fitted to ``src`` on ``text``.
     ``progress(step, steps, kld)`` after each step (kld: that step's batch mean KLD)."""
     from tinyllm.fileformat import ModelFile, ModelWriter
     from tinyllm.tokenizer import Tokenizer
@@ -113,7 +142,8 @@ def learn_rounding(src: Path, start: Path, text: str, out: Path, steps: int = ST
         raise TinyLLMError(f"--learn-rounding reads LLaMA-family checkpoints; {src} is "
                            f"{q.metadata.get('architecture')}")
     if not any(t.format in LEARNED for t in q.tensors.values()):
-        raise TinyLLMError("--learn-rounding fits 4-bit matrices: give --quant q4_0, q4_1, q4_k, q4_k_s or q4_k_m")
+        raise TinyLLMError("--learn-rounding fits block-quantized matrices: give --quant q4_0, q4_1, q4_k, q6_k, "
+                           "q4_k_s or q4_k_m")
     if steps < 1:
         raise TinyLLMError(f"--learn-steps must be at least 1 (got {steps})")
     if batch < 1:
@@ -150,16 +180,13 @@ def learn_rounding(src: Path, start: Path, text: str, out: Path, steps: int = ST
     def codes(name, straight_through=True):
         v = moves[name]
         step = v + (torch.round(v) - v).detach() if straight_through else torch.round(v)
-        return torch.clamp(grids[name]["codes"] + step, 0, 15)
+        return torch.clamp(grids[name]["codes"] + step, 0, TOP_CODE[q.tensors[name].format])
 
     def weights() -> dict:
         """Hugging Face name -> the quantized model's tensor, differentiable in codes, scales and gains."""
         out = {hf[n]: v for n, v in {**fixed, **gains}.items()}
         for name, g in grids.items():
-            h = g["h"] * factors[name]                                              # (heads, 2)
-            x = (h[g["i"], 0] * g["a"])[..., None] * (codes(name) - g["c"]) - (h[g["i"], 1] * g["b"])[..., None]
-            rows, cols = q.tensors[name].shape
-            out[hf[name]] = x.reshape(rows, -1)[:, :cols]
+            out[hf[name]] = decode(g, g["h"] * factors[name], codes(name))[:, :q.tensors[name].shape[1]]
         return out
 
     bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]

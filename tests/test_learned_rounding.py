@@ -25,8 +25,7 @@ def test_the_grid_is_the_tensor(fmt):
     w = np.random.default_rng(0).standard_normal((172, 70)).astype(np.float32)   # padded; q4_k: across rows
     t = quantize(w, fmt)
     g = lr.block_grid(t)
-    x = (g["h"][g["i"], 0] * g["a"])[..., None] * (g["codes"] - g["c"]) - (g["h"][g["i"], 1] * g["b"])[..., None]
-    np.testing.assert_array_equal(x.reshape(172, -1)[:, :70], t.dequantize())
+    np.testing.assert_array_equal(lr.decode(g, g["h"], g["codes"])[:, :70], t.dequantize())
     again = lr.with_grid(t, g["codes"], g["h"])
     assert again.parts.keys() == t.parts.keys()
     for part in t.parts:
@@ -82,7 +81,7 @@ def test_codes_move_one_step_at_most_and_the_format_is_kept(fmt, stories_hf, cal
             for s, v in zip(unpack_scales(np.asarray(t.parts["scales"])), unpack_scales(np.asarray(u.parts["scales"]))):
                 np.testing.assert_array_equal(s, v)                                   # the 6-bit block scales kept
         if t.format in lr.LEARNED:
-            dq = lr.block_grid(u)["codes"] - lr.block_grid(t)["codes"]
+            dq = lr.block_grid(u)["codes"] - lr.block_grid(t)["codes"]   # q6_k: a q4_k_m mix's tensors
             assert np.abs(dq).max() <= 1                                              # a code moves one step at most
             moved += int((dq != 0).sum())
         elif t.format == "q8_0":
@@ -114,7 +113,7 @@ def test_convert_learns_through_the_cli_options(stories_hf, calibration, tmp_pat
                                   "--learn-rounding", str(text), "--learn-steps", "2"])
     assert r.exit_code == 0, r.output
     formats = {t.format for t in ModelFile(out).tensors.values()}
-    assert formats == {"q4_k", "q6_k", "f32"}                     # the mix kept: its q6_k tensors as they were
+    assert formats == {"q4_k", "q6_k", "f32"}                     # the mix kept: its q6_k tensors stay q6_k
     assert list(tmp_path.iterdir()) == [out]                        # the starting file was temporary
 
 

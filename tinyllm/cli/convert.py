@@ -28,7 +28,7 @@ from tinyllm.converters.recipe import CHOICES, QUANTIZERS
 @click.option("--tokenizer", type=click.Path(dir_okay=False, exists=True), default=None,
               help="A llama2.c checkpoint's tokenizer.bin (default: tokenizer.bin or the one tok*.bin beside it).")
 @click.option("--learn-rounding", "learn_rounding", type=click.Path(dir_okay=False), default=None,
-              metavar="TEXT", help="After converting, fit the 4-bit codes, their scales and the norm gains to the "
+              metavar="TEXT", help="After converting, fit the q4_*/q6_k codes, their scales and the norm gains to the "
                                    "original on this calibration text by gradient descent (LLaMA-family Hugging Face "
                                    "checkpoints, small models; needs pip install 'tinyllm[tune]'; "
                                    "converters/learned_rounding.py).")
