@@ -113,8 +113,7 @@ def _convert_learned(src: Path, out: Path, recipe: Recipe, text: Path, steps: in
     if recipe.quant not in lr.LEARNED + MIXES:
         raise TinyLLMError("--learn-rounding fits block-quantized matrices: give --quant q4_0, q4_1, q4_k, q6_k, "
                            "q4_k_s or q4_k_m")
-    if steps < 1:
-        raise TinyLLMError(f"--learn-steps must be at least 1 (got {steps})")
+    lr.check_settings(steps)
     with reading(src / "config.json"):
         if arch_from_hf_config(read_json(src / "config.json")) != "llama":
             raise TinyLLMError(f"--learn-rounding reads LLaMA-family checkpoints; {src} is another architecture")

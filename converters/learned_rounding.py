@@ -31,17 +31,9 @@ from pathlib import Path
 import numpy as np
 
 from tinyllm.errors import TinyLLMError
-from tinyllm.kernels.quant import (
-    SUPER,
-    QTensor,
-    _pack_nibbles,
-    _unpack_nibbles,
-    n_blocks,
-    pack_q6,
-    quantize,
-    unpack_q6,
-    unpack_scales,
-)
+from tinyllm.kernels.gptq import GPTQ_FORMATS, TOP_CODE, with_codes
+from tinyllm.kernels.gptq import codes as codes_of
+from tinyllm.kernels.quant import SUPER, QTensor, n_blocks, quantize, unpack_scales
 
 WINDOW = 512       # tokens per calibration window, BOS first
 STEPS = 400
@@ -51,8 +43,14 @@ LR_SCALES = 1e-3   # the d / dmin factors and the norm gains
 KEPT_BYTES = 2**30  # the original's log-probabilities are computed once for every window up to this size
 
 
-LEARNED = ("q4_0", "q4_1", "q4_k", "q6_k")   # the block formats whose codes and float16 heads are learned
-TOP_CODE = {"q4_0": 15, "q4_1": 15, "q4_k": 15, "q6_k": 63}
+LEARNED = GPTQ_FORMATS   # the formats of integer codes on a grid (kernels/gptq.py): codes and heads learned
+
+
+def check_settings(steps: int, batch: int = BATCH) -> None:
+    if steps < 1:
+        raise TinyLLMError(f"--learn-steps must be at least 1 (got {steps})")
+    if batch < 1:
+        raise TinyLLMError(f"the batch must be at least 1 window (got {batch})")
 
 
 def block_grid(t: QTensor) -> dict:
@@ -72,13 +70,14 @@ def block_grid(t: QTensor) -> dict:
     g = np.arange(rows)[:, None] * nb + np.arange(nb)                              # flat block index
     sb, k = (g // SUPER)[..., None], (g % SUPER)[..., None]                         # (rows, nb, 1)
     ones = np.ones((rows, nb, 1), np.float32)
+    codes = codes_of(t).astype(np.float32)                                          # (rows, nb, 32)
     if t.format == "q6_k":
-        d = np.asarray(t.parts["d"], np.float32)
+        d = np.asarray(t.parts["d"], np.float32)                                     # (nsb, 1)
         half = 2 * k + np.arange(2)                                                  # (rows, nb, 2)
-        return {"codes": unpack_q6(np.asarray(t.parts["qs"])).astype(np.float32).reshape(rows, nb, 2, 16),
-                "a": np.asarray(t.parts["scales"])[sb, half].astype(np.float32), "b": 0 * half.astype(np.float32),
-                "c": np.float32(32), "h": np.concatenate([d, 0 * d], axis=1), "i": sb + 0 * half}
-    codes = _unpack_nibbles(np.asarray(t.parts["qs"])).astype(np.float32)[:, :, None]
+        return {"codes": codes.reshape(rows, nb, 2, 16), "c": np.float32(32),
+                "a": np.asarray(t.parts["scales"])[sb, half].astype(np.float32), "b": np.zeros(half.shape, np.float32),
+                "h": np.concatenate([d, np.zeros_like(d)], axis=1), "i": np.broadcast_to(sb, half.shape)}
+    codes = codes[:, :, None]
     if t.format == "q4_k":
         sc, mn = unpack_scales(np.asarray(t.parts["scales"]))                         # (nsb, 8) each
         return {"codes": codes, "a": sc[sb, k].astype(np.float32), "b": mn[sb, k].astype(np.float32),
@@ -98,16 +97,14 @@ def decode(g: dict, h, codes):
 def with_grid(t: QTensor, codes: np.ndarray, h: np.ndarray) -> QTensor:
     """``t`` with new codes and heads h (see block_grid), its other parts kept."""
     rows, nb = codes.shape[:2]
-    q = np.clip(np.rint(codes), 0, TOP_CODE[t.format]).astype(np.uint8).reshape(rows, nb, 32)
+    parts = dict(with_codes(t, np.clip(np.rint(codes), 0, TOP_CODE[t.format]).reshape(rows, nb, 32)).parts)
     h16 = h.astype(np.float16)
-    if t.format == "q6_k":
-        return QTensor("q6_k", t.shape, dict(t.parts, qs=pack_q6(q), d=np.ascontiguousarray(h16[:, :1])))
-    if t.format == "q4_k":
-        return QTensor("q4_k", t.shape, dict(t.parts, qs=_pack_nibbles(q), d=np.ascontiguousarray(h16)))
-    per_block = t.parts["d"].shape
-    parts = dict(t.parts, qs=_pack_nibbles(q), d=np.ascontiguousarray(h16[:, 0].reshape(per_block)))
-    if t.format == "q4_1":
-        parts["m"] = np.ascontiguousarray((-h16[:, 1]).reshape(per_block))
+    if t.format in ("q4_k", "q6_k"):    # the super-blocks' heads: (d, dmin), or d
+        parts["d"] = np.ascontiguousarray(h16[:, :t.parts["d"].shape[1]])
+    else:                               # one head (and a minimum) per block
+        parts["d"] = np.ascontiguousarray(h16[:, 0].reshape(t.parts["d"].shape))
+        if t.format == "q4_1":
+            parts["m"] = np.ascontiguousarray((-h16[:, 1]).reshape(t.parts["m"].shape))
     return QTensor(t.format, t.shape, parts)
 
 
@@ -144,10 +141,7 @@ def learn_rounding(src: Path, start: Path, text: str, out: Path, steps: int = ST
     if not any(t.format in LEARNED for t in q.tensors.values()):
         raise TinyLLMError("--learn-rounding fits block-quantized matrices: give --quant q4_0, q4_1, q4_k, q6_k, "
                            "q4_k_s or q4_k_m")
-    if steps < 1:
-        raise TinyLLMError(f"--learn-steps must be at least 1 (got {steps})")
-    if batch < 1:
-        raise TinyLLMError(f"the batch must be at least 1 window (got {batch})")
+    check_settings(steps, batch)
     tokenizer = Tokenizer.from_spec(q.metadata["tokenizer"])
     ids = tokenizer.encode(text, add_bos=False, parse_special=False)
     span = WINDOW - (tokenizer.bos_id is not None)   # text tokens per window

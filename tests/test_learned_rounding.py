@@ -1,4 +1,4 @@
-"""`tinyllm convert --learn-rounding`: the q4_k grid it differentiates is the file's, learning lowers
+"""`tinyllm convert --learn-rounding`: the grid it differentiates is the file's (every learned format), learning lowers
 the KL divergence it minimizes, the result is the same format moved at most one code, and every
 misuse is a clear error that writes nothing."""
 from __future__ import annotations
@@ -132,6 +132,7 @@ def _falcon_config(stories_hf, tmp_path):
     ("falcon", "LLaMA-family"),
     ("no text", "cannot read the calibration text"),
     ("short text", "needs at least 512"),
+    ("not UTF-8", "malformed"),
     ("zero steps", "at least 1"),
     ("no torch", "pip install 'tinyllm[tune]'"),
 ])
@@ -152,6 +153,9 @@ def test_misuse_is_a_clear_error_that_writes_nothing(case, message, stories_hf, 
     elif case == "no text":
         kw["learn_rounding"] = tmp_path / "missing.txt"
     elif case == "short text":
+        kw["learn_rounding"] = short
+    elif case == "not UTF-8":
+        short.write_bytes(b"\xff\xfe\xfa once")
         kw["learn_rounding"] = short
     elif case == "zero steps":
         kw["learn_steps"] = 0
